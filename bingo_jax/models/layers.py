@@ -1,0 +1,114 @@
+"""Layers shared by every network: PyTorch-compatible convolution padding and BatchNorm.
+
+PyTorch checkpoints only reproduce their features if the Flax layers compute exactly what
+the PyTorch layers compute. Two details matter:
+
+* padding: ``nn.Conv2d(padding=p)`` pads ``p`` zeros on *both* sides. Flax's ``'SAME'`` pads
+  stride-2 convolutions asymmetrically, which shifts every feature map by half a pixel.
+* BatchNorm: PyTorch's momentum convention (``new = (1 - m) * old + m * batch``), its
+  unbiased running variance, and epsilon 1e-5.
+
+``BatchNorm`` here also implements the statistics grouping of the released BINGO code
+(SPEC.md section 3): in training mode the batch is split into consecutive groups of
+``group_size`` examples and each group is normalised with its own statistics, as each GPU of
+an 8 x 32 run does. The grouping is defined on the global batch, so the result does not
+depend on how many devices the batch is sharded over.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def torch_padding(kernel_size: int, padding: Optional[int] = None) -> Sequence[tuple[int, int]]:
+  """Symmetric spatial padding of a square PyTorch convolution (default ``kernel_size // 2``)."""
+  if padding is None:
+    padding = kernel_size // 2
+  return ((padding, padding), (padding, padding))
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, *, padding: Optional[int] = None,
+         groups: int = 1, use_bias: bool = False, dtype: Optional[Dtype] = None,
+         name: Optional[str] = None) -> nn.Conv:
+  """A 2D convolution laid out like ``torch.nn.Conv2d`` (kernel HWIO, symmetric padding)."""
+  return nn.Conv(
+      features,
+      kernel_size=(kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=torch_padding(kernel_size, padding),
+      feature_group_count=groups,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      # PyTorch's default for conv weights used by torchvision ResNets.
+      kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+      name=name,
+  )
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics and optional fixed-size statistics groups.
+
+  Works on any input whose last axis is the channel axis: ``(batch, channels)`` or
+  ``(batch, height, width, channels)``.
+
+  Attributes:
+    use_running_average: if True, normalise with the stored running statistics (PyTorch's
+      eval mode); if False, with batch statistics (training mode).
+    momentum: PyTorch convention, weight of the new batch statistic (0.1 in torch).
+    epsilon: added to the variance (1e-5 in torch).
+    group_size: training-mode statistics are computed over consecutive groups of this many
+      examples; ``None`` uses the whole batch. The batch size must be a multiple of it.
+    dtype: dtype of the output; statistics are always computed in float32.
+  """
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  group_size: Optional[int] = None
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    channels = x.shape[-1]
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    out_dtype = self.dtype or x.dtype
+    x32 = x.astype(jnp.float32)
+
+    if use_running_average:
+      multiplier = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+      return (x32 * multiplier + (bias - running_mean.value * multiplier)).astype(out_dtype)
+
+    batch = x.shape[0]
+    group_size = self.group_size or batch
+    if batch % group_size:
+      raise ValueError(f'BatchNorm {self.name!r}: batch size {batch} is not a multiple of the '
+                       f'statistics group size {group_size}.')
+    grouped = x32.reshape((batch // group_size, group_size) + x.shape[1:])
+    reduce_axes = tuple(range(1, grouped.ndim - 1))
+    mean = grouped.mean(axis=reduce_axes, keepdims=True)
+    # Two-pass variance: as accurate as PyTorch's on activations with a large mean.
+    var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+    normalised = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = normalised.reshape(x.shape) * scale + bias
+
+    if not self.is_initializing():
+      count = group_size * functools.reduce(lambda a, b: a * b, x.shape[1:-1], 1)
+      # Each group updates the running statistics as one PyTorch replica would; the groups'
+      # statistics are averaged (unbiased variance, as torch stores it).
+      batch_mean = mean.reshape(-1, channels).mean(axis=0)
+      batch_var = (var.reshape(-1, channels) * (count / max(count - 1, 1))).mean(axis=0)
+      running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * batch_mean
+      running_var.value = (1 - self.momentum) * running_var.value + self.momentum * batch_var
+    return y.astype(out_dtype)
