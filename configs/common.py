@@ -1,0 +1,85 @@
+"""The config schema shared by every stage (bagging, training, evaluation).
+
+Each experiment config (``configs/r18_r50w2.py`` ...) starts from ``base_config()`` and changes
+what differs. Values are the released BINGO hyper-parameters (SPEC.md) unless noted.
+Override any key on the command line: ``--config.train.batch_size=512``.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # ---- data: what images, read how (bingo_jax/data_sources.py) ----
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds'          # 'tfds' | 'folder' | 'filelist' | 'fashion_mnist'
+  config.data.name = 'imagenet2012'    # TFDS name (source='tfds')
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
+  config.data.path = ml_collections.FieldReference(None, field_type=str)  # folder root / file list
+  config.data.train_split = 'train'    # the split that is bagged and distilled on
+  config.data.eval_split = 'validation'
+  config.data.image_size = 224         # training crop; evaluation centre-crops 224/256 of resize
+  config.data.in_memory = False        # hold a small data set in host memory
+  config.data.shuffle_buffer = 0       # 0: full random access permutation per epoch
+  config.data.num_parallel_calls = -1  # tf.data.AUTOTUNE
+
+  # ---- teacher: a converted model file (tools/convert_torch_teacher.py) ----
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.path = ml_collections.FieldReference(None, field_type=str)
+  config.teacher.bn_mode = 'shuffle'   # 'shuffle' (released: batch statistics on permuted
+                                       # groups) | 'frozen' (stored running statistics)
+  config.teacher.bn_group_size = 32    # released: 256 images over 8 GPUs
+
+  # ---- student: create_model keyword arguments ----
+  config.student = ml_collections.ConfigDict()
+  config.student.arch = 'resnet18'
+  config.student.head = 'moco'
+  config.student.head_hidden_dim = 2048
+  config.student.head_output_dim = 128
+  config.student.base_width = ml_collections.FieldReference(None, field_type=int)
+  config.student.stem = 'imagenet'
+  config.student.bn_group_size = ml_collections.FieldReference(32, field_type=int)  # None: global
+
+  # ---- bags: bingo_jax/bagging.py ----
+  config.bags = ml_collections.ConfigDict()
+  config.bags.path = ml_collections.FieldReference(None, field_type=str)
+  config.bags.method = 'knn'           # 'knn' | 'approx' | 'jax' | 'kmeans' | 'labels' |
+                                       # 'random-teacher'
+  config.bags.k = 5
+  config.bags.num_clusters = 20000     # kmeans
+  config.bags.batch_size = 256         # teacher feature pass, global
+  config.bags.shard_size = 65536       # images per feature shard on disk
+
+  # ---- train: bingo_jax/train.py ----
+  config.train = ml_collections.ConfigDict()
+  config.train.seed = 0
+  config.train.batch_size = 256        # global
+  config.train.epochs = 200
+  config.train.base_lr = 0.03          # at batch 256, scaled linearly
+  config.train.lr_schedule = 'cosine_epoch'  # 'cosine_epoch' (released) | 'cosine_step'
+  config.train.momentum = 0.9
+  config.train.weight_decay = 1e-4
+  config.train.temperature = 0.2
+  config.train.queue_size = 65536
+  config.train.loss = 'bingo'          # 'bingo' (released) | 'paper' (Eq. 8/9: intra + inter)
+  config.train.own_only_epochs = 11    # (w_own, w_oth) = (1, 0) for epochs 0..10
+  config.train.cutmix = 'batch'        # 'batch' (released: one box) | 'sample' | 'none'
+  config.train.cutmix_beta = 2.0
+  config.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3
+  config.train.max_steps = ml_collections.FieldReference(None, field_type=int)  # stop early
+
+  # ---- eval: bingo_jax/evaluate.py ----
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256
+  config.eval.knn_k = 10
+  config.eval.knn_weighted_k = 200
+  config.eval.knn_temperature = 0.07
+  config.eval.linear_epochs = 100
+  config.eval.linear_lr = 30.0         # at batch 256
+  config.eval.finetune_fraction = 0.01
+  config.eval.finetune_epochs = 60
+  return config
