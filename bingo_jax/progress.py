@@ -1,0 +1,182 @@
+"""Progress of a training run: throughput, ETA, core-hours, and where the metrics go.
+
+``Chronometer`` measures the training loop only: compilation (the first step of a run, which
+includes it) and checkpoint writes are excluded, so images/s is the steady-state rate and the
+ETA does not jump after each save. ``MetricWriter`` sends scalars to the console (absl
+logging) and to TensorBoard event files in the workdir, from process 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Mapping, Optional
+
+import jax
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+  """``3725`` -> ``'1h02m'``, ``59`` -> ``'59s'``, ``90000`` -> ``'1d01h'``."""
+  seconds = max(0, int(round(seconds)))
+  days, rest = divmod(seconds, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f'{days}d{hours:02d}h'
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
+
+
+class Chronometer:
+  """Images/s, ETA and accelerator core-hours of a run that may have been resumed.
+
+  Usage::
+
+    chrono = Chronometer(first_step=start, total_steps=n, global_batch_size=b)
+    for step in range(start + 1, n + 1):
+      ... train step ...
+      chrono.tick(step)
+      with chrono.paused():
+        ... save a checkpoint ...
+  """
+
+  def __init__(self, first_step: int, total_steps: int, global_batch_size: int,
+               num_devices: Optional[int] = None, clock=time.perf_counter):
+    """
+    Args:
+      first_step: the step the run starts from (0, or the restored checkpoint's step).
+      total_steps: the step at which the run ends.
+      global_batch_size: images per step over all hosts.
+      num_devices: accelerator cores used (for core-hours); default ``jax.device_count()``.
+      clock: a monotonic clock in seconds (tests pass a fake one).
+    """
+    self.first_step = first_step
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self.num_devices = num_devices or jax.device_count()
+    self._clock = clock
+    self._start = clock()
+    self._paused_seconds = 0.0
+    # Throughput is measured from the end of the first step (which includes compilation).
+    self._measure_from_step: Optional[int] = None
+    self._measure_from_time = 0.0
+    self._measure_paused = 0.0
+    self.step = first_step
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Time spent inside (checkpoint writes, evaluation) does not count as training time."""
+    began = self._clock()
+    try:
+      yield
+    finally:
+      self._paused_seconds += self._clock() - began
+
+  def tick(self, step: int) -> None:
+    """Marks the end of ``step`` (call after the step's results are available)."""
+    self.step = step
+    if self._measure_from_step is None:
+      self._measure_from_step = step
+      self._measure_from_time = self._clock()
+      self._measure_paused = self._paused_seconds
+
+  @property
+  def wall_seconds(self) -> float:
+    """Seconds since the chronometer started, pauses included."""
+    return self._clock() - self._start
+
+  @property
+  def training_seconds(self) -> float:
+    """Seconds of training since the start, pauses excluded (compilation included)."""
+    return self.wall_seconds - self._paused_seconds
+
+  def steps_per_second(self) -> Optional[float]:
+    """Steady-state rate (from the end of the first step); None before two ticks."""
+    if self._measure_from_step is None or self.step <= self._measure_from_step:
+      return None
+    seconds = (self._clock() - self._measure_from_time
+               - (self._paused_seconds - self._measure_paused))
+    return (self.step - self._measure_from_step) / max(seconds, 1e-9)
+
+  def images_per_second(self) -> Optional[float]:
+    rate = self.steps_per_second()
+    return None if rate is None else rate * self.global_batch_size
+
+  def eta_seconds(self) -> Optional[float]:
+    rate = self.steps_per_second()
+    return None if rate is None else (self.total_steps - self.step) / rate
+
+  def core_hours(self) -> float:
+    """Device-hours spent by this process's run so far (pauses included: devices are held)."""
+    return self.wall_seconds * self.num_devices / 3600
+
+  def measurements(self) -> dict[str, float]:
+    """Scalars for the logs: images/s, ETA, core-hours, progress fraction."""
+    result = {'progress/fraction': self.step / max(self.total_steps, 1),
+              'progress/core_hours': self.core_hours(),
+              'progress/wall_seconds': self.wall_seconds}
+    images_per_second = self.images_per_second()
+    if images_per_second is not None:
+      result['progress/images_per_second'] = images_per_second
+      result['progress/images_per_second_per_device'] = images_per_second / self.num_devices
+      result['progress/eta_seconds'] = self.eta_seconds()
+    return result
+
+  def summary_line(self) -> str:
+    parts = [f'step {self.step}/{self.total_steps}']
+    images_per_second = self.images_per_second()
+    if images_per_second is not None:
+      parts.append(f'{images_per_second:.1f} img/s')
+      parts.append(f'ETA {format_duration(self.eta_seconds())}')
+    parts.append(f'{self.core_hours():.2f} core-h')
+    return ', '.join(parts)
+
+
+class MetricWriter:
+  """Scalars to absl logging and TensorBoard (``WORKDIR/tensorboard``), process 0 only."""
+
+  def __init__(self, logdir: Optional[str]):
+    """
+    Args:
+      logdir: directory for TensorBoard event files; ``None`` writes only to the console.
+    """
+    self._writer = None
+    if logdir is not None and jax.process_index() == 0:
+      # Imported here: TensorBoard (through TensorFlow) is only needed when a run logs.
+      from flax.metrics import tensorboard
+      self._writer = tensorboard.SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if jax.process_index() != 0:
+      return
+    if self._writer is not None:
+      for name, value in scalars.items():
+        self._writer.scalar(name, float(value), step)
+      self._writer.flush()
+
+  def log(self, step: int, scalars: Mapping[str, float], chrono: Optional[Chronometer]) -> None:
+    """One console line and one TensorBoard point per scalar."""
+    if chrono is not None:
+      scalars = {**scalars, **chrono.measurements()}
+    self.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+      shown = ', '.join(f'{name} {_format_value(value)}' for name, value in sorted(scalars.items())
+                        if not name.startswith('progress/'))
+      prefix = chrono.summary_line() if chrono is not None else f'step {step}'
+      logging.info('[%s] %s', prefix, shown)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def _format_value(value: float) -> str:
+  value = float(value)
+  if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+    return f'{value:.3e}'
+  return f'{value:.4f}'

@@ -1,0 +1,25 @@
+"""ResNet-34 student <- MoCo v2 ResNet-152 teacher (74.1%) (paper: 69.1% linear).
+
+Released hyper-parameters (SPEC.md 5): SGD momentum 0.9, batch 256, lr 0.03, cosine over 200
+epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
+Prepare the teacher with tools/convert_torch_teacher.py and the bags with
+python -m bingo_jax.bagging (same config), then train:
+
+  python -m bingo_jax.train --config configs/r34_r152.py --workdir WORKDIR
+
+The argument selects variants (configs/variants.py), e.g. ``configs/r34_r152.py:bf16,paper_loss``.
+"""
+
+from typing import Optional
+
+import ml_collections
+
+from configs import common, variants
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.student.arch = 'resnet34'
+  config.teacher.path = 'teachers/mocov2_r152'
+  config.bags.path = 'bags/imagenet_mocov2_r152_knn5.npz'
+  return variants.apply_variants(config, arg)
