@@ -1,0 +1,105 @@
+"""kNN evaluation against a numpy brute force, on one device and on 8 devices."""
+
+import jax
+import numpy as np
+import pytest
+
+from bingo_jax import parallel
+from bingo_jax.eval import knn
+
+
+def brute_force_knn(train, train_labels, queries, num_classes, k, weighted_k, temperature):
+  """Reference: float64 similarities, stable sort (ties: lower training index first)."""
+  similarities = queries.astype(np.float64) @ train.astype(np.float64).T
+  order = np.argsort(-similarities, axis=1, kind='stable')
+  majority, weighted = [], []
+  for q in range(len(queries)):
+    labels = train_labels[order[q, :k]]
+    counts = np.bincount(labels, minlength=num_classes)
+    tied = np.flatnonzero(counts == counts.max())
+    # the tied class that appears first in the neighbour list
+    majority.append(next(label for label in labels if label in tied))
+    scores = np.zeros(num_classes)
+    for index in order[q, :weighted_k]:
+      scores[train_labels[index]] += np.exp(similarities[q, index] / temperature)
+    weighted.append(np.argsort(-scores, kind='stable')[:5])
+  return np.array(majority), np.array(weighted), order
+
+
+def _unit_rows(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope='module')
+def tiny_data():
+  rng = np.random.default_rng(0)
+  num_classes, dim = 7, 12
+  centres = rng.normal(size=(num_classes, dim))
+  train_labels = rng.integers(0, num_classes, 403)
+  eval_labels = rng.integers(0, num_classes, 91)
+  train = _unit_rows(centres[train_labels] + 1.2 * rng.normal(size=(403, dim)))
+  queries = _unit_rows(centres[eval_labels] + 1.2 * rng.normal(size=(91, dim)))
+  return train.astype(np.float32), train_labels, queries.astype(np.float32), eval_labels
+
+
+def test_knn_matches_numpy_brute_force(tiny_data):
+  train, train_labels, queries, _ = tiny_data
+  one_device = parallel.make_mesh(jax.devices()[:1])
+  result = knn.knn_classify(train, train_labels, queries, num_classes=7, k=10,
+                            weighted_k=200, temperature=0.07, mesh=one_device,
+                            query_block_size=32, progress=False)
+  majority, weighted, order = brute_force_knn(train, train_labels, queries, 7, 10, 200, 0.07)
+  np.testing.assert_array_equal(result.neighbours[:, :10], order[:, :10])
+  np.testing.assert_array_equal(result.majority, majority)
+  np.testing.assert_array_equal(result.weighted_top5, weighted)
+
+
+def test_knn_eight_devices_equal_one_device(tiny_data):
+  train, train_labels, queries, _ = tiny_data
+  assert jax.device_count() == 8
+  kwargs = dict(num_classes=7, k=10, weighted_k=200, temperature=0.07, query_block_size=32,
+                progress=False)
+  one = knn.knn_classify(train, train_labels, queries,
+                         mesh=parallel.make_mesh(jax.devices()[:1]), **kwargs)
+  # 403 rows do not divide over 8 devices: the padded rows must never be picked.
+  eight = knn.knn_classify(train, train_labels, queries, mesh=parallel.make_mesh(), **kwargs)
+  np.testing.assert_array_equal(eight.neighbours, one.neighbours)
+  np.testing.assert_array_equal(eight.majority, one.majority)
+  np.testing.assert_array_equal(eight.weighted_top5, one.weighted_top5)
+
+
+def test_ties_break_by_training_index_and_nearest_class():
+  # Integer features: dot products are exact, so similarity ties are real ties.
+  train = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [1, 0], [0, 1]],
+                   np.float32)
+  train_labels = np.array([2, 1, 1, 2, 0, 0, 3, 3])
+  queries = np.array([[1, 0], [0, 1], [2, 1]], np.float32)
+  majority, weighted, order = brute_force_knn(train, train_labels, queries, 4, 4, 8, 1.0)
+  # query 0: neighbours 0, 1, 2, 3 (labels 2, 1, 1, 2): classes 1 and 2 tie with two votes;
+  # class 2 owns the nearest neighbour (index 0).
+  assert majority[0] == 2
+  result = knn.knn_classify(train, train_labels, queries, num_classes=4, k=4, weighted_k=8,
+                            temperature=1.0, normalize=False, mesh=parallel.make_mesh(),
+                            query_block_size=2, progress=False)
+  np.testing.assert_array_equal(result.neighbours, order)
+  np.testing.assert_array_equal(result.majority, majority)
+  np.testing.assert_array_equal(result.weighted_top5, weighted[:, :4])
+
+
+def test_knn_evaluate_reports_accuracies(tiny_data):
+  train, train_labels, queries, eval_labels = tiny_data
+  metrics = knn.knn_evaluate(train, train_labels, queries, eval_labels, num_classes=7,
+                             k=10, weighted_k=200, mesh=parallel.make_mesh(),
+                             query_block_size=64, progress=False)
+  majority, weighted, _ = brute_force_knn(train, train_labels, queries, 7, 10, 200, 0.07)
+  assert metrics['knn10_top1'] == pytest.approx(np.mean(majority == eval_labels) * 100)
+  assert metrics['weighted_knn200_top1'] == pytest.approx(
+      np.mean(weighted[:, 0] == eval_labels) * 100)
+  assert metrics['weighted_knn200_top5'] == pytest.approx(
+      np.mean((weighted == eval_labels[:, None]).any(1)) * 100)
+
+
+def test_too_few_training_examples_is_a_clear_error():
+  with pytest.raises(ValueError, match='only 5 examples'):
+    knn.knn_classify(np.ones((5, 3)), np.zeros(5, int), np.ones((2, 3)), num_classes=2,
+                     k=10, weighted_k=20, progress=False)
