@@ -1,0 +1,374 @@
+"""The data-parallel BINGO distillation step (SPEC.md sections 2 to 5).
+
+One ``jax.jit`` over a device ``Mesh``: the global batch is sharded along ``'data'``; the
+student state, the negative queue and the teacher variables are replicated. XLA inserts the
+collectives (gradient all-reduce, the all-gather behind the teacher's batch shuffle), so the
+step computes the same numbers on 1 device, 8 devices or several hosts.
+
+How the networks are called follows the released ``moco/builder.py``:
+
+* The student is applied three times, to ``query``, ``pos_q`` and ``mix_q``, each a separate
+  forward pass in training mode. Its BatchNorm statistics are per group of
+  ``config.student.bn_group_size`` examples of the global batch (released: each GPU's 32
+  images), and the running statistics are updated three times in that order, as the three
+  ``encoder_q`` calls do. One concatenated call would give the same outputs and gradients
+  (the groups never straddle two views) but a single running-statistics update.
+* The teacher embeds ``key`` and ``pos_k`` under ``stop_gradient``. ``bn_mode='shuffle'``
+  (released): training-mode BatchNorm on groups of ``config.teacher.bn_group_size`` examples
+  of a freshly permuted global batch (a separate permutation for each view), outputs
+  un-permuted; its running statistics are not kept (only the frozen mode reads them).
+  ``'frozen'``: eval mode with the stored running statistics.
+* The loss uses the queue as it was before the step; then the anchors' teacher keys replace
+  the oldest queue entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bingo_jax import cutmix as cutmix_lib
+from bingo_jax import images as images_lib
+from bingo_jax import losses
+from bingo_jax import parallel
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+TrainStepFn = Callable[['TrainState', Any, Batch], tuple['TrainState', Metrics]]
+
+IMAGE_KEYS = ('query', 'key', 'pos_q', 'pos_k')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes from step to step (all replicated over the mesh).
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: student parameters (float32).
+    batch_stats: student BatchNorm running statistics.
+    opt_state: optax state of ``make_optimizer``.
+    negative_queue: ``(queue_size, embed_dim)`` float32, L2-normalised rows.
+    queue_pointer: int32 scalar, row where the next batch of keys is written.
+    rng: raw uint32 PRNG key data ``(2,)`` (``jax.random.key_data``; checkpoint-friendly),
+      consumed by CutMix and the teacher's batch shuffle.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  negative_queue: jax.Array
+  queue_pointer: jax.Array
+  rng: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer (SPEC.md section 5)
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+  """Learning rate as a function of the step: linear batch scaling, cosine decay to 0.
+
+  ``'cosine_epoch'`` (released ``adjust_learning_rate``) holds
+  ``base * 0.5 * (1 + cos(pi * epoch / epochs))`` for a whole epoch; ``'cosine_step'``
+  evaluates the same curve at the fractional epoch ``step / steps_per_epoch``.
+
+  Args:
+    train_config: ``config.train`` (``base_lr``, ``batch_size``, ``epochs``, ``lr_schedule``).
+    steps_per_epoch: optimizer steps in one epoch.
+  Returns:
+    ``schedule(step) -> float32 scalar``.
+  """
+  if steps_per_epoch <= 0:
+    raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}.')
+  peak_lr = train_config.base_lr * train_config.batch_size / 256
+  epochs = train_config.epochs
+  mode = train_config.lr_schedule
+  if mode not in ('cosine_epoch', 'cosine_step'):
+    raise ValueError(f"config.train.lr_schedule = {mode!r}; expected 'cosine_epoch' or "
+                     "'cosine_step'.")
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.int32)
+    if mode == 'cosine_epoch':
+      progress = (step // steps_per_epoch).astype(jnp.float32) / epochs
+    else:
+      progress = step.astype(jnp.float32) / (steps_per_epoch * epochs)
+    return (peak_lr * 0.5 * (1.0 + jnp.cos(math.pi * progress))).astype(jnp.float32)
+  return schedule
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """``torch.optim.SGD(momentum, weight_decay)`` with the BINGO learning-rate schedule.
+
+  torch adds ``weight_decay * param`` to the gradient of every parameter (BatchNorm scales
+  and biases included), accumulates ``buf = momentum * buf + grad`` and steps
+  ``param -= lr * buf``: the learning rate multiplies the buffer after accumulation, so a
+  change of learning rate acts at once and is not folded into the momentum history.
+
+  Args:
+    train_config: ``config.train`` (``momentum``, ``weight_decay`` and the schedule keys).
+    steps_per_epoch: optimizer steps in one epoch.
+  Returns:
+    An optax transformation; its step counter starts at 0 with the state.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(train_config.weight_decay),
+      optax.trace(decay=train_config.momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate_schedule(train_config, steps_per_epoch)))
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def _key_data(rng: jax.Array) -> jax.Array:
+  """Raw uint32 key data of a typed or raw PRNG key."""
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(rng)
+  return rng
+
+
+def create_train_state(config: ml_collections.ConfigDict, student_model: nn.Module,
+                       rng: jax.Array, mesh: jax.sharding.Mesh,
+                       steps_per_epoch: int = 1) -> TrainState:
+  """Initial student, optimizer state and negative queue, replicated over ``mesh``.
+
+  Runs as one jitted computation with replicated outputs, so every process of a multi-host
+  run builds the same state from the same ``rng``.
+
+  Args:
+    config: the experiment config (``student.head_output_dim``, ``train.queue_size`` and
+      the optimizer keys).
+    student_model: ``create_model(...)`` of the student, with a projection head.
+    rng: PRNG key (typed or raw).
+    mesh: the device mesh.
+    steps_per_epoch: only shapes the optimizer's schedule (its state has no such field).
+  Returns:
+    ``TrainState`` at step 0. The queue is random normal, then L2-normalised (SPEC.md 4).
+  """
+  embed_dim = config.student.head_output_dim
+  queue_size = config.train.queue_size
+  optimizer = make_optimizer(config.train, steps_per_epoch)
+  image_size = 32  # parameter shapes do not depend on the image size
+
+  def init(rng_data: jax.Array) -> TrainState:
+    init_rng, queue_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng_data), 3)
+    variables = student_model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)),
+                                   train=False)
+    _, embeddings = jax.eval_shape(
+        lambda v: student_model.apply(v, jnp.zeros((1, image_size, image_size, 3)),
+                                      train=False), variables)
+    if embeddings is None or embeddings.shape[-1] != embed_dim:
+      raise ValueError(f'The student model must have a head with output dimension '
+                       f'config.student.head_output_dim = {embed_dim}; it returns '
+                       f'{None if embeddings is None else embeddings.shape}.')
+    queue = losses.l2_normalize(jax.random.normal(queue_rng, (queue_size, embed_dim)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables['params'],
+        batch_stats=variables.get('batch_stats', {}),
+        opt_state=optimizer.init(variables['params']),
+        negative_queue=queue,
+        queue_pointer=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(state_rng))
+
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(_key_data(rng))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step
+
+
+def _bn_group_size(model: nn.Module) -> Any:
+  return getattr(getattr(model, 'backbone', None), 'bn_group_size', None)
+
+
+def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
+                  teacher_model: nn.Module, mesh: jax.sharding.Mesh) -> None:
+  """Clear errors for settings the step cannot honour, before anything is compiled."""
+  train = config.train
+  batch = train.batch_size
+  if train.queue_size % batch:
+    raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
+                     f'config.train.batch_size = {batch} (the queue advances by whole batches).')
+  if batch % mesh.devices.size:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the '
+                     f'{mesh.devices.size} devices of the mesh.')
+  if train.loss not in ('bingo', 'paper'):
+    raise ValueError(f"config.train.loss = {train.loss!r}; expected 'bingo' or 'paper'.")
+  if train.cutmix not in cutmix_lib.MODES:
+    raise ValueError(f'config.train.cutmix = {train.cutmix!r}; expected one of '
+                     f'{cutmix_lib.MODES}.')
+  if config.teacher.bn_mode not in ('shuffle', 'frozen'):
+    raise ValueError(f"config.teacher.bn_mode = {config.teacher.bn_mode!r}; expected "
+                     "'shuffle' or 'frozen'.")
+  student_group = config.student.bn_group_size
+  if _bn_group_size(student_model) != student_group:
+    raise ValueError(f'The student model was built with bn_group_size='
+                     f'{_bn_group_size(student_model)} but config.student.bn_group_size = '
+                     f'{student_group}; create it with create_model(..., '
+                     f'bn_group_size=config.student.bn_group_size).')
+  if student_group and batch % student_group:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
+                     f'config.student.bn_group_size = {student_group}.')
+  if config.teacher.bn_mode == 'shuffle':
+    teacher_group = config.teacher.bn_group_size
+    if _bn_group_size(teacher_model) != teacher_group:
+      raise ValueError(f'The teacher model was built with bn_group_size='
+                       f'{_bn_group_size(teacher_model)} but config.teacher.bn_group_size = '
+                       f'{teacher_group} (bn_mode shuffle); create it with create_model(..., '
+                       f'bn_group_size=config.teacher.bn_group_size).')
+    if teacher_group and batch % teacher_group:
+      raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
+                       f'config.teacher.bn_group_size = {teacher_group}.')
+
+
+def teacher_embeddings(teacher_model: nn.Module, teacher_variables: Any, images: jax.Array,
+                       bn_mode: str, rng: jax.Array) -> jax.Array:
+  """L2-normalised teacher embeddings of normalised images, without gradient.
+
+  Args:
+    teacher_model: the teacher; in ``'shuffle'`` mode built with the teacher's BatchNorm
+      group size.
+    teacher_variables: ``{'params', 'batch_stats'}`` of the teacher.
+    images: ``(batch, height, width, 3)`` normalised images.
+    bn_mode: ``'shuffle'`` (training-mode statistics on groups of a random permutation of
+      the batch) or ``'frozen'`` (stored running statistics).
+    rng: PRNG key of the permutation (unused when frozen).
+  Returns:
+    ``(batch, dim)`` float32 embeddings in the order of ``images``.
+  """
+  if bn_mode == 'frozen':
+    _, embeddings = teacher_model.apply(teacher_variables, images, train=False)
+  else:
+    permutation = jax.random.permutation(rng, images.shape[0])
+    (_, shuffled), _ = teacher_model.apply(teacher_variables, images[permutation], train=True,
+                                           mutable=['batch_stats'])
+    # Row permutation[i] of the batch was embedded at position i: scatter it back.
+    embeddings = jnp.zeros_like(shuffled).at[permutation].set(shuffled)
+  return jax.lax.stop_gradient(losses.l2_normalize(embeddings))
+
+
+def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
+                    teacher_model: nn.Module, mesh: jax.sharding.Mesh,
+                    steps_per_epoch: int) -> TrainStepFn:
+  """Builds the jitted step ``(state, teacher_variables, batch) -> (state, metrics)``.
+
+  Args:
+    config: the experiment config (``train``, ``student``, ``teacher`` sections).
+    student_model: ``create_model`` of the student, ``bn_group_size`` =
+      ``config.student.bn_group_size`` and ``dtype`` = the compute dtype.
+    teacher_model: ``create_model`` of the teacher with its head; ``bn_group_size`` =
+      ``config.teacher.bn_group_size`` in ``'shuffle'`` mode.
+    mesh: the device mesh (``parallel.make_mesh()``).
+    steps_per_epoch: optimizer steps per epoch (epoch = step // steps_per_epoch drives the
+      per-epoch learning rate and the loss warm-up).
+  Returns:
+    ``train_step(state, teacher_variables, batch)``: ``state`` replicated (donated),
+    ``teacher_variables`` replicated, ``batch`` a dict of global arrays sharded on
+    ``'data'`` (``parallel.global_batch``) with uint8 ``(B, S, S, 3)`` images under
+    ``'query'``, ``'key'``, ``'pos_q'``, ``'pos_k'`` (other keys are ignored). Metrics
+    (replicated float32 scalars): ``loss``, ``top1``, ``top5`` (percent, q against k),
+    ``learning_rate`` (the one used by this update), ``lam`` (mean over the batch),
+    ``own_weight``, ``epoch`` and the CE terms ``ce_*`` of ``losses.bingo_loss``.
+  """
+  _check_config(config, student_model, teacher_model, mesh)
+  train = config.train
+  optimizer = make_optimizer(train, steps_per_epoch)
+  schedule = learning_rate_schedule(train, steps_per_epoch)
+  compute_dtype = jnp.dtype(train.compute_dtype)
+  temperature = train.temperature
+  use_cutmix = train.loss == 'bingo' and train.cutmix != 'none'
+  bn_mode = config.teacher.bn_mode
+
+  def step_fn(state: TrainState, teacher_variables: Any, batch: Batch
+              ) -> tuple[TrainState, Metrics]:
+    missing = [name for name in IMAGE_KEYS if name not in batch]
+    if missing:
+      raise ValueError(f'train_step: batch lacks {missing}; it has {sorted(batch)}.')
+    batch_size = batch['query'].shape[0]
+    queue_size = state.negative_queue.shape[0]
+    if queue_size % batch_size:
+      raise ValueError(f'train_step: queue size {queue_size} is not divisible by the global '
+                       f'batch size {batch_size}.')
+    epoch = state.step // steps_per_epoch
+    rng, cutmix_rng, key_rng, pos_k_rng = jax.random.split(
+        jax.random.wrap_key_data(state.rng), 4)
+
+    if use_cutmix:
+      mix_images, lam = cutmix_lib.cutmix(cutmix_rng, batch['query'], batch['pos_q'],
+                                          mode=train.cutmix, beta=train.cutmix_beta,
+                                          group_size=config.student.bn_group_size)
+    else:
+      mix_images, lam = None, jnp.ones((batch_size,), jnp.float32)
+
+    normalize = lambda x: images_lib.normalize(x, compute_dtype)
+    key = teacher_embeddings(teacher_model, teacher_variables, normalize(batch['key']),
+                             bn_mode, key_rng)
+    # The paper's loss does not look at the positive's teacher view.
+    pos_k = (teacher_embeddings(teacher_model, teacher_variables, normalize(batch['pos_k']),
+                                bn_mode, pos_k_rng) if train.loss == 'bingo' else None)
+
+    def loss_fn(params):
+      batch_stats = state.batch_stats
+
+      def student(images):
+        nonlocal batch_stats
+        (_, embeddings), updates = student_model.apply(
+            {'params': params, 'batch_stats': batch_stats}, normalize(images), train=True,
+            mutable=['batch_stats'])
+        batch_stats = updates['batch_stats']
+        return losses.l2_normalize(embeddings)
+
+      # Three separate passes in the released order (see the module docstring).
+      query = student(batch['query'])
+      pos_q = student(batch['pos_q'])
+      if train.loss == 'paper':
+        loss, terms = losses.paper_loss(query, pos_q, key, state.negative_queue, temperature)
+        own_weight = jnp.ones((), jnp.float32)
+      else:
+        mix_q = student(mix_images) if use_cutmix else None
+        warm_up = epoch < train.own_only_epochs
+        own_weight = jnp.where(warm_up, 1.0, 0.5).astype(jnp.float32)
+        other_weight = jnp.where(warm_up, 0.0, 0.5).astype(jnp.float32)
+        loss, terms = losses.bingo_loss(query, pos_q, mix_q, key, pos_k, state.negative_queue,
+                                        temperature, own_weight, other_weight,
+                                        lam if use_cutmix else None)
+      top1, top5 = losses.contrastive_accuracy(
+          jax.lax.stop_gradient(query), key, state.negative_queue, temperature, (1, 5))
+      metrics = dict(terms, loss=loss, top1=top1, top5=top5, own_weight=own_weight)
+      return loss, (batch_stats, metrics)
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    # FIFO: the anchors' teacher keys replace the oldest entries (SPEC.md section 4).
+    negative_queue = jax.lax.dynamic_update_slice(
+        state.negative_queue, key.astype(state.negative_queue.dtype),
+        (state.queue_pointer, jnp.zeros((), jnp.int32)))
+    queue_pointer = (state.queue_pointer + batch_size) % queue_size
+
+    metrics.update(learning_rate=schedule(state.step), lam=jnp.mean(lam),
+                   epoch=epoch.astype(jnp.float32))
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+        negative_queue=negative_queue, queue_pointer=queue_pointer,
+        rng=jax.random.key_data(rng))
+    return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(replicated, replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
