@@ -1,0 +1,378 @@
+"""The feature pass: pooled backbone features of every image of a data source.
+
+Used by bagging (teacher features -> bags, SPEC.md section 1) and by evaluation (kNN on
+student features). Images get the evaluation preprocessing of the released code: resize the
+shorter side to ``image_size / CENTER_CROP_FRACTION`` (256 for 224), centre crop
+``image_size``, mean/std normalisation; no augmentation. The model runs in eval mode (stored
+BatchNorm statistics), as the released ``compute_feat`` does.
+
+Parallelism follows ``bingo_jax.parallel``: one ``jax.jit`` forward over the mesh, the batch
+sharded along ``'data'``, every process reading only its slice of the images. The features
+(and the image indices that travel with them) come back replicated to every process, so each
+process can place every row by its index whatever the per-process split was.
+
+ImageNet's 1.28M x 4096 features do not fit comfortably in host memory, so the pass can stream
+them to a directory in float16 shards of ``shard_size`` images; a rerun of an interrupted pass
+skips the shards already written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Iterator, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from bingo_jax import images as images_lib
+from bingo_jax import parallel
+
+FEATURES_RECORD = 'features.json'
+FORMAT_VERSION = 1
+
+
+class ImageSource(Protocol):
+  """What the feature pass needs of a data source (``bingo_jax.data_sources``)."""
+  fingerprint: str
+
+  def __len__(self) -> int:
+    ...
+
+  def read(self, index: int) -> np.ndarray:
+    """uint8 ``(height, width, 3)`` image number ``index``."""
+    ...
+
+
+def resize_size_for(image_size: int) -> int:
+  """Shorter-side resize before the centre crop: 256 for 224, scaled proportionally."""
+  return int(round(image_size / images_lib.CENTER_CROP_FRACTION))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: this process's slice of a range of images, centre-cropped, in padded batches.
+# ---------------------------------------------------------------------------------------------
+
+def center_crop_tf(image, image_size: int):
+  """Evaluation preprocessing as TF ops: resize shorter side, centre crop (torchvision rules).
+
+  Args:
+    image: uint8 ``(height, width, 3)`` tensor.
+    image_size: output side.
+  Returns:
+    uint8 ``(image_size, image_size, 3)`` tensor.
+  """
+  import tensorflow as tf
+  resize = resize_size_for(image_size)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short = tf.minimum(height, width)
+  # torchvision Resize(int): shorter side -> resize, longer side truncated proportionally.
+  new_height = tf.where(height == short, resize, (resize * height) // short)
+  new_width = tf.where(width == short, resize, (resize * width) // short)
+
+  def resized():
+    return tf.image.resize(image, tf.stack([new_height, new_width]), method='bilinear',
+                           antialias=True)
+  image = tf.cond(tf.logical_and(new_height == height, new_width == width),
+                  lambda: tf.cast(image, tf.float32), resized)
+  # torchvision CenterCrop: offset round((size - crop) / 2).
+  top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_width - image_size, tf.float32) / 2), tf.int32)
+  image = image[top:top + image_size, left:left + image_size]
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def process_slice(start: int, stop: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Contiguous block of ``[start, stop)`` read by one process (blocks of equal size but last)."""
+  per_process = math.ceil((stop - start) / process_count)
+  first = min(start + process_index * per_process, stop)
+  return first, min(first + per_process, stop)
+
+
+def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
+                 local_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """This process's centre-cropped batches of images ``[start, stop)`` of ``source``.
+
+  Every process yields the same number of batches (the collective forward needs it): short
+  slices are padded by repeating an index with ``mask`` False.
+
+  Yields:
+    ``{'image': uint8 (local_batch_size, image_size, image_size, 3), 'index': int32
+    (local_batch_size,), 'mask': bool (local_batch_size,)}`` numpy arrays.
+  """
+  import tensorflow as tf
+  per_process = math.ceil((stop - start) / process_count)
+  num_batches = math.ceil(per_process / local_batch_size)
+  first, last = process_slice(start, stop, process_index, process_count)
+  padded = num_batches * local_batch_size
+  indices = np.full(padded, min(first, stop - 1), np.int64)
+  indices[:last - first] = np.arange(first, last)
+  mask = np.zeros(padded, bool)
+  mask[:last - first] = True
+
+  def read(index):
+    image = np.asarray(source.read(int(index)))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'{type(source).__name__}.read({int(index)}) returned {image.dtype} '
+                       f'{image.shape}; expected uint8 (height, width, 3).')
+    return image
+
+  def load(index, valid):
+    image = tf.numpy_function(read, [index], tf.uint8, stateful=False)
+    image = tf.ensure_shape(image, [None, None, 3])
+    return {'image': center_crop_tf(image, image_size), 'index': tf.cast(index, tf.int32),
+            'mask': valid}
+
+  dataset = tf.data.Dataset.from_tensor_slices((indices, mask))
+  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  yield from dataset.as_numpy_iterator()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharded forward.
+# ---------------------------------------------------------------------------------------------
+
+def make_forward(loaded_model: Any, mesh: Mesh, normalize_features: bool):
+  """Jitted ``(variables, batch) -> (features, index, mask)``, outputs replicated.
+
+  ``features``: ``(global_batch, feature_dim)`` float32, L2-normalised if asked (as
+  ``torch.nn.functional.normalize``: divided by ``max(norm, 1e-12)``).
+  """
+  model = loaded_model.model
+
+  def forward(variables, batch):
+    features, _ = model.apply(variables, images_lib.normalize(batch['image']), train=False)
+    features = features.astype(jnp.float32)
+    if normalize_features:
+      norms = jnp.linalg.norm(features, axis=-1, keepdims=True)
+      features = features / jnp.maximum(norms, 1e-12)
+    return features, batch['index'], batch['mask']
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(forward, in_shardings=(replicated, parallel.data_sharding(mesh)),
+                 out_shardings=replicated)
+
+
+def describe_model(loaded_model: Any) -> dict:
+  """A record that tells two models apart: config, metadata and a checksum of the variables."""
+  digest = hashlib.sha256()
+  flat, _ = jax.tree_util.tree_flatten_with_path(loaded_model.variables)
+  for path, leaf in flat:
+    leaf = np.asarray(leaf, np.float64)
+    digest.update(f'{jax.tree_util.keystr(path)}{leaf.shape}{leaf.sum():.6e}'
+                  f'{np.abs(leaf).sum():.6e}'.encode())
+  return {'model_config': _jsonable(loaded_model.model_config),
+          'metadata': _jsonable(loaded_model.metadata),
+          'variables_checksum': digest.hexdigest()[:16]}
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards on disk.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FeatureShards:
+  """Features stored as float16 shards ``shard-NNNNN.npy`` of ``shard_size`` rows each.
+
+  Attributes:
+    directory: where the shards and ``features.json`` live.
+    num_images: total rows N.
+    feature_dim: D.
+    shard_size: rows per shard (the last shard may be shorter).
+    record: the ``features.json`` content (model, data fingerprint, preprocessing).
+  """
+  directory: str
+  num_images: int
+  feature_dim: int
+  shard_size: int
+  record: dict
+
+  @property
+  def num_shards(self) -> int:
+    return math.ceil(self.num_images / self.shard_size)
+
+  def shard_path(self, shard: int) -> str:
+    return shard_path(self.directory, shard)
+
+  def shard_range(self, shard: int) -> tuple[int, int]:
+    start = shard * self.shard_size
+    return start, min(start + self.shard_size, self.num_images)
+
+  def iter_shards(self) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields ``(first_row, features (rows, D) float16)`` shard by shard (memory-mapped)."""
+    for shard in range(self.num_shards):
+      yield self.shard_range(shard)[0], np.load(self.shard_path(shard), mmap_mode='r')
+
+  def load(self, dtype=np.float32) -> np.ndarray:
+    """All features ``(N, D)`` in one array of ``dtype``."""
+    features = np.empty((self.num_images, self.feature_dim), dtype)
+    for start, shard in self.iter_shards():
+      features[start:start + shard.shape[0]] = shard
+    return features
+
+
+def shard_path(directory: str, shard: int) -> str:
+  return os.path.join(directory, f'shard-{shard:05d}.npy')
+
+
+def open_feature_shards(directory: str) -> FeatureShards:
+  """Opens a finished shard directory written by ``extract_features(..., output_dir=...)``."""
+  record_path = os.path.join(directory, FEATURES_RECORD)
+  if not os.path.isfile(record_path):
+    raise FileNotFoundError(f'{directory} holds no feature shards ({FEATURES_RECORD} missing).')
+  with open(record_path) as f:
+    record = json.load(f)
+  shards = FeatureShards(directory=directory, num_images=record['num_images'],
+                         feature_dim=record['feature_dim'], shard_size=record['shard_size'],
+                         record=record)
+  missing = [s for s in range(shards.num_shards) if not os.path.isfile(shards.shard_path(s))]
+  if missing or record.get('feature_dim') is None:
+    raise ValueError(f'{directory}: the feature pass is unfinished (missing shards {missing[:5]}'
+                     f'{" ..." if len(missing) > 5 else ""}); rerun it to resume.')
+  return shards
+
+
+def _atomic_write(path: str, write) -> None:
+  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-',
+                                     dir=os.path.dirname(path))
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      write(f)
+    os.replace(staging, path)
+  except BaseException:
+    if os.path.exists(staging):
+      os.remove(staging)
+    raise
+
+
+def _write_json(path: str, record: dict) -> None:
+  _atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
+
+
+def _prepare_directory(directory: str, record: dict) -> dict:
+  """Creates ``directory`` or checks that its earlier, partial pass is the same pass."""
+  os.makedirs(directory, exist_ok=True)
+  record_path = os.path.join(directory, FEATURES_RECORD)
+  if not os.path.isfile(record_path):
+    _write_json(record_path, record)
+    return record
+  with open(record_path) as f:
+    stored = json.load(f)
+  keys = ('num_images', 'fingerprint', 'shard_size', 'image_size', 'normalized', 'model')
+  differing = [k for k in keys if stored.get(k) != record.get(k)]
+  if differing:
+    details = '; '.join(f'{k}: stored {stored.get(k)!r}, now {record.get(k)!r}'
+                        for k in differing)
+    raise ValueError(f'{directory} holds features of a different pass ({details}). Use another '
+                     'directory or delete it.')
+  return stored
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass.
+# ---------------------------------------------------------------------------------------------
+
+def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
+                     global_batch_size: int, mesh: Optional[Mesh] = None,
+                     normalize_features: bool = True, output_dir: Optional[str] = None,
+                     shard_size: int = 65536, progress: bool = True):
+  """Pooled features of every image of ``source``, in the source's order.
+
+  Args:
+    loaded_model: a ``bingo_jax.model_io.LoadedModel`` (teacher, student or random network).
+    source: an image source (``len``, ``read(i)``, ``fingerprint``).
+    image_size: centre-crop side (images are first resized to ``resize_size_for(image_size)``).
+    global_batch_size: images per forward over all devices; must divide over the mesh.
+    mesh: device mesh (default: all devices, ``parallel.make_mesh()``).
+    normalize_features: L2-normalise every feature vector (bagging does; SPEC.md section 1).
+    output_dir: if given, stream float16 shards there and resume from finished shards.
+    shard_size: images per shard; also the unit of work between progress checkpoints.
+    progress: show a tqdm bar on process 0.
+  Returns:
+    Without ``output_dir``: ``(N, feature_dim)`` float32 numpy array (on every process).
+    With ``output_dir``: ``FeatureShards`` describing the finished directory.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  num_images = len(source)
+  if num_images == 0:
+    raise ValueError(f'{type(source).__name__} has no images.')
+  local_batch = parallel.local_batch_size(global_batch_size, mesh)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_writer = process_index == 0
+  shard_size = int(shard_size) if output_dir else num_images
+  num_shards = math.ceil(num_images / shard_size)
+
+  record = {'format_version': FORMAT_VERSION, 'num_images': num_images,
+            'fingerprint': str(getattr(source, 'fingerprint', '')), 'shard_size': shard_size,
+            'image_size': int(image_size), 'normalized': bool(normalize_features),
+            'model': describe_model(loaded_model), 'feature_dim': None, 'dtype': 'float16'}
+  done = np.zeros(num_shards, bool)
+  if output_dir:
+    if is_writer:
+      record = _prepare_directory(output_dir, record)
+      done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
+    # Every process must run the same shards, or the collective forward would hang.
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done)).astype(bool)
+
+  forward = make_forward(loaded_model, mesh, normalize_features)
+  variables = parallel.replicate(loaded_model.variables, mesh)
+  features_all = None
+  todo = [s for s in range(num_shards) if not done[s]]
+  images_todo = sum(min((s + 1) * shard_size, num_images) - s * shard_size for s in todo)
+  bar = None
+  if progress and is_writer and todo:
+    from tqdm import tqdm
+    bar = tqdm(total=images_todo, unit='img', desc='features', smoothing=0.1)
+    if done.any():
+      bar.write(f'features: resuming, {int(done.sum())}/{num_shards} shards already in '
+                f'{output_dir}')
+
+  for shard in todo:
+    start, stop = shard * shard_size, min((shard + 1) * shard_size, num_images)
+    shard_features, filled = None, np.zeros(stop - start, bool)
+    for local in eval_batches(source, start, stop, image_size=image_size,
+                              local_batch_size=local_batch, process_index=process_index,
+                              process_count=process_count):
+      features, index, mask = forward(variables, parallel.global_batch(local, mesh))
+      features, index, mask = np.asarray(features), np.asarray(index), np.asarray(mask)
+      if shard_features is None:
+        shard_features = np.zeros((stop - start, features.shape[1]), np.float32)
+      rows = index[mask] - start
+      shard_features[rows] = features[mask]
+      filled[rows] = True
+      if bar is not None:
+        bar.update(int(mask.sum()))
+    if not filled.all():
+      raise RuntimeError(f'feature pass: images {start + np.nonzero(~filled)[0][:5]} of shard '
+                         f'{shard} were never produced (input pipeline bug).')
+    if output_dir is None:
+      features_all = shard_features
+      continue
+    if is_writer:
+      if record.get('feature_dim') is None:
+        record['feature_dim'] = int(shard_features.shape[1])
+        _write_json(os.path.join(output_dir, FEATURES_RECORD), record)
+      _atomic_write(shard_path(output_dir, shard),
+                    lambda f: np.save(f, shard_features.astype(np.float16)))
+  if bar is not None:
+    bar.close()
+  if output_dir is None:
+    return features_all
+  multihost_utils.sync_global_devices('bingo_jax.features: shards written')
+  return open_feature_shards(output_dir)

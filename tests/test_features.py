@@ -1,0 +1,96 @@
+"""The feature pass: centre crop, order, device independence, resume from finished shards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bingo_jax import features as features_lib
+from bingo_jax import images as images_lib
+from bingo_jax import model_io
+from bingo_jax import parallel
+from bingo_jax.models import create_model, init_variables
+
+
+class ArraySource:
+  """In-memory images; records which indices were read; optionally fails past an index."""
+
+  def __init__(self, images, fingerprint='test-images', fail_from=None):
+    self.images = images
+    self.fingerprint = fingerprint
+    self.fail_from = fail_from
+    self.read_indices = []
+
+  def __len__(self):
+    return len(self.images)
+
+  def read(self, index):
+    if self.fail_from is not None and index >= self.fail_from:
+      raise RuntimeError(f'simulated crash at image {index}')
+    self.read_indices.append(index)
+    return self.images[index]
+
+
+@pytest.fixture(scope='module')
+def small_model():
+  config = dict(arch='resnet18', base_width=8, stem='cifar')
+  model = create_model(**config)
+  variables = init_variables(model, jax.random.key(0), image_size=28)
+  return model_io.LoadedModel(model=model, variables=variables, model_config=config,
+                              metadata={'test': True})
+
+
+@pytest.fixture(scope='module')
+def images():
+  # 40 x 32 images with image_size 28: resize target 32 = the shorter side (no resampling),
+  # so the torchvision centre crop is rows 6:34, columns 2:30.
+  return np.random.default_rng(0).integers(0, 256, (20, 40, 32, 3), dtype=np.uint8)
+
+
+def _reference_features(small_model, images):
+  crops = images[:, 6:34, 2:30]
+  features, _ = small_model.model.apply(small_model.variables,
+                                        images_lib.normalize(jnp.asarray(crops)), train=False)
+  features = np.asarray(features, np.float64)
+  return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def test_eight_devices_equal_one_device_and_reference(small_model, images):
+  assert jax.device_count() == 8
+  reference = _reference_features(small_model, images)
+  kwargs = dict(image_size=28, global_batch_size=8, progress=False)  # 20 images: padded batch
+  one = features_lib.extract_features(small_model, ArraySource(images),
+                                      mesh=parallel.make_mesh(jax.devices()[:1]), **kwargs)
+  eight = features_lib.extract_features(small_model, ArraySource(images),
+                                        mesh=parallel.make_mesh(), **kwargs)
+  assert one.shape == (20, small_model.model.feature_dim) and one.dtype == np.float32
+  np.testing.assert_allclose(one, reference, atol=2e-5)
+  np.testing.assert_allclose(eight, one, atol=2e-5)
+
+
+def test_interrupted_pass_resumes_without_recomputing_finished_shards(small_model, images,
+                                                                      tmp_path):
+  directory = str(tmp_path / 'features')
+  kwargs = dict(image_size=28, global_batch_size=8, output_dir=directory, shard_size=8,
+                progress=False)  # shards [0, 8), [8, 16), [16, 20)
+  with pytest.raises(Exception, match='simulated crash'):
+    features_lib.extract_features(small_model, ArraySource(images, fail_from=12), **kwargs)
+  assert (tmp_path / 'features' / 'shard-00000.npy').exists()
+  assert not (tmp_path / 'features' / 'shard-00001.npy').exists()
+  mtime = (tmp_path / 'features' / 'shard-00000.npy').stat().st_mtime_ns
+
+  source = ArraySource(images)
+  shards = features_lib.extract_features(small_model, source, **kwargs)
+  assert min(source.read_indices) == 8 and sorted(set(source.read_indices)) == list(range(8, 20))
+  assert (tmp_path / 'features' / 'shard-00000.npy').stat().st_mtime_ns == mtime
+  assert shards.num_shards == 3
+  np.testing.assert_allclose(shards.load(), _reference_features(small_model, images), atol=1e-3)
+
+
+def test_directory_of_another_pass_is_refused(small_model, images, tmp_path):
+  directory = str(tmp_path / 'features')
+  kwargs = dict(image_size=28, global_batch_size=8, output_dir=directory, shard_size=16,
+                progress=False)
+  features_lib.extract_features(small_model, ArraySource(images[:16]), **kwargs)
+  with pytest.raises(ValueError, match='num_images: stored 16, now 20'):
+    features_lib.extract_features(small_model, ArraySource(images), **kwargs)
