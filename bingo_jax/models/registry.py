@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bingo_jax.models import efficientnet as efficientnet_lib
 from bingo_jax.models import heads as heads_lib
 from bingo_jax.models import resnet as resnet_lib
 
@@ -67,6 +68,7 @@ def _resnet_factory(name):
 
 for _name in resnet_lib.RESNET_STAGES:
   register_backbone(_name)(_resnet_factory(_name))
+register_backbone('efficientnet_b0')(efficientnet_lib.efficientnet_b0)
 
 
 def available_archs() -> list[str]:
