@@ -50,6 +50,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.bags.num_clusters = 20000     # kmeans
   config.bags.batch_size = 256         # teacher feature pass, global
   config.bags.shard_size = 65536       # images per feature shard on disk
+  config.bags.features_dir = ml_collections.FieldReference(None, field_type=str)  # WORKDIR/features
+  config.bags.image_size = ml_collections.FieldReference(None, field_type=int)  # None: data's
+  config.bags.query_batch_size = 16384  # kNN queries per search call (jax: per device step)
+  config.bags.approx_index = 'IVF{nlist},Flat'  # faiss index_factory; e.g. 'PCA256,IVF{nlist},Flat'
+  config.bags.approx_search_parameters = 'nprobe=32'  # or 'efSearch=128' for HNSW
+  config.bags.approx_recall_sample = 1000  # anchors checked against exact search
+  config.bags.kmeans_iterations = 20
+  config.bags.seed = 0
+  config.bags.random_teacher = ml_collections.ConfigDict()  # random-teacher without teacher.path
+  config.bags.random_teacher.arch = ml_collections.FieldReference(None, field_type=str)
+  config.bags.random_teacher.base_width = ml_collections.FieldReference(None, field_type=int)
+  config.bags.random_teacher.stem = ml_collections.FieldReference(None, field_type=str)
+  config.bags.report_anchors = 8       # rows of the bag report's image grid
+  config.bags.report_members = 8       # bag members shown per row
 
   # ---- train: bingo_jax/train.py ----
   config.train = ml_collections.ConfigDict()

@@ -1,0 +1,125 @@
+"""Bag methods against their definitions: numpy brute-force kNN, k-means, labels, purity."""
+
+import jax
+import numpy as np
+import pytest
+
+from bingo_jax import bag_file
+from bingo_jax import bag_report
+from bingo_jax import bagging
+from bingo_jax import features as features_lib
+from bingo_jax import parallel
+
+
+def _random_features(n, d, seed=0):
+  x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force_knn(x, k):
+  """numpy float64 reference: top-k inner products over every other row."""
+  similarity = x.astype(np.float64) @ x.astype(np.float64).T
+  np.fill_diagonal(similarity, -np.inf)
+  return np.argsort(-similarity, axis=1, kind='stable')[:, :k]
+
+
+def test_faiss_knn_equals_numpy_brute_force():
+  x = _random_features(500, 24)
+  expected = _brute_force_knn(x, 5)
+  neighbors, scores = bagging.exact_knn_faiss(x, 5, progress=False)
+  np.testing.assert_array_equal(neighbors, expected)
+  np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, expected, 1), atol=1e-5)
+  # Database in several blocks and queries in several batches: same answer.
+  blocked, _ = bagging.exact_knn_faiss(x, 5, database_block_bytes=24 * 4 * 70,
+                                       query_batch_size=64, progress=False)
+  np.testing.assert_array_equal(blocked, expected)
+
+
+def test_faiss_knn_reads_float16_shards(tmp_path):
+  x = _random_features(300, 16, seed=1)
+  directory = tmp_path / 'features'
+  directory.mkdir()
+  for shard, start in enumerate(range(0, 300, 128)):
+    np.save(features_lib.shard_path(str(directory), shard), x[start:start + 128].astype(np.float16))
+  shards = features_lib.FeatureShards(str(directory), 300, 16, 128, {})
+  x16 = x.astype(np.float16).astype(np.float32)
+  neighbors, _ = bagging.exact_knn_faiss(shards, 5, database_block_bytes=16 * 4 * 100,
+                                         progress=False)
+  np.testing.assert_array_equal(neighbors, _brute_force_knn(x16, 5))
+
+
+def test_jax_knn_equals_faiss_and_brute_force():
+  x = _random_features(403, 24, seed=2)  # not divisible by 8 devices: padded rows
+  expected = _brute_force_knn(x, 5)
+  faiss_neighbors, _ = bagging.exact_knn_faiss(x, 5, progress=False)
+  jax_neighbors, jax_scores = bagging.exact_knn_jax(
+      x, 5, mesh=parallel.make_mesh(), query_batch_size=128, database_chunk_rows=16,
+      progress=False)
+  np.testing.assert_array_equal(jax_neighbors, faiss_neighbors)
+  np.testing.assert_array_equal(jax_neighbors, expected)
+  np.testing.assert_allclose(jax_scores, np.take_along_axis(x @ x.T, expected, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize('backend', ['faiss', 'jax', 'approx'])
+def test_anchor_never_in_own_bag_with_duplicates(backend):
+  x = _random_features(120, 8, seed=3)
+  x[10:20] = x[10]   # ten identical images: more ties than k + 1
+  x[30] = x[31]      # a pair
+  if backend == 'faiss':
+    neighbors, _ = bagging.exact_knn_faiss(x, 5, progress=False)
+  elif backend == 'jax':
+    neighbors, _ = bagging.exact_knn_jax(x, 5, query_batch_size=64, database_chunk_rows=8,
+                                         progress=False)
+  else:
+    neighbors, recall = bagging.approx_knn_faiss(x, 5, index_factory='IVF4,Flat',
+                                                 search_parameters='nprobe=4', progress=False,
+                                                 recall_sample=50)
+    assert recall == 1.0  # every list probed: exact
+  assert not (neighbors == np.arange(120)[:, None]).any()
+  for anchor in range(10, 20):  # the bag is 5 of the 9 other copies
+    assert set(neighbors[anchor]) <= set(range(10, 20)) - {anchor}
+    assert len(set(neighbors[anchor])) == 5
+  assert neighbors[30, 0] == 31 and neighbors[31, 0] == 30
+  bag_file.Bags.from_neighbors(neighbors, method='knn', fingerprint='f')  # validates too
+
+
+def test_kmeans_bags_are_nearest_centroid_clusters():
+  rng = np.random.default_rng(4)
+  centres = rng.standard_normal((4, 6)) * 10
+  labels = np.repeat(np.arange(4), 50)
+  x = (centres[labels] + rng.standard_normal((200, 6))).astype(np.float32)
+  groups = bagging.kmeans_groups(x, 4, iterations=10, verbose=False)
+  # Well-separated blobs: the clustering equals the blob partition (up to renaming).
+  for blob in range(4):
+    assert len(set(groups[labels == blob])) == 1
+  assert len(set(groups)) == 4
+  # Definition: each image is assigned to the nearest centroid of its cluster means.
+  means = np.stack([x[groups == c].mean(axis=0) for c in range(4)])
+  nearest = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(nearest, groups)
+  bags = bag_file.Bags.from_groups(groups, method='kmeans', fingerprint='f', num_clusters=4)
+  np.testing.assert_array_equal(bags.members(7), np.setdiff1d(np.nonzero(groups == groups[7])[0],
+                                                                [7]))
+
+
+def test_label_bags_and_purity_follow_definitions():
+  labels = np.array([0, 1, 0, 2, 1, 0, 0, 2])
+  bags = bag_file.Bags.from_groups(labels, method='labels', fingerprint='f')
+  for anchor in range(8):
+    np.testing.assert_array_equal(
+        bags.members(anchor), [j for j in range(8) if labels[j] == labels[anchor] and j != anchor])
+  assert bag_report.purity_summary(bags, labels)['purity'] == 1.0
+  # kNN purity: anchor 0's bag {1, 2} has one same-label member -> 0.5, etc.
+  neighbors = np.array([[1, 2], [4, 0], [0, 5], [7, 1], [0, 3], [6, 2], [5, 3], [3, 6]])
+  knn = bag_file.Bags.from_neighbors(neighbors, method='knn', fingerprint='f')
+  expected = np.array([0.5, 0.5, 1.0, 0.5, 0.0, 1.0, 0.5, 0.5])
+  np.testing.assert_allclose(bag_report.anchor_purity(knn, labels), expected)
+  summary = bag_report.purity_summary(knn, labels)
+  assert summary['purity'] == pytest.approx(expected.mean())
+  assert summary['purity_per_class']['1'] == pytest.approx(0.25)
+  assert summary['chance_purity'] == pytest.approx((4 / 8) ** 2 + 2 * (2 / 8) ** 2)
+  # Group purity without listing members: groups {0, 1, 2}, {3, 4, 5, 6, 7} by hand.
+  groups = bag_file.Bags.from_groups(np.array([0, 0, 0, 1, 1, 1, 1, 1]), method='kmeans',
+                                     fingerprint='f')
+  np.testing.assert_allclose(bag_report.anchor_purity(groups, labels),
+                             [1 / 2, 0, 1 / 2, 1 / 4, 0, 1 / 4, 1 / 4, 1 / 4])
