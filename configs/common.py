@@ -17,6 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.name = 'imagenet2012'    # TFDS name (source='tfds')
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
   config.data.path = ml_collections.FieldReference(None, field_type=str)  # folder root / file list
+  # (may contain '{split}'); source='fashion_mnist': directory of the .gz files
+  config.data.root = ml_collections.FieldReference(None, field_type=str)  # file list: base dir
+  config.data.image_key = ml_collections.FieldReference(None, field_type=str)  # TFDS feature
+  config.data.label_key = ml_collections.FieldReference(None, field_type=str)  # default 'label'
   config.data.train_split = 'train'    # the split that is bagged and distilled on
   config.data.eval_split = 'validation'
   config.data.image_size = 224         # training crop; evaluation centre-crops 224/256 of resize
