@@ -1,0 +1,254 @@
+"""tf.data input pipelines: BINGO training batches (4 views of (anchor, positive) pairs) and
+deterministic, padded evaluation batches.
+
+Training (SPEC.md section 2). Epoch ``e`` visits the images in a permutation that is a pure
+function of ``(seed, e)``; the first ``steps_per_epoch * global_batch`` positions are used
+(the remainder dropped, as ``DistributedSampler`` + ``drop_last``). Global step ``t`` of the
+epoch takes positions ``[t * G, (t + 1) * G)`` and process ``p`` the slice
+``[p * B, (p + 1) * B)`` of it (``B = G / process_count``), so the global batch does not depend
+on the number of processes. The example at position ``q`` of epoch ``e`` gets the seed
+``fold_in(fold_in(seed, e), q)``, from which its positive (a uniform draw from the anchor's bag,
+fresh each epoch) and its four augmentation draws are derived. Everything is thus a function of
+``(seed, global step)``: resuming at step ``s`` computes the epoch and the offset by arithmetic
+and yields exactly the batches a straight run yields from step ``s`` on.
+
+Throughput: indices, positives and seeds are TF ops; images are read a batch at a time through
+the source's ``tf_read_batch`` (file reads, array_record reads or an in-memory gather) and
+augmented in a parallel, order-preserving map; no Python runs per example.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from bingo_jax import augment
+from bingo_jax.data_sources import ImageSource
+
+# Independent RNG streams derived from the run seed.
+_PERMUTATION_STREAM = 1
+_EXAMPLE_STREAM = 2
+# Per-example seeds: positive draw, then the four views.
+_POSITIVE, _QUERY, _KEY, _POS_Q, _POS_K = range(5)
+VIEW_KEYS = ('query', 'key', 'pos_q', 'pos_k')
+
+
+def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
+  """Full global batches per epoch (the remainder of the permutation is dropped)."""
+  if global_batch_size <= 0:
+    raise ValueError(f'global batch size must be positive, got {global_batch_size}.')
+  steps = num_images // global_batch_size
+  if steps == 0:
+    raise ValueError(f'{num_images} images do not fill one global batch of '
+                     f'{global_batch_size}.')
+  return steps
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # parallel maps still yield in order
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  options.experimental_optimization.inject_prefetch = True
+  # Parallelism comes from the maps; one thread per op avoids oversubscribing the host.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _parallelism(value: Optional[int]) -> int:
+  return tf.data.AUTOTUNE if value is None or value < 0 else int(value)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def eval_num_batches(num_images: int, local_batch_size: int, process_count: int) -> int:
+  """Batches every process yields in ``make_eval_dataset`` (the same on every process)."""
+  per_process = -(-num_images // process_count)
+  return max(1, -(-per_process // local_batch_size))
+
+
+def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: int, *,
+                      process_index: Optional[int] = None,
+                      process_count: Optional[int] = None,
+                      num_parallel_calls: int = -1) -> Iterator[dict]:
+  """Centre-cropped images of a whole source in index order, padded to full batches.
+
+  Process ``p`` reads the contiguous slice ``[p * ceil(N / P), (p + 1) * ceil(N / P))`` of the
+  indices; every process yields ``eval_num_batches(N, B, P)`` batches, the padding rows masked.
+
+  Args:
+    source: the images.
+    image_size: output side S (resize shorter side to ``S / CENTER_CROP_FRACTION``, centre
+      crop S: ``augment.center_crop``).
+    local_batch_size: B, this process's rows per batch.
+    process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+    num_parallel_calls: decode/resize parallelism (-1: autotune).
+  Returns:
+    An iterator of numpy dicts: ``image`` uint8 ``(B, S, S, 3)``, ``index`` int32 ``(B,)``
+    (-1 on padding rows), ``label`` int32 ``(B,)`` (-1 when unlabelled or padding), ``mask``
+    bool ``(B,)``.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  if local_batch_size <= 0:
+    raise ValueError(f'local_batch_size must be positive, got {local_batch_size}.')
+  num_images = len(source)
+  if num_images == 0:
+    raise ValueError(f'{source.description} is empty.')
+  per_process = -(-num_images // process_count)
+  num_batches = eval_num_batches(num_images, local_batch_size, process_count)
+  start = min(process_index * per_process, num_images)
+  stop = min(start + per_process, num_images)
+  indices = np.full(num_batches * local_batch_size, -1, np.int64)
+  indices[:stop - start] = np.arange(start, stop)
+  labels = np.full(indices.shape, -1, np.int64)
+  if source.labels is not None:
+    labels[:stop - start] = source.labels[start:stop]
+
+  parallel = _parallelism(num_parallel_calls)
+  dataset = tf.data.Dataset.from_tensor_slices({'index': indices, 'label': labels})
+  dataset = dataset.batch(local_batch_size)
+
+  def read(batch):
+    # Padding rows read image 0 (any valid image) and are masked.
+    batch['image'] = source.tf_read_batch(tf.maximum(batch['index'], 0))
+    return batch
+
+  def crop(example):
+    return {'image': augment.eval_view(example['image'], image_size, encoded=source.encoded),
+            'index': tf.cast(example['index'], tf.int32),
+            'label': tf.cast(example['label'], tf.int32),
+            'mask': example['index'] >= 0}
+
+  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
+  dataset = dataset.map(crop, num_parallel_calls=parallel)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  dataset = dataset.with_options(_options())
+  return dataset.as_numpy_iterator()
+
+
+# ---------------------------------------------------------------- training
+
+
+def _stream_seed(seed: int, stream: int) -> tf.Tensor:
+  return tf.constant([seed, stream], tf.int64)
+
+
+def epoch_permutation(seed: int, epoch, num_images: int) -> tf.Tensor:
+  """The visiting order of epoch ``epoch``: int64 ``(num_images,)``, a function of (seed, epoch)."""
+  epoch_seed = tf.random.experimental.stateless_fold_in(
+      _stream_seed(seed, _PERMUTATION_STREAM), tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(num_images, dtype=tf.int64), epoch_seed)
+
+
+def example_seeds(seed: int, epoch, position) -> tf.Tensor:
+  """Seeds of the example at ``position`` (scalar) of ``epoch``: int64 ``(5, 2)``
+  (positive draw, query, key, pos_q, pos_k)."""
+  epoch_seed = tf.random.experimental.stateless_fold_in(
+      _stream_seed(seed, _EXAMPLE_STREAM), tf.cast(epoch, tf.int64))
+  example_seed = tf.random.experimental.stateless_fold_in(epoch_seed,
+                                                          tf.cast(position, tf.int64))
+  return tf.random.experimental.stateless_split(example_seed, num=5)
+
+
+def anchor_stream(seed: int, num_images: int, global_batch_size: int, start_step: int,
+                  process_index: int, process_count: int) -> tf.data.Dataset:
+  """This process's anchors from global step ``start_step`` on, endlessly.
+
+  Returns:
+    A dataset of ``{'anchor_index', 'epoch', 'position'}`` int64 scalars, B per step
+    (``position``: the anchor's place in the epoch's permutation).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by '
+                     f'{process_count} processes.')
+  steps = steps_per_epoch(num_images, global_batch_size)
+  local_batch = global_batch_size // process_count
+  start_epoch, start_offset = divmod(int(start_step), steps)
+
+  def epoch_elements(epoch):
+    permutation = epoch_permutation(seed, epoch, num_images)
+    # Positions in the epoch's permutation: [step, process, row] -> this process's column.
+    positions = tf.reshape(tf.range(steps * global_batch_size, dtype=tf.int64),
+                           [steps, process_count, local_batch])[:, process_index]
+    first = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
+    positions = tf.reshape(positions[first:], [-1])
+    return tf.data.Dataset.from_tensor_slices({
+        'anchor_index': tf.gather(permutation, positions),
+        'epoch': tf.fill(tf.shape(positions), tf.cast(epoch, tf.int64)),
+        'position': positions})
+
+  epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+  return epochs.flat_map(epoch_elements)
+
+
+def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
+                          local_batch_size: int, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> Iterator[dict]:
+  """Per-process BINGO training batches from global step ``start_step`` on (endless).
+
+  Args:
+    config: the experiment config (uses ``data.image_size``, ``data.num_parallel_calls``,
+      ``train.seed``).
+    source: the training images (``make_source(config.data, config.data.train_split)``).
+    bags: ``bag_file.Bags`` for exactly these images (checked first).
+    start_step: global step of the first batch (0, or the step a checkpoint resumes at).
+    local_batch_size: B, this process's share of the global batch ``B * process_count``.
+    process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+  Returns:
+    An iterator of numpy dicts: ``query``, ``key``, ``pos_q``, ``pos_k`` uint8
+    ``(B, S, S, 3)`` (S = ``data.image_size``), ``anchor_index`` and ``positive_index`` int32
+    ``(B,)``.
+  Raises:
+    ValueError: the bags were made for another image list, or the batch does not fit.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  image_size = int(config.data.image_size)
+  seed = int(config.train.seed)
+  parallel = _parallelism(config.data.get('num_parallel_calls', -1))
+  global_batch_size = local_batch_size * process_count
+
+  dataset = anchor_stream(seed, len(source), global_batch_size, start_step, process_index,
+                          process_count)
+
+  def sample_positive(example):
+    seeds = example_seeds(seed, example['epoch'], example['position'])
+    return {'anchor_index': example['anchor_index'], 'seeds': seeds,
+            'positive_index': bags.tf_sample_positive(example['anchor_index'],
+                                                      seeds[_POSITIVE])}
+
+  def read(batch):
+    batch['anchor_image'] = source.tf_read_batch(batch['anchor_index'])
+    batch['positive_image'] = source.tf_read_batch(batch['positive_index'])
+    return batch
+
+  def views(example):
+    seeds = example['seeds']
+    view = lambda image, slot: augment.moco_v2_view(  # noqa: E731
+        image, seeds[slot], image_size, encoded=source.encoded)
+    return {'query': view(example['anchor_image'], _QUERY),
+            'key': view(example['anchor_image'], _KEY),
+            'pos_q': view(example['positive_image'], _POS_Q),
+            'pos_k': view(example['positive_image'], _POS_K),
+            'anchor_index': tf.cast(example['anchor_index'], tf.int32),
+            'positive_index': tf.cast(example['positive_index'], tf.int32)}
+
+  dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True)
+  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
+  dataset = dataset.map(views, num_parallel_calls=parallel)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  dataset = dataset.with_options(_options())
+  return dataset.as_numpy_iterator()
