@@ -1,0 +1,111 @@
+"""The BINGO loss against a PyTorch transcription of SPEC.md section 4."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bingo_jax import losses
+
+BATCH, DIM, QUEUE, TAU = 16, 8, 64, 0.2
+
+
+def _unit_rows(rng: np.random.RandomState, rows: int) -> np.ndarray:
+  x = rng.normal(size=(rows, DIM))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def embeddings():
+  rng = np.random.RandomState(0)
+  names = ('q', 'p', 'm', 'k', 'kp')
+  values = {name: _unit_rows(rng, BATCH) for name in names}
+  values['queue'] = _unit_rows(rng, QUEUE)
+  return values
+
+
+def torch_ce(s: np.ndarray, t: np.ndarray, queue: np.ndarray,
+             reduction: str = 'mean') -> torch.Tensor:
+  """SPEC.md 4: CE of logits [s.t, s.queue_1..K] / tau with target 0 (float64)."""
+  s, t, queue = (torch.from_numpy(x).double() for x in (s, t, queue))
+  logits = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / TAU
+  return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long), reduction=reduction)
+
+
+def torch_bingo_loss(e: dict, epoch: int, lam: float) -> float:
+  """SPEC.md 4 transcribed: warm-up weights (1, 0) for epochs 0..10, (0.5, 0.5) after."""
+  w_own, w_oth = (1.0, 0.0) if epoch <= 10 else (0.5, 0.5)
+  ce = lambda s, t: torch_ce(e[s], e[t], e['queue'])
+  loss = (w_own * ce('q', 'k') + w_oth * ce('q', 'kp') + w_own * ce('p', 'kp')
+          + w_oth * ce('p', 'k') + lam * ce('m', 'k') + (1 - lam) * ce('m', 'kp')) / 3
+  return float(loss)
+
+
+def test_info_nce_matches_torch_cross_entropy(embeddings):
+  ours = losses.info_nce(jnp.asarray(embeddings['q']), jnp.asarray(embeddings['k']),
+                         jnp.asarray(embeddings['queue']), TAU)
+  reference = torch_ce(embeddings['q'], embeddings['k'], embeddings['queue'], 'none').numpy()
+  assert ours.shape == (BATCH,)
+  np.testing.assert_allclose(np.asarray(ours), reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('epoch', [0, 10, 11, 150])
+def test_bingo_loss_matches_torch_transcription(embeddings, epoch):
+  lam = 0.3671875
+  own_only_epochs = 11  # the released `epoch > 10` switch
+  warm_up = epoch < own_only_epochs
+  e = {name: jnp.asarray(value) for name, value in embeddings.items()}
+  loss, terms = losses.bingo_loss(e['q'], e['p'], e['m'], e['k'], e['kp'], e['queue'], TAU,
+                                  own_weight=1.0 if warm_up else 0.5,
+                                  other_weight=0.0 if warm_up else 0.5, lam=lam)
+  np.testing.assert_allclose(float(loss), torch_bingo_loss(embeddings, epoch, lam),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      float(terms['ce_m_kp']),
+      float(torch_ce(embeddings['m'], embeddings['kp'], embeddings['queue'])), rtol=1e-6)
+
+
+def test_bingo_loss_per_example_lam(embeddings):
+  """One CutMix box per sample: each example's mix term has its own lam."""
+  lam = np.linspace(0.1, 0.9, BATCH).astype(np.float32)
+  e = {name: jnp.asarray(value) for name, value in embeddings.items()}
+  loss, _ = losses.bingo_loss(e['q'], e['p'], e['m'], e['k'], e['kp'], e['queue'], TAU,
+                              0.5, 0.5, lam=jnp.asarray(lam))
+  ce = lambda s, t: torch_ce(embeddings[s], embeddings[t], embeddings['queue'], 'none')
+  lam_t = torch.from_numpy(lam).double()
+  reference = (0.5 * (ce('q', 'k') + ce('q', 'kp') + ce('p', 'kp') + ce('p', 'k'))
+               + lam_t * ce('m', 'k') + (1 - lam_t) * ce('m', 'kp')).mean() / 3
+  np.testing.assert_allclose(float(loss), float(reference), rtol=1e-6, atol=1e-6)
+
+
+def test_paper_loss_is_intra_plus_inter(embeddings):
+  e = {name: jnp.asarray(value) for name, value in embeddings.items()}
+  loss, _ = losses.paper_loss(e['q'], e['p'], e['k'], e['queue'], TAU)
+  reference = (torch_ce(embeddings['q'], embeddings['k'], embeddings['queue'])
+               + torch_ce(embeddings['p'], embeddings['k'], embeddings['queue']))
+  np.testing.assert_allclose(float(loss), float(reference), rtol=1e-6, atol=1e-6)
+
+
+def test_contrastive_accuracy_matches_torch_topk(embeddings):
+  rng = np.random.RandomState(1)
+  # Keys close to the queries make some, not all, predictions correct.
+  keys = embeddings['q'] + 0.6 * rng.normal(size=(BATCH, DIM)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  top1, top5 = losses.contrastive_accuracy(jnp.asarray(embeddings['q']), jnp.asarray(keys),
+                                           jnp.asarray(embeddings['queue']), TAU)
+  q, k, queue = (torch.from_numpy(x).double() for x in (embeddings['q'], keys,
+                                                         embeddings['queue']))
+  logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1)
+  top = logits.topk(5, dim=1).indices
+  reference1 = 100.0 * (top[:, :1] == 0).any(1).double().mean()
+  reference5 = 100.0 * (top == 0).any(1).double().mean()
+  assert 0 < float(reference5) < 100 or 0 < float(reference1) < 100
+  np.testing.assert_allclose([float(top1), float(top5)], [reference1, reference5], atol=1e-4)
+
+
+def test_l2_normalize_matches_torch():
+  x = np.random.RandomState(2).normal(size=(4, DIM)).astype(np.float32)
+  x[0] = 0  # torch's epsilon keeps zero rows at zero
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(jnp.asarray(x))),
+                             F.normalize(torch.from_numpy(x), dim=1).numpy(), atol=1e-7)

@@ -1,0 +1,297 @@
+"""The train step's parts against independent references, and its device independence."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from bingo_jax import cutmix as cutmix_lib
+from bingo_jax import images as images_lib
+from bingo_jax import losses
+from bingo_jax import parallel
+from bingo_jax import train_step as train_step_lib
+from bingo_jax.models import layers
+from bingo_jax.models.registry import create_model, init_variables
+from configs.common import base_config
+
+IMAGE_SIZE = 16
+SMALL_MODEL = dict(head='moco', base_width=8, stem='cifar', head_hidden_dim=64,
+                   head_output_dim=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# CutMix (SPEC.md 2)
+
+
+def reference_box(lam0: float, row_center: int, col_center: int, height: int, width: int):
+  """SPEC.md 2 in numpy: sides int(side * sqrt(1 - lam0)), centred, clipped to the image."""
+  cut_rows = int(height * np.sqrt(1.0 - lam0))
+  cut_cols = int(width * np.sqrt(1.0 - lam0))
+  return (np.clip(row_center - cut_rows // 2, 0, height),
+          np.clip(row_center + cut_rows // 2, 0, height),
+          np.clip(col_center - cut_cols // 2, 0, width),
+          np.clip(col_center + cut_cols // 2, 0, width))
+
+
+def test_cutmix_box_matches_numpy_reference():
+  height, width = 16, 12
+  draws = [(0.3, 5, 7), (0.05, 0, 11), (0.9, 15, 0), (0.5, 8, 6), (0.01, 8, 6)]
+  boxes = cutmix_lib.boxes_from_draws(
+      cutmix_lib.BoxDraws(*(jnp.asarray(column) for column in zip(*draws))), height, width)
+  lam = cutmix_lib.kept_fraction(boxes, height, width)
+  masks = cutmix_lib.box_masks(boxes, height, width)
+  for index, draw in enumerate(draws):
+    row_start, row_end, col_start, col_end = reference_box(*draw, height, width)
+    ours = [int(b[index]) for b in boxes]
+    assert ours == [row_start, row_end, col_start, col_end], (draw, ours)
+    expected_mask = np.zeros((height, width), bool)
+    expected_mask[row_start:row_end, col_start:col_end] = True
+    np.testing.assert_array_equal(np.asarray(masks[index]), expected_mask)
+    area = (row_end - row_start) * (col_end - col_start)
+    np.testing.assert_allclose(float(lam[index]), 1 - area / (height * width), atol=1e-7)
+
+
+@pytest.mark.parametrize('mode,examples_per_box', [('batch', 8), ('sample', 1), ('group', 4)])
+def test_cutmix_pastes_pos_q_box_into_query(mode, examples_per_box):
+  rng = np.random.RandomState(0)
+  query = rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+  pos_q = rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+  key = jax.random.key(3)
+  mix, lam = cutmix_lib.cutmix(key, jnp.asarray(query), jnp.asarray(pos_q), mode=mode,
+                               beta=2.0, group_size=4)
+  draws = cutmix_lib.sample_draws(key, 8 // examples_per_box, 16, 16, 2.0)
+  for example in range(8):
+    box = example // examples_per_box
+    r0, r1, c0, c1 = reference_box(float(draws.lam0[box]), int(draws.row_center[box]),
+                                   int(draws.col_center[box]), 16, 16)
+    expected = query[example].copy()
+    expected[r0:r1, c0:c1] = pos_q[example, r0:r1, c0:c1]
+    np.testing.assert_array_equal(np.asarray(mix[example]), expected)
+    np.testing.assert_allclose(float(lam[example]), 1 - (r1 - r0) * (c1 - c0) / 256, atol=1e-7)
+  assert mix.dtype == jnp.uint8
+
+
+def test_cutmix_lam0_is_beta_2_2():
+  lam0 = np.asarray(cutmix_lib.sample_draws(jax.random.key(0), 20000, 32, 32, 2.0).lam0)
+  # Beta(2, 2): mean 1/2, variance 1/20; standard errors ~0.0016 and ~0.0004.
+  assert abs(lam0.mean() - 0.5) < 0.01
+  assert abs(lam0.var() - 0.05) < 0.003
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer (SPEC.md 5)
+
+
+@pytest.mark.parametrize('lr_schedule', ['cosine_epoch', 'cosine_step'])
+def test_optimizer_matches_torch_sgd(lr_schedule):
+  train = base_config().train
+  train.base_lr, train.batch_size, train.epochs = 0.1, 512, 4
+  train.weight_decay, train.momentum, train.lr_schedule = 0.05, 0.9, lr_schedule
+  steps_per_epoch, num_steps = 2, 7  # crosses three epoch boundaries
+  peak_lr = 0.1 * 512 / 256
+  rng = np.random.RandomState(0)
+  params = {'w': rng.normal(size=(3, 4)).astype(np.float32),
+            'bias': rng.normal(size=(4,)).astype(np.float32)}
+  grads = [{name: rng.normal(size=value.shape).astype(np.float32)
+            for name, value in params.items()} for _ in range(num_steps)]
+
+  torch_params = {name: torch.tensor(value, requires_grad=True) for name, value in params.items()}
+  torch_sgd = torch.optim.SGD(list(torch_params.values()), lr=peak_lr, momentum=0.9,
+                              weight_decay=0.05)
+  optimizer = train_step_lib.make_optimizer(train, steps_per_epoch)
+  opt_state = optimizer.init(params)
+  ours = {name: jnp.asarray(value) for name, value in params.items()}
+  update = jax.jit(optimizer.update)
+  for step in range(num_steps):
+    progress = (step // steps_per_epoch if lr_schedule == 'cosine_epoch'
+                else step / steps_per_epoch) / train.epochs
+    for group in torch_sgd.param_groups:  # released adjust_learning_rate
+      group['lr'] = peak_lr * 0.5 * (1 + np.cos(np.pi * progress))
+    for name, tensor in torch_params.items():
+      tensor.grad = torch.from_numpy(grads[step][name])
+    torch_sgd.step()
+    updates, opt_state = update({n: jnp.asarray(g) for n, g in grads[step].items()},
+                                opt_state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    for name, tensor in torch_params.items():
+      np.testing.assert_allclose(np.asarray(ours[name]), tensor.detach().numpy(),
+                                 rtol=1e-6, atol=1e-6, err_msg=f'step {step} {name}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher shuffle BatchNorm (SPEC.md 3)
+
+
+class TinyTeacher(nn.Module):
+  """conv3x3 - BatchNorm(groups) - ReLU - mean pool - Dense, returning (features, head)."""
+  group_size: int
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    x = layers.conv(4, 3, name='conv')(images)
+    x = layers.BatchNorm(use_running_average=not train, group_size=self.group_size,
+                         name='bn')(x)
+    features = jnp.mean(nn.relu(x), axis=(1, 2))
+    return features, nn.Dense(5, name='fc')(features)
+
+
+def test_teacher_shuffle_bn_matches_torch_per_group_reference():
+  batch, group = 16, 4
+  images = np.random.RandomState(0).normal(size=(batch, 6, 6, 3)).astype(np.float32)
+  model = TinyTeacher(group)
+  variables = model.init(jax.random.key(0), jnp.asarray(images))
+  # Non-trivial stored statistics and affine parameters (shuffle mode must ignore the former).
+  variables = jax.tree.map(lambda x: x + 0.3 * jnp.arange(x.size).reshape(x.shape) / x.size,
+                           variables)
+  rng = jax.random.key(7)
+  ours = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), 'shuffle', rng)
+
+  params = jax.tree.map(lambda x: torch.from_numpy(np.asarray(x)), variables['params'])
+  torch_teacher = torch.nn.Sequential(
+      torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+      torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+  with torch.no_grad():
+    torch_teacher[0].weight.copy_(params['conv']['kernel'].permute(3, 2, 0, 1))
+    torch_teacher[1].weight.copy_(params['bn']['scale'])
+    torch_teacher[1].bias.copy_(params['bn']['bias'])
+    torch_teacher[5].weight.copy_(params['fc']['kernel'].T)
+    torch_teacher[5].bias.copy_(params['fc']['bias'])
+  torch_teacher.train()
+  # The released shuffle: permute the global batch, each "GPU" normalises its group of
+  # consecutive permuted examples, outputs go back to their original rows.
+  permutation = np.asarray(jax.random.permutation(rng, batch))
+  nchw = torch.from_numpy(images).permute(0, 3, 1, 2)[permutation]
+  with torch.no_grad():
+    shuffled = torch.cat([torch_teacher(chunk) for chunk in nchw.split(group)])
+  expected = torch.empty_like(shuffled)
+  expected[permutation] = torch.nn.functional.normalize(shuffled, dim=1)
+  np.testing.assert_allclose(np.asarray(ours), expected.numpy(), atol=2e-6)
+
+  # Groups of the unshuffled batch would give other embeddings: the test sees the shuffle.
+  with torch.no_grad():
+    unshuffled = torch.cat([torch_teacher(chunk) for chunk in
+                            torch.from_numpy(images).permute(0, 3, 1, 2).split(group)])
+  assert not np.allclose(np.asarray(ours),
+                         torch.nn.functional.normalize(unshuffled, dim=1).numpy(), atol=1e-3)
+
+  frozen = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), 'frozen', rng)
+  torch_teacher.eval()
+  torch_teacher[1].running_mean.copy_(torch.from_numpy(np.asarray(
+      variables['batch_stats']['bn']['mean'])))
+  torch_teacher[1].running_var.copy_(torch.from_numpy(np.asarray(
+      variables['batch_stats']['bn']['var'])))
+  with torch.no_grad():
+    expected_frozen = torch.nn.functional.normalize(
+        torch_teacher(torch.from_numpy(images).permute(0, 3, 1, 2)), dim=1)
+  np.testing.assert_allclose(np.asarray(frozen), expected_frozen.numpy(), atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole step
+
+
+def small_config(batch_size: int = 32, queue_size: int = 64):
+  config = base_config()
+  config.student.update(base_width=8, stem='cifar', head_hidden_dim=64, head_output_dim=16,
+                        bn_group_size=8)
+  config.teacher.bn_group_size = 8
+  config.data.image_size = IMAGE_SIZE
+  config.train.update(batch_size=batch_size, queue_size=queue_size, epochs=3,
+                      own_only_epochs=1, base_lr=0.5, weight_decay=1e-3)
+  return config
+
+
+def random_batch(batch_size: int, seed: int = 0) -> dict:
+  rng = np.random.RandomState(seed)
+  batch = {name: rng.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+           for name in train_step_lib.IMAGE_KEYS}
+  batch['anchor_index'] = np.arange(batch_size, dtype=np.int32)
+  batch['positive_index'] = np.arange(batch_size, dtype=np.int32)[::-1].copy()
+  return batch
+
+
+def run_steps(config, mesh, batch, num_steps: int):
+  student = create_model('resnet18', bn_group_size=config.student.bn_group_size, **SMALL_MODEL)
+  teacher = create_model('resnet18', bn_group_size=config.teacher.bn_group_size, **SMALL_MODEL)
+  teacher_variables = parallel.replicate(
+      init_variables(teacher, jax.random.key(1), IMAGE_SIZE), mesh)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=1)
+  history = []
+  for _ in range(num_steps):
+    state, metrics = step(state, teacher_variables, parallel.global_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def assert_trees_close(actual, expected, rtol):
+  paths_actual, _ = jax.tree_util.tree_flatten_with_path(actual)
+  leaves_expected = jax.tree.leaves(expected)
+  assert len(paths_actual) == len(leaves_expected)
+  for (path, a), b in zip(paths_actual, leaves_expected):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert error <= rtol, f'{jax.tree_util.keystr(path)}: relative error {error:.2e}'
+
+
+def test_three_steps_are_device_independent():
+  config = small_config()
+  batch = random_batch(config.train.batch_size)
+  state_8, history_8 = run_steps(config, parallel.make_mesh(jax.devices()[:8]), batch, 3)
+  state_1, history_1 = run_steps(config, parallel.make_mesh(jax.devices()[:1]), batch, 3)
+  assert_trees_close(state_8.params, state_1.params, 1e-5)
+  assert_trees_close(state_8.batch_stats, state_1.batch_stats, 1e-5)
+  assert_trees_close(state_8.negative_queue, state_1.negative_queue, 1e-5)
+  assert int(state_8.queue_pointer) == int(state_1.queue_pointer) == 96 % 64
+  assert int(state_8.step) == 3
+
+  # The run went through the warm-up switch and the per-epoch learning-rate change.
+  assert [h['own_weight'] for h in history_8] == [1.0, 0.5, 0.5]
+  peak = 0.5 * 32 / 256
+  np.testing.assert_allclose([h['learning_rate'] for h in history_8],
+                             [peak * 0.5 * (1 + np.cos(np.pi * e / 3)) for e in range(3)],
+                             rtol=1e-6)
+  for h8, h1 in zip(history_8, history_1):
+    np.testing.assert_allclose(h8['loss'], h1['loss'], rtol=1e-5)
+  # Queue rows are unit teacher keys; the last step wrote rows 0..31 again.
+  np.testing.assert_allclose(np.linalg.norm(state_8.negative_queue, axis=1), 1.0, atol=1e-5)
+
+
+def test_frozen_teacher_keys_enter_queue_fifo():
+  """Paper loss, frozen teacher, one device: the queue's oldest rows become the keys."""
+  config = small_config(batch_size=16, queue_size=48)
+  config.teacher.bn_mode = 'frozen'
+  config.train.loss = 'paper'
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  batch = random_batch(16, seed=1)
+  teacher = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
+  teacher_variables = init_variables(teacher, jax.random.key(1), IMAGE_SIZE)
+  _, keys = teacher.apply(teacher_variables, images_lib.normalize(batch['key']), train=False)
+  keys = np.asarray(keys) / np.linalg.norm(np.asarray(keys), axis=1, keepdims=True)
+  student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  initial_queue = np.asarray(state.negative_queue)
+  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  teacher_variables = parallel.replicate(teacher_variables, mesh)
+  for _ in range(4):  # 4 x 16 rows through a 48-row queue: wraps around once
+    state, metrics = step(state, teacher_variables, parallel.global_batch(batch, mesh))
+  queue = np.asarray(state.negative_queue)
+  np.testing.assert_allclose(queue[:16], keys, atol=1e-5)
+  np.testing.assert_allclose(queue[16:48], np.concatenate([keys, keys]), atol=1e-5)
+  assert int(state.queue_pointer) == 16
+  assert not np.allclose(initial_queue[:16], keys, atol=1e-2)
+  assert set(metrics) >= {'loss', 'ce_q_k', 'ce_p_k', 'top1', 'top5', 'learning_rate', 'lam'}
+
+
+def test_bad_settings_are_clear_errors():
+  config = small_config(batch_size=32, queue_size=48)
+  student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  with pytest.raises(ValueError, match='queue_size = 48'):
+    train_step_lib.make_train_step(config, student, student, mesh, 1)
+  config = small_config()
+  config.teacher.bn_group_size = 16
+  with pytest.raises(ValueError, match='teacher model was built with bn_group_size=8'):
+    train_step_lib.make_train_step(config, student, student, mesh, 1)
