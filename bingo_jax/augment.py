@@ -177,7 +177,9 @@ def decode_and_random_crop(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Encoded image -> uint8 crop ``(h, w, 3)`` of a ``sample_crop_window`` window.
 
   JPEGs are decoded only inside the window (``decode_and_crop_jpeg``), so a full ImageNet image
-  is never decoded; other formats (PNG, and the odd PNG named .JPEG) are decoded whole.
+  is never decoded; other formats (PNG, and the odd PNG named .JPEG) are decoded whole. With
+  subsampled chroma (4:2:0, most JPEGs) libjpeg upsamples the crop's outermost pixel ring from
+  inside the crop, so that ring may differ slightly from a full decode; the interior is equal.
   """
   def jpeg_crop():
     shape = tf.image.extract_jpeg_shape(encoded)
@@ -238,7 +240,7 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor,
   """
   order_seed, factor_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   # torch.randperm(4): a uniform permutation, here the argsort of four uniforms.
-  order = tf.argsort(tf.random.stateless_uniform([4], order_seed), output_type=tf.int32)
+  order = tf.cast(tf.argsort(tf.random.stateless_uniform([4], order_seed)), tf.int32)
   brightness, contrast, saturation, hue = strength
   low = tf.constant([1 - brightness, 1 - contrast, 1 - saturation, -hue])
   high = tf.constant([1 + brightness, 1 + contrast, 1 + saturation, hue])

@@ -116,11 +116,13 @@ def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: in
   dataset = tf.data.Dataset.from_tensor_slices({'index': indices, 'label': labels})
   dataset = dataset.batch(local_batch_size)
 
+  @tf.autograph.experimental.do_not_convert
   def read(batch):
     # Padding rows read image 0 (any valid image) and are masked.
     batch['image'] = source.tf_read_batch(tf.maximum(batch['index'], 0))
     return batch
 
+  @tf.autograph.experimental.do_not_convert
   def crop(example):
     return {'image': augment.eval_view(example['image'], image_size, encoded=source.encoded),
             'index': tf.cast(example['index'], tf.int32),
@@ -223,32 +225,47 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   dataset = anchor_stream(seed, len(source), global_batch_size, start_step, process_index,
                           process_count)
 
+  # The map functions are plain TF (no Python control flow on tensors): skipping autograph
+  # halves the tracing time.
+  @tf.autograph.experimental.do_not_convert
   def sample_positive(example):
     seeds = example_seeds(seed, example['epoch'], example['position'])
     return {'anchor_index': example['anchor_index'], 'seeds': seeds,
             'positive_index': bags.tf_sample_positive(example['anchor_index'],
                                                       seeds[_POSITIVE])}
 
-  def read(batch):
-    batch['anchor_image'] = source.tf_read_batch(batch['anchor_index'])
-    batch['positive_image'] = source.tf_read_batch(batch['positive_index'])
-    return batch
+  @tf.autograph.experimental.do_not_convert
+  def read_views(batch):
+    """One batch of B examples -> 4B view requests, example-major in VIEW_KEYS order."""
+    anchor_images = source.tf_read_batch(batch['anchor_index'])
+    positive_images = source.tf_read_batch(batch['positive_index'])
+    images = tf.stack([anchor_images, anchor_images, positive_images, positive_images], axis=1)
+    repeat = lambda x: tf.repeat(x, 4, axis=0)  # noqa: E731
+    return {'image': tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0)),
+            'seed': tf.reshape(batch['seeds'][:, _QUERY:], [-1, 2]),
+            'anchor_index': repeat(batch['anchor_index']),
+            'positive_index': repeat(batch['positive_index'])}
 
-  def views(example):
-    seeds = example['seeds']
-    view = lambda image, slot: augment.moco_v2_view(  # noqa: E731
-        image, seeds[slot], image_size, encoded=source.encoded)
-    return {'query': view(example['anchor_image'], _QUERY),
-            'key': view(example['anchor_image'], _KEY),
-            'pos_q': view(example['positive_image'], _POS_Q),
-            'pos_k': view(example['positive_image'], _POS_K),
-            'anchor_index': tf.cast(example['anchor_index'], tf.int32),
-            'positive_index': tf.cast(example['positive_index'], tf.int32)}
+  @tf.autograph.experimental.do_not_convert
+  def augment_view(request):
+    # One traced augmentation serves all four views (four separate traces take seconds).
+    request['image'] = augment.moco_v2_view(request['image'], request['seed'], image_size,
+                                            encoded=source.encoded)
+    return request
+
+  @tf.autograph.experimental.do_not_convert
+  def regroup(views):
+    grouped = tf.reshape(views['image'], [local_batch_size, 4, image_size, image_size, 3])
+    batch = {key: grouped[:, slot] for slot, key in enumerate(VIEW_KEYS)}
+    batch['anchor_index'] = tf.cast(views['anchor_index'][::4], tf.int32)
+    batch['positive_index'] = tf.cast(views['positive_index'][::4], tf.int32)
+    return batch
 
   dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
-  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
-  dataset = dataset.map(views, num_parallel_calls=parallel)
-  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
+  dataset = dataset.map(augment_view, num_parallel_calls=parallel)
+  dataset = dataset.batch(4 * local_batch_size, drop_remainder=True)
+  dataset = dataset.map(regroup).prefetch(2)
   dataset = dataset.with_options(_options())
   return dataset.as_numpy_iterator()
