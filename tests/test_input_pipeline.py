@@ -70,3 +70,163 @@ def test_eval_shards_cover_in_order_with_masked_padding():
       assert (batch['index'][~valid] == -1).all() and (batch['label'][~valid] == -1).all()
       seen.extend(batch['index'][valid].tolist())
   assert seen == list(range(num_images))  # contiguous slices, in order, each image once
+
+
+# ---------------------------------------------------------------- training batches
+
+from configs.common import base_config  # noqa: E402
+from bingo_jax import bag_file  # noqa: E402
+
+NUM_IMAGES, GLOBAL_BATCH, IMAGE_SIZE = 40, 8, 16
+STEPS = NUM_IMAGES // GLOBAL_BATCH  # 5 steps per epoch
+
+
+def _config(seed=0):
+  config = base_config()
+  config.data.image_size = IMAGE_SIZE
+  config.train.seed = seed
+  return config
+
+
+@pytest.fixture(scope='module')
+def train_source():
+  rng = np.random.default_rng(5)
+  images_ = rng.integers(0, 256, (NUM_IMAGES, 20, 24, 3), dtype=np.uint8)
+  return data_sources.ArraySource(images_, np.arange(NUM_IMAGES) % 5)
+
+
+@pytest.fixture(scope='module')
+def group_bags(train_source):
+  return bag_file.Bags.from_groups(train_source.labels, method='labels',
+                                   fingerprint=train_source.fingerprint)
+
+
+def _batches(source, bags, count, *, start_step=0, seed=0, process_index=0, process_count=1):
+  iterator = input_pipeline.create_train_iterator(
+      _config(seed), source, bags, start_step=start_step,
+      local_batch_size=GLOBAL_BATCH // process_count, process_index=process_index,
+      process_count=process_count)
+  return [next(iterator) for _ in range(count)]
+
+
+@pytest.fixture(scope='module')
+def straight_run(train_source, group_bags):
+  return _batches(train_source, group_bags, 2 * STEPS)
+
+
+def test_steps_per_epoch_drops_the_remainder():
+  assert input_pipeline.steps_per_epoch(1281167, 256) == 5004
+  with pytest.raises(ValueError, match='do not fill'):
+    input_pipeline.steps_per_epoch(7, 8)
+
+
+def test_train_batch_shapes_and_dtypes(straight_run):
+  batch = straight_run[0]
+  for key in input_pipeline.VIEW_KEYS:
+    assert batch[key].shape == (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), key
+    assert batch[key].dtype == np.uint8
+  for key in ('anchor_index', 'positive_index'):
+    assert batch[key].shape == (GLOBAL_BATCH,) and batch[key].dtype == np.int32
+  # Four independent draws: no two views of a pair are equal.
+  assert not np.array_equal(batch['query'], batch['key'])
+  assert not np.array_equal(batch['pos_q'], batch['pos_k'])
+
+
+def test_positive_is_a_bag_member_drawn_afresh_each_epoch(straight_run, group_bags):
+  positives = {}
+  for batch in straight_run:
+    for anchor, positive in zip(batch['anchor_index'], batch['positive_index']):
+      assert positive in group_bags.members(int(anchor)), (anchor, positive)
+      positives.setdefault(int(anchor), []).append(int(positive))
+  # Every anchor seen once per epoch; bags of 7 -> the two draws differ for ~6/7 of them.
+  assert all(len(p) == 2 for p in positives.values())
+  assert sum(p[0] != p[1] for p in positives.values()) > NUM_IMAGES // 2
+
+
+def test_fixed_bags_positive_in_bag(train_source):
+  neighbors = np.stack([(np.arange(NUM_IMAGES) + d) % NUM_IMAGES for d in (1, 2, 3)], 1)
+  bags = bag_file.Bags.from_neighbors(neighbors, method='knn',
+                                      fingerprint=train_source.fingerprint)
+  for batch in _batches(train_source, bags, 2):
+    for anchor, positive in zip(batch['anchor_index'], batch['positive_index']):
+      assert positive in neighbors[anchor]
+
+
+def test_each_epoch_is_a_new_permutation(straight_run):
+  epochs = [np.concatenate([b['anchor_index'] for b in straight_run[e * STEPS:(e + 1) * STEPS]])
+            for e in range(2)]
+  for anchors in epochs:
+    np.testing.assert_array_equal(np.sort(anchors), np.arange(NUM_IMAGES))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_same_seed_same_batches_other_seed_other_order(train_source, group_bags,
+                                                        straight_run):
+  again = _batches(train_source, group_bags, 2)
+  for a, b in zip(again, straight_run):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  other = _batches(train_source, group_bags, 1, seed=1)[0]
+  assert not np.array_equal(other['anchor_index'], straight_run[0]['anchor_index'])
+
+
+@pytest.mark.parametrize('start_step', [3, 7])  # inside epoch 0, inside epoch 1
+def test_resume_gives_the_straight_runs_batches(train_source, group_bags, straight_run,
+                                                start_step):
+  resumed = _batches(train_source, group_bags, 2, start_step=start_step)
+  for offset, batch in enumerate(resumed):
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], straight_run[start_step + offset][key], key)
+
+
+def test_processes_split_the_global_batch(train_source, group_bags, straight_run):
+  shards = [_batches(train_source, group_bags, STEPS, process_index=p, process_count=2)
+            for p in range(2)]
+  for step in range(STEPS):
+    parts = [shards[p][step] for p in range(2)]
+    assert not set(parts[0]['anchor_index']) & set(parts[1]['anchor_index'])
+    # The global batch, views included, is the same however many processes feed it.
+    for key in parts[0]:
+      np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]),
+                                    straight_run[step][key], key)
+
+
+def test_bags_for_other_images_are_refused(train_source):
+  bags = bag_file.Bags.from_groups(np.zeros(NUM_IMAGES, int), method='labels',
+                                   fingerprint='0' * 64)
+  with pytest.raises(ValueError, match='does not belong'):
+    input_pipeline.create_train_iterator(_config(), train_source, bags, start_step=0,
+                                         local_batch_size=8, process_index=0, process_count=1)
+
+
+def test_encoded_folder_source(tmp_path):
+  rng = np.random.default_rng(2)
+  for index in range(8):
+    path = tmp_path / f'class{index % 2}' / f'{index}.{"jpeg" if index % 3 else "png"}'
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)).save(
+        path, format='JPEG' if index % 3 else 'PNG')
+  source = data_sources.folder_source(str(tmp_path))
+  bags = bag_file.Bags.from_groups(source.labels, method='labels',
+                                   fingerprint=source.fingerprint)
+  iterator = input_pipeline.create_train_iterator(_config(), source, bags, start_step=0,
+                                                  local_batch_size=4, process_index=0,
+                                                  process_count=1)
+  batch = next(iterator)
+  assert batch['query'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert (source.labels[batch['positive_index']] == source.labels[batch['anchor_index']]).all()
+
+
+def test_tfds_random_access_source():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=8):
+    source = data_sources.make_source({'source': 'tfds', 'name': 'cifar10'}, 'train')
+    neighbors = np.stack([(np.arange(8) + 1) % 8, (np.arange(8) + 2) % 8], 1)
+    bags = bag_file.Bags.from_neighbors(neighbors, method='knn', fingerprint=source.fingerprint)
+    batch = next(input_pipeline.create_train_iterator(
+        _config(), source, bags, start_step=0, local_batch_size=4, process_index=0,
+        process_count=1))
+    assert batch['pos_k'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    eval_batch = next(input_pipeline.make_eval_dataset(source, IMAGE_SIZE, 8, process_index=0,
+                                                       process_count=1))
+    np.testing.assert_array_equal(eval_batch['label'], source.labels)
