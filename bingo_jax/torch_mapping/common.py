@@ -1,0 +1,143 @@
+"""Leaf-level PyTorch <-> Flax conversions shared by the ResNet and head mappings.
+
+A mapping is a list of ``ModuleMapping`` rows: one Flax module (a path in the variable tree)
+and the PyTorch state-dict prefix of the same layer, with the layer kind. The kind decides
+which leaves exist and how they are laid out:
+
+* ``conv``: Flax ``kernel`` (H, W, in, out) <-> torch ``weight`` (out, in, H, W);
+* ``dense``: Flax ``kernel`` (in, out) <-> torch ``weight`` (out, in), ``bias`` as is;
+* ``bn``: Flax ``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``
+  <-> torch ``weight``, ``bias``, ``running_mean``, ``running_var``. PyTorch's
+  ``num_batches_tracked`` has no Flax counterpart (it only matters for ``momentum=None``);
+  it is carried next to the variables (see ``bingo_jax.torch_checkpoints``).
+
+Every conversion is a transpose or a copy, so torch -> Flax -> torch is bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+NUM_BATCHES_TRACKED = 'num_batches_tracked'
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleMapping:
+  """One layer: its Flax module path (inside a collection) and its torch key prefix."""
+  flax_path: tuple[str, ...]
+  torch_prefix: str
+  kind: str  # 'conv' | 'conv_bias' | 'dense' | 'bn'
+
+
+# (collection, flax leaf name, torch leaf name) of each layer kind.
+_LEAVES = {
+    'conv': (('params', 'kernel', 'weight'),),
+    'conv_bias': (('params', 'kernel', 'weight'), ('params', 'bias', 'bias')),
+    'dense': (('params', 'kernel', 'weight'), ('params', 'bias', 'bias')),
+    'bn': (('params', 'scale', 'weight'), ('params', 'bias', 'bias'),
+           ('batch_stats', 'mean', 'running_mean'), ('batch_stats', 'var', 'running_var')),
+}
+
+
+def torch_to_flax_leaf(array: np.ndarray, flax_leaf: str) -> np.ndarray:
+  """A torch tensor (as numpy) in Flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+  if flax_leaf == 'kernel':
+    if array.ndim == 4:
+      return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+    if array.ndim == 2:
+      return np.ascontiguousarray(array.T)
+  return np.ascontiguousarray(array)
+
+
+def flax_to_torch_leaf(array: np.ndarray, flax_leaf: str) -> np.ndarray:
+  """Inverse of ``torch_to_flax_leaf``: HWIO -> OIHW, (in, out) -> (out, in)."""
+  if flax_leaf == 'kernel':
+    if array.ndim == 4:
+      return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    if array.ndim == 2:
+      return np.ascontiguousarray(array.T)
+  return np.ascontiguousarray(array)
+
+
+def torch_shape(flax_shape: tuple[int, ...], flax_leaf: str) -> tuple[int, ...]:
+  """The torch shape of a Flax leaf of ``flax_shape``."""
+  flax_shape = tuple(flax_shape)
+  if flax_leaf == 'kernel' and len(flax_shape) == 4:
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  if flax_leaf == 'kernel' and len(flax_shape) == 2:
+    return (flax_shape[1], flax_shape[0])
+  return flax_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMapping:
+  """One tensor: where it lives on both sides."""
+  collection: str
+  flax_path: tuple[str, ...]  # module path + leaf name
+  torch_key: str
+
+
+def leaves(mappings: Iterable[ModuleMapping]) -> list[LeafMapping]:
+  """Expands module rows into one row per tensor (``num_batches_tracked`` excluded)."""
+  rows = []
+  for mapping in mappings:
+    for collection, flax_leaf, torch_leaf in _LEAVES[mapping.kind]:
+      rows.append(LeafMapping(collection, mapping.flax_path + (flax_leaf,),
+                              f'{mapping.torch_prefix}.{torch_leaf}'))
+  return rows
+
+
+def batch_norm_prefixes(mappings: Iterable[ModuleMapping]) -> list[str]:
+  """Torch prefixes of the BatchNorm layers (they own a ``num_batches_tracked`` buffer)."""
+  return [m.torch_prefix for m in mappings if m.kind == 'bn']
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]):
+  """``tree[path[0]][path[1]]...`` or None when a level is missing."""
+  node = tree
+  for name in path:
+    if not isinstance(node, Mapping) or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+  node = tree
+  for name in path[:-1]:
+    node = node.setdefault(name, {})
+  node[path[-1]] = value
+
+
+def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+  """``{('a', 'b'): leaf}`` for a nested mapping."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def describe_keys(keys: Iterable[str], limit: int = 12) -> str:
+  """A short, sorted, comma-separated list of keys for error messages."""
+  keys = sorted(keys)
+  text = ', '.join(keys[:limit])
+  if len(keys) > limit:
+    text += f', ... ({len(keys) - limit} more)'
+  return text
+
+
+def prefixed(mappings: Iterable[ModuleMapping], torch_prefix: str,
+             flax_prefix: Optional[tuple[str, ...]] = None) -> list[ModuleMapping]:
+  """Rows with a torch prefix (and optionally a Flax path prefix) prepended."""
+  out = []
+  for m in mappings:
+    out.append(ModuleMapping(
+        (flax_prefix or ()) + m.flax_path,
+        f'{torch_prefix}{m.torch_prefix}', m.kind))
+  return out
