@@ -98,6 +98,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.knn_temperature = 0.07
   config.eval.linear_epochs = 100
   config.eval.linear_lr = 30.0         # at batch 256
+  config.eval.linear_min_lr = 0.01     # released main_lincls.py: cosine (per epoch) to 0.01
+  config.eval.linear_fast_epochs = 100  # fast probe on cached centre-crop features
+  config.eval.linear_fast_lr = 0.1     # at batch 256, on standardised features
   config.eval.finetune_fraction = 0.01
   config.eval.finetune_epochs = 60
+  config.eval.finetune_split_file = ml_collections.FieldReference(None, field_type=str)  # SimCLR
+  config.eval.finetune_lr = 1.0        # backbone, at batch 256 (not published)
+  config.eval.finetune_classifier_lr_multiplier = 10.0  # paper: new fc at lr 10
+  config.eval.finetune_weight_decay = 0.0
+  config.eval.seed = 0                 # classifier init, batch order, subsets, t-SNE
+  config.eval.cache_features = True    # WORKDIR/features/*.npy, keyed by model and data
+  config.eval.analysis_normalize = True  # L2-normalise features for distances and t-SNE
+  config.eval.tsne_classes = 10
+  config.eval.tsne_per_class = 100
+  config.eval.tsne_perplexity = 30.0
+  config.eval.class_names = ml_collections.FieldReference(None, field_type=list)  # legends
   return config

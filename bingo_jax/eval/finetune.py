@@ -1,0 +1,222 @@
+"""Semi-supervised fine-tuning: the whole student plus a new classifier on 1% / 10% of labels.
+
+Paper section 4 (Table 5): the student is fine-tuned for 60 epochs with SGD on the SimCLR 1% /
+10% ImageNet splits, "the learning rate of the last randomly initialized fc layer is set as
+10". The backbone's learning rate is not published; here it is a config value
+(``eval.finetune_lr``, at batch 256) and the classifier runs at ``eval.finetune_classifier_lr_
+multiplier`` (10) times it, through ``optax.multi_transform`` so that the two groups are
+visible on the optimizer. BatchNorm trains (batch statistics, running statistics updated, in
+the student's statistics groups); views are RandomResizedCrop + flip; the schedule is cosine,
+set once per epoch. Top-1/top-5 are measured on the centre-cropped evaluation split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from bingo_jax import images as images_lib
+from bingo_jax import parallel
+from bingo_jax.eval import linear, pipeline
+from bingo_jax.models import create_model
+
+BACKBONE, CLASSIFIER = 'backbone', 'classifier'
+
+
+def param_groups(params: dict) -> dict:
+  """The optimizer group of every parameter: the ``head`` subtree is the new classifier."""
+  return {name: jax.tree.map(lambda _: CLASSIFIER if name == 'head' else BACKBONE, subtree)
+          for name, subtree in params.items()}
+
+
+def epoch_cosine_schedule(base_lr: float, epochs: int, steps_per_epoch: int,
+                          min_lr: float = 0.0) -> optax.Schedule:
+  """``step -> cosine_epoch_lr(base_lr, step // steps_per_epoch, epochs, min_lr)``."""
+  def schedule(step):
+    epoch = jnp.asarray(step) // steps_per_epoch
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+  return schedule
+
+
+def make_finetune_optimizer(backbone_lr: optax.ScalarOrSchedule, *,
+                            classifier_lr_multiplier: float = 10.0, momentum: float = 0.9,
+                            weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD (torch style) with two groups: backbone at ``backbone_lr``, classifier at
+  ``classifier_lr_multiplier x backbone_lr``.
+
+  Args:
+    backbone_lr: learning rate or schedule of the backbone.
+    classifier_lr_multiplier: the classifier's factor (10 in the paper's protocol).
+    momentum: SGD momentum.
+    weight_decay: added to the gradient of every parameter before momentum.
+  Returns:
+    An optax transformation over ``{'backbone': ..., 'head': ...}`` parameters.
+  """
+  if callable(backbone_lr):
+    classifier_lr = lambda step: classifier_lr_multiplier * backbone_lr(step)  # noqa: E731
+  else:
+    classifier_lr = classifier_lr_multiplier * backbone_lr
+
+  def sgd(lr):
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(lr, momentum=momentum))
+  return optax.multi_transform({BACKBONE: sgd(backbone_lr), CLASSIFIER: sgd(classifier_lr)},
+                               param_groups)
+
+
+def finetune_model(loaded_model: Any, num_classes: int, seed: int = 0) -> tuple[Any, dict]:
+  """The student's backbone with a new ``linear`` head of ``num_classes`` outputs.
+
+  Returns:
+    ``(model, variables)``: the backbone variables copied from ``loaded_model``, the head
+    ``fc`` initialised N(0, 0.01) / zero (as the linear protocol).
+  """
+  model_config = dict(loaded_model.model_config)
+  model_config.update(head='linear', num_classes=num_classes)
+  model = create_model(**model_config)
+  classifier = linear.init_classifier(model.feature_dim, num_classes, seed)
+  variables = {'params': {'backbone': loaded_model.variables['params']['backbone'],
+                          'head': {'fc': classifier}},
+               'batch_stats': {'backbone': loaded_model.variables['batch_stats']['backbone']}}
+  return model, variables
+
+
+def make_finetune_step(model, optimizer: optax.GradientTransformation, mesh: Mesh):
+  """Jitted ``(params, batch_stats, opt_state, batch) -> (params, batch_stats, opt_state,
+  metrics)``: one SGD step of the whole network, BatchNorm in training mode."""
+  def step(params, batch_stats, opt_state, batch):
+    def loss_fn(p):
+      (_, logits), updated = model.apply({'params': p, 'batch_stats': batch_stats},
+                                         images_lib.normalize(batch['image']), train=True,
+                                         mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+      return loss, (logits, updated['batch_stats'])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label']) * 100
+    return optax.apply_updates(params, updates), batch_stats, opt_state, {'loss': loss,
+                                                                          'top1': top1}
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0, 1, 2),
+                 in_shardings=(replicated, replicated, replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated, replicated, replicated))
+
+
+def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
+             eval_source: Any, *, num_classes: int, image_size: int, epochs: int = 60,
+             batch_size: int = 256, base_lr: float = 1.0,
+             classifier_lr_multiplier: float = 10.0, min_lr: float = 0.0,
+             momentum: float = 0.9, weight_decay: float = 0.0, mesh: Optional[Mesh] = None,
+             seed: int = 0, writer: Any = None, progress: bool = True,
+             extract_features=None) -> tuple[dict, Any]:
+  """Fine-tunes the whole student on a labelled subset and evaluates it.
+
+  Args:
+    loaded_model: ``model_io.LoadedModel`` of the student (not modified).
+    train_source: labelled ``ImageSource`` of the training split.
+    subset_indices: ``(n,)`` indices of the labelled subset (``subsets.finetune_subset``).
+    eval_source: labelled ``ImageSource`` of the evaluation split.
+    num_classes: classes.
+    image_size: crop side.
+    epochs: passes over the subset.
+    batch_size: global batch; learning rates scale with ``batch_size / 256``.
+    base_lr: backbone learning rate at batch 256.
+    classifier_lr_multiplier: classifier lr / backbone lr.
+    min_lr: end of the cosine (backbone; the classifier's is ``multiplier x`` it).
+    momentum, weight_decay: SGD.
+    mesh: device mesh (default all devices).
+    seed: classifier initialisation, order and views.
+    writer: optional ``progress.MetricWriter``.
+    progress: progress bar.
+    extract_features: the feature pass (default ``bingo_jax.features.extract_features``).
+  Returns:
+    ``(metrics, loaded)``: top-1/top-5 (percent) on the evaluation split and the settings;
+    ``loaded`` is a ``LoadedModel`` of the fine-tuned network (``linear`` head).
+  """
+  from bingo_jax import model_io
+  if extract_features is None:
+    from bingo_jax.features import extract_features
+  mesh = mesh or parallel.make_mesh()
+  labels = train_source.labels
+  if labels is None:
+    raise ValueError(f'{train_source.description} has no labels: fine-tuning needs them.')
+  parallel.local_batch_size(batch_size, mesh)
+  subset_indices = np.asarray(subset_indices, np.int64)
+  subset_labels = np.asarray(labels)[subset_indices]
+  steps_per_epoch = len(subset_indices) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'the labelled subset has {len(subset_indices)} images, fewer than one '
+                     f'batch of {batch_size} (config.eval.batch_size).')
+  scale = batch_size / 256
+  optimizer = make_finetune_optimizer(
+      epoch_cosine_schedule(base_lr * scale, epochs, steps_per_epoch, min_lr * scale),
+      classifier_lr_multiplier=classifier_lr_multiplier, momentum=momentum,
+      weight_decay=weight_decay)
+  model, variables = finetune_model(loaded_model, num_classes, seed)
+  replicated = parallel.replicated(mesh)
+  # device_put copies: the loaded model's own buffers are never donated.
+  params = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), replicated),
+                        variables['params'])
+  batch_stats = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), replicated),
+                             variables['batch_stats'])
+  opt_state = jax.device_put(optimizer.init(params), replicated)
+  step_fn = make_finetune_step(model, optimizer, mesh)
+  bar = tqdm(total=epochs * steps_per_epoch, desc='finetune', unit='step',
+             disable=not progress or jax.process_index() != 0)
+  for epoch in range(epochs):
+    epoch_metrics = []
+    for local_batch in pipeline.labelled_batches(
+        train_source, subset_indices, subset_labels, image_size=image_size,
+        global_batch_size=batch_size, seed=seed, epoch=epoch,
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      params, batch_stats, opt_state, step_metrics = step_fn(
+          params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
+      epoch_metrics.append(step_metrics)
+      bar.update(1)
+    train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
+    train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
+    lr = float(linear.cosine_epoch_lr(base_lr * scale, epoch, epochs, min_lr * scale))
+    bar.set_postfix(loss=f'{train_loss:.3f}', top1=f'{train_top1:.1f}')
+    if writer is not None:
+      writer.write_scalars(epoch + 1, {'finetune/train_loss': train_loss,
+                                       'finetune/train_top1': train_top1,
+                                       'finetune/backbone_lr': lr,
+                                       'finetune/classifier_lr': lr * classifier_lr_multiplier})
+  bar.close()
+
+  host = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)  # noqa
+  params, batch_stats = host(params), host(batch_stats)
+  backbone_config = dict(loaded_model.model_config, head=None)
+  backbone = model_io.LoadedModel(
+      model=create_model(**backbone_config),
+      variables={'params': {'backbone': params['backbone']},
+                 'batch_stats': {'backbone': batch_stats['backbone']}},
+      model_config=backbone_config,
+      metadata=dict(loaded_model.metadata, finetuned=True))
+  eval_features = extract_features(backbone, eval_source, image_size=image_size,
+                                   global_batch_size=batch_size, mesh=mesh,
+                                   normalize_features=False, progress=progress)
+  metrics = linear.evaluate_classifier(params['head']['fc'], eval_features,
+                                       eval_source.labels, mesh)
+  if writer is not None:
+    writer.write_scalars(epochs, {'finetune/eval_top1': metrics['top1'],
+                                  'finetune/eval_top5': metrics['top5']})
+  metrics.update({'protocol': 'semi-supervised fine-tuning (whole network, new classifier at '
+                              f'{classifier_lr_multiplier:g}x the backbone lr)',
+                  'num_labelled': int(len(subset_indices)), 'epochs': epochs,
+                  'batch_size': batch_size, 'backbone_lr': base_lr * scale,
+                  'classifier_lr': base_lr * scale * classifier_lr_multiplier})
+  finetuned_config = dict(loaded_model.model_config, head='linear', num_classes=num_classes)
+  finetuned = model_io.LoadedModel(model=model,
+                                   variables={'params': params, 'batch_stats': batch_stats},
+                                   model_config=finetuned_config,
+                                   metadata=dict(loaded_model.metadata, finetuned=True))
+  return metrics, finetuned

@@ -1,0 +1,351 @@
+r"""Evaluation of a network: ``python -m bingo_jax.evaluate``.
+
+::
+
+  python -m bingo_jax.evaluate --config configs/X.py --checkpoint PATH \
+      --protocol knn|linear|linear_fast|finetune|analysis --workdir DIR [--step N]
+
+``PATH`` is a model file (converted teacher, exported student), a training workdir (latest
+checkpoint, or ``--step N``), or one of two baselines: ``random`` (the config's student
+architecture, randomly initialised with ``config.eval.seed``) and ``pixels`` (the centre-
+cropped, normalised pixels themselves as features). Data: ``config.data`` (any TFDS image
+data set, image folder, file list or Fashion-MNIST), training split ``data.train_split``,
+evaluation split ``data.eval_split``, so transfer to another data set is a config change.
+
+Protocols (``bingo_jax/eval/``): ``knn`` (10-NN majority and 200-NN weighted votes),
+``linear`` (the released linear protocol), ``linear_fast`` (fast linear probe on cached
+features), ``finetune`` (semi-supervised, 1% / 10% labels), ``analysis`` (bag distance,
+intra-class distance, t-SNE PNG). Centre-crop features are cached in ``DIR/features`` keyed by
+the model's variables and the image list, so several protocols share one feature pass.
+Results are printed as a table and written atomically to ``DIR/eval_<protocol>.json``;
+training-based protocols log to TensorBoard in ``DIR/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bingo_jax import data_sources, features as features_lib, model_io, parallel, progress
+from bingo_jax import images as images_lib
+from bingo_jax.eval import analysis, finetune, knn, linear, subsets
+from bingo_jax.models import create_model, init_variables
+
+PROTOCOLS = ('knn', 'linear', 'linear_fast', 'finetune', 'analysis')
+BASELINES = ('random', 'pixels')
+
+
+# ---------------------------------------------------------------------------------------------
+# The network and its features.
+# ---------------------------------------------------------------------------------------------
+
+def load_network(checkpoint: str, config: ml_collections.ConfigDict,
+                 step: Optional[int] = None) -> Optional[model_io.LoadedModel]:
+  """The network to evaluate; ``None`` for the ``pixels`` baseline.
+
+  Args:
+    checkpoint: model file, training workdir, ``'random'`` or ``'pixels'``.
+    config: experiment config (``student`` section for ``random``).
+    step: training step (workdirs only).
+  """
+  if checkpoint == 'pixels':
+    return None
+  if checkpoint == 'random':
+    model_config = {'arch': config.student.arch, 'head': None,
+                    'base_width': config.student.base_width, 'stem': config.student.stem,
+                    'bn_group_size': config.student.bn_group_size}
+    model = create_model(**model_config)
+    variables = init_variables(model, jax.random.key(config.eval.seed),
+                               image_size=config.data.image_size)
+    return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
+                                metadata={'source': f'random initialisation, seed '
+                                                    f'{config.eval.seed}'})
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'--checkpoint {checkpoint} does not exist (expected a model file, '
+                            f'a training workdir, or one of {BASELINES}).')
+  return model_io.load_any(checkpoint, step=step)
+
+
+def describe_network(network: Optional[model_io.LoadedModel]) -> dict:
+  if network is None:
+    return {'baseline': 'pixels (centre crop, mean/std normalised, flattened)'}
+  return features_lib.describe_model(network)
+
+
+def pixel_features(source: Any, image_size: int, batch_size: int = 512) -> np.ndarray:
+  """Centre-cropped, mean/std-normalised pixels as ``(N, image_size**2 * 3)`` float32 features
+  (every process computes all of them: this is a cheap baseline)."""
+  rows = np.zeros((len(source), image_size * image_size * 3), np.float32)
+  for batch in features_lib.eval_batches(source, 0, len(source), image_size=image_size,
+                                         local_batch_size=batch_size):
+    mask = batch['mask']
+    flat = np.asarray(images_lib.normalize(batch['image'])).reshape(len(mask), -1)
+    rows[batch['index'][mask]] = flat[mask]
+  return rows
+
+
+def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, split: str,
+                    config: ml_collections.ConfigDict, workdir: str,
+                    mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Unnormalised centre-crop pooled features ``(N, D)`` of ``source``, from the cache in
+  ``WORKDIR/features`` when a file for the same model variables, image list and crop size
+  exists, else computed (sharded over the mesh) and cached (process 0 writes, atomically)."""
+  image_size = config.data.image_size
+  if network is None:
+    return pixel_features(source, image_size)
+  key = '-'.join([split, features_lib.describe_model(network)['variables_checksum'],
+                  source.fingerprint[:16], str(image_size)])
+  path = os.path.join(workdir, 'features', f'{key}.npy')
+  if config.eval.cache_features and os.path.isfile(path):
+    logging.info('features of %s: cached in %s', source.description, path)
+    cached = np.load(path)
+    if cached.shape[0] == len(source):
+      return cached
+    logging.warning('%s has %d rows for %d images: recomputing.', path, cached.shape[0],
+                    len(source))
+  logging.info('features of %s (%d images)', source.description, len(source))
+  result = features_lib.extract_features(network, source, image_size=image_size,
+                                         global_batch_size=config.eval.batch_size, mesh=mesh,
+                                         normalize_features=False)
+  if config.eval.cache_features and jax.process_index() == 0:
+    _atomic_save(path, lambda f: np.save(f, result))
+  return result
+
+
+def _atomic_save(path: str, write) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=directory)
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      write(f)
+    os.replace(staging, path)
+  except BaseException:
+    if os.path.exists(staging):
+      os.remove(staging)
+    raise
+
+
+def _labelled(source: Any, what: str) -> np.ndarray:
+  if source.labels is None:
+    raise ValueError(f'{what} ({source.description}) has no labels; evaluation needs them.')
+  return np.asarray(source.labels)
+
+
+def _num_classes(*sources: Any) -> int:
+  return max(int(s.num_classes or (int(np.max(s.labels)) + 1)) for s in sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols. Each returns the metrics dict that goes into the JSON.
+# ---------------------------------------------------------------------------------------------
+
+def run_knn(network, train_source, eval_source, config, workdir, mesh) -> dict:
+  train = cached_features(network, train_source, split='train', config=config,
+                          workdir=workdir, mesh=mesh)
+  test = cached_features(network, eval_source, split='eval', config=config, workdir=workdir,
+                         mesh=mesh)
+  return knn.knn_evaluate(train, _labelled(train_source, 'training split'), test,
+                          _labelled(eval_source, 'evaluation split'),
+                          num_classes=_num_classes(train_source, eval_source),
+                          k=config.eval.knn_k, weighted_k=config.eval.knn_weighted_k,
+                          temperature=config.eval.knn_temperature, mesh=mesh,
+                          progress=jax.process_index() == 0)
+
+
+def run_linear_fast(network, train_source, eval_source, config, workdir, mesh, writer) -> dict:
+  train = cached_features(network, train_source, split='train', config=config,
+                          workdir=workdir, mesh=mesh)
+  test = cached_features(network, eval_source, split='eval', config=config, workdir=workdir,
+                         mesh=mesh)
+  metrics, _ = linear.train_linear_on_features(
+      train, _labelled(train_source, 'training split'), test,
+      _labelled(eval_source, 'evaluation split'),
+      num_classes=_num_classes(train_source, eval_source),
+      epochs=config.eval.linear_fast_epochs, batch_size=config.eval.batch_size,
+      base_lr=config.eval.linear_fast_lr, min_lr=0.0, mesh=mesh, seed=config.eval.seed,
+      writer=writer, progress=jax.process_index() == 0)
+  return metrics
+
+
+def run_linear(network, train_source, eval_source, config, workdir, mesh, writer) -> dict:
+  if network is None:
+    raise ValueError("--protocol linear needs a network; use linear_fast for 'pixels'.")
+  test = cached_features(network, eval_source, split='eval', config=config, workdir=workdir,
+                         mesh=mesh)
+  metrics, _ = linear.train_linear_probe(
+      network, train_source, test, _labelled(eval_source, 'evaluation split'),
+      num_classes=_num_classes(train_source, eval_source), image_size=config.data.image_size,
+      epochs=config.eval.linear_epochs, batch_size=config.eval.batch_size,
+      base_lr=config.eval.linear_lr, min_lr=config.eval.linear_min_lr, mesh=mesh,
+      seed=config.eval.seed, writer=writer, progress=jax.process_index() == 0)
+  return metrics
+
+
+def _identifiers(source: Any) -> list[str]:
+  identifiers = list(source.identifiers())
+  if len(identifiers) != len(source):  # sources without per-image names (in-memory arrays)
+    identifiers = [f'#{i}' for i in range(len(source))]
+  return identifiers
+
+
+def run_finetune(network, train_source, eval_source, config, workdir, mesh, writer) -> dict:
+  if network is None:
+    raise ValueError("--protocol finetune needs a network, not 'pixels'.")
+  train_labels = _labelled(train_source, 'training split')
+  subset_dir = workdir if jax.process_index() == 0 else tempfile.mkdtemp()
+  indices, split_path = subsets.finetune_subset(
+      _identifiers(train_source), train_labels, workdir=subset_dir,
+      fraction=config.eval.finetune_fraction, seed=config.eval.seed,
+      split_file=config.eval.finetune_split_file)
+  metrics, _ = finetune.finetune(
+      network, train_source, indices, eval_source,
+      num_classes=_num_classes(train_source, eval_source), image_size=config.data.image_size,
+      epochs=config.eval.finetune_epochs, batch_size=config.eval.batch_size,
+      base_lr=config.eval.finetune_lr,
+      classifier_lr_multiplier=config.eval.finetune_classifier_lr_multiplier,
+      weight_decay=config.eval.finetune_weight_decay, mesh=mesh, seed=config.eval.seed,
+      writer=writer, progress=jax.process_index() == 0)
+  metrics['subset_file'] = split_path
+  metrics['labelled_fraction'] = len(indices) / len(train_source)
+  return metrics
+
+
+def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> dict:
+  from bingo_jax import bag_file
+  normalize = config.eval.analysis_normalize
+  transform = knn.l2_normalize if normalize else (lambda x: np.asarray(x, np.float32))
+  eval_labels = _labelled(eval_source, 'evaluation split')
+  test = transform(cached_features(network, eval_source, split='eval', config=config,
+                                   workdir=workdir, mesh=mesh))
+  metrics = {'normalized_features': bool(normalize)}
+  metrics.update(analysis.intra_class_distance(test, eval_labels))
+  bags_path = config.bags.get('path')
+  if bags_path and os.path.exists(bags_path):
+    bags = bag_file.load_bags(bags_path)
+    bags.check_matches(len(train_source), train_source.fingerprint,
+                       f'training split {train_source.description}')
+    train = transform(cached_features(network, train_source, split='train', config=config,
+                                      workdir=workdir, mesh=mesh))
+    metrics.update(analysis.bag_distance(train, bags))
+    metrics['bags'] = bags_path
+  else:
+    logging.warning('config.bags.path=%r is not a bag file: bag distance (Eq. 11) skipped.',
+                    bags_path)
+  chosen = analysis.select_classes(eval_labels, config.eval.tsne_classes,
+                                   config.eval.tsne_per_class, seed=config.eval.seed)
+  logging.info('t-SNE of %d images of %d classes', len(chosen), len(np.unique(eval_labels[chosen])))
+  embedding = analysis.tsne(test[chosen], perplexity=min(config.eval.tsne_perplexity,
+                                                         (len(chosen) - 1) / 3),
+                            seed=config.eval.seed)
+  names = config.eval.get('class_names') or getattr(eval_source, 'class_names', None)
+  figure = analysis.plot_embedding(embedding, eval_labels[chosen], names,
+                                   title=f't-SNE of {eval_source.description}')
+  if jax.process_index() == 0:
+    metrics['tsne_png'] = analysis.save_figure(figure, os.path.join(workdir, 'tsne.png'))
+  return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+# ---------------------------------------------------------------------------------------------
+
+def format_table(results: dict) -> str:
+  """The metrics of a result record as an aligned two-column table."""
+  rows = [('protocol', results['protocol_label']), ('checkpoint', str(results['checkpoint']))]
+  for name, value in results['metrics'].items():
+    if isinstance(value, float):
+      value = f'{value:.2f}' if abs(value) >= 0.01 else f'{value:.4g}'
+    rows.append((name, str(value)))
+  rows.append(('wall time', progress.format_duration(results['wall_seconds'])))
+  width = max(len(name) for name, _ in rows)
+  line = '-' * (width + 3 + max(len(v) for _, v in rows))
+  return '\n'.join([line] + [f'{name:<{width}} | {value}' for name, value in rows] + [line])
+
+
+PROTOCOL_LABELS = {
+    'knn': 'kNN on centre-crop features (10-NN majority, 200-NN weighted)',
+    'linear': 'linear probe (released protocol)',
+    'linear_fast': linear.FAST_PROBE_LABEL,
+    'finetune': 'semi-supervised fine-tuning',
+    'analysis': 'analysis (bag distance, intra-class distance, t-SNE)',
+}
+
+
+def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, workdir: str,
+             step: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+  """Runs one protocol and writes ``WORKDIR/eval_<protocol>.json``.
+
+  Args:
+    config: experiment config (``data`` and ``eval`` sections; ``student`` for ``random``;
+      ``bags.path`` for the bag distance).
+    checkpoint: model file, training workdir, ``'random'`` or ``'pixels'``.
+    protocol: one of ``PROTOCOLS``.
+    workdir: output directory (results, feature cache, TensorBoard, subsets, t-SNE PNG).
+    step: training step to load from a workdir.
+    mesh: device mesh (default all devices of all processes).
+  Returns:
+    The result record: ``protocol``, ``protocol_label``, ``checkpoint``, ``step``, ``model``,
+    ``data``, ``metrics``, ``wall_seconds``.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'--protocol {protocol!r}; expected one of {PROTOCOLS}.')
+  started = time.time()
+  mesh = mesh or parallel.make_mesh()
+  os.makedirs(workdir, exist_ok=True)
+  network = load_network(checkpoint, config, step)
+  train_source = data_sources.make_source(config.data, config.data.train_split)
+  eval_source = data_sources.make_source(config.data, config.data.eval_split)
+  writer = progress.MetricWriter(os.path.join(workdir, 'tensorboard', protocol))
+  try:
+    if protocol == 'knn':
+      metrics = run_knn(network, train_source, eval_source, config, workdir, mesh)
+    elif protocol == 'linear_fast':
+      metrics = run_linear_fast(network, train_source, eval_source, config, workdir, mesh,
+                                writer)
+    elif protocol == 'linear':
+      metrics = run_linear(network, train_source, eval_source, config, workdir, mesh, writer)
+    elif protocol == 'finetune':
+      metrics = run_finetune(network, train_source, eval_source, config, workdir, mesh, writer)
+    else:
+      metrics = run_analysis(network, train_source, eval_source, config, workdir, mesh)
+  finally:
+    writer.close()
+  results = {'protocol': protocol, 'protocol_label': PROTOCOL_LABELS[protocol],
+             'checkpoint': checkpoint, 'step': step, 'model': describe_network(network),
+             'data': {'train': train_source.description, 'eval': eval_source.description,
+                      'num_train': len(train_source), 'num_eval': len(eval_source),
+                      'image_size': config.data.image_size},
+             'devices': jax.device_count(), 'processes': jax.process_count(),
+             'metrics': metrics, 'wall_seconds': time.time() - started}
+  if jax.process_index() == 0:
+    _atomic_save(os.path.join(workdir, f'eval_{protocol}.json'),
+                 lambda f: f.write(json.dumps(results, indent=2, default=str).encode()))
+    print(format_table(results), flush=True)
+  return results
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  evaluate(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.protocol,
+           flags.FLAGS.workdir, flags.FLAGS.step)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Model file, training workdir, "random" or "pixels".')
+  flags.DEFINE_enum('protocol', None, PROTOCOLS, 'Evaluation protocol.')
+  flags.DEFINE_string('workdir', None, 'Output directory (results, feature cache, logs).')
+  flags.DEFINE_integer('step', None, 'Training step to load from a workdir (default: latest).')
+  flags.mark_flags_as_required(['config', 'checkpoint', 'protocol', 'workdir'])
+  app.run(main)
