@@ -70,10 +70,11 @@ def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
 def luma(image: tf.Tensor) -> tf.Tensor:
   """PIL ``convert('L')`` of an RGB image holding uint8 values: ``(..., H, W, 3) -> (..., H, W)``
   float with integer values, ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``."""
-  weights = tf.constant(_LUMA_WEIGHTS_16, tf.int32)
-  values = tf.cast(image, tf.int32)
-  weighted = tf.reduce_sum(values * weights, axis=-1) + (1 << 15)
-  return tf.cast(tf.bitwise.right_shift(weighted, 16), tf.float32)
+  # In float32 the sum (< 255 * 2^16 < 2^24) and the division by 2^16 are exact, so this is
+  # PIL's integer formula, without int conversions.
+  weights = tf.constant(_LUMA_WEIGHTS_16, tf.float32)
+  weighted = tf.reduce_sum(tf.cast(image, tf.float32) * weights, axis=-1) + float(1 << 15)
+  return tf.floor(weighted / float(1 << 16))
 
 
 # ---------------------------------------------------------------- evaluation centre crop

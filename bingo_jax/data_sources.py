@@ -112,6 +112,18 @@ class ImageSource(abc.ABC):
     (``encoded``) or uint8 ``(n, H, W, 3)`` images. Pure TF ops, usable inside ``Dataset.map``.
     """
 
+  def tf_read_labeled_batch(self, indices):
+    """tf.data hook: ``(tf_read_batch(indices), labels)``, labels int64 ``(n,)`` (-1 when the
+    source is unlabelled). Sources that store labels with the images read both at once."""
+    import tensorflow as tf
+    images = self.tf_read_batch(indices)
+    if self.labels is None:
+      return images, tf.fill(tf.shape(indices), tf.constant(-1, tf.int64))
+    if getattr(self, '_tf_labels', None) is None:
+      with tf.init_scope(), tf.device('/CPU:0'):
+        self._tf_labels = tf.constant(self.labels, tf.int64)
+    return images, tf.gather(self._tf_labels, tf.cast(indices, tf.int64))
+
   def _check_index(self, index: int) -> int:
     index = int(index)
     if not 0 <= index < len(self):
@@ -355,7 +367,7 @@ class TfdsArrayRecordSource(ImageSource):
   def num_classes(self) -> Optional[int]:
     return self._num_classes
 
-  def _encoded_images(self, indices: np.ndarray) -> list:
+  def _read_records(self, indices: np.ndarray) -> list:
     indices = [int(i) for i in indices]
     records = None
     if self._batched_reads:
@@ -365,26 +377,42 @@ class TfdsArrayRecordSource(ImageSource):
         self._batched_reads = False
     if records is None:
       records = [self._data_source[i] for i in indices]
-    out = []
-    for record in records:
-      image = record[self._image_key]
-      if not isinstance(image, bytes):  # a decoded array (e.g. tfds.testing.mock_data)
-        import tensorflow as tf
-        image = tf.io.encode_png(_to_rgb(np.asarray(image, np.uint8))).numpy()
-      out.append(image)
-    return out
+    return records
+
+  def _encoded_image(self, record) -> bytes:
+    image = record[self._image_key]
+    if not isinstance(image, bytes):  # a decoded array (e.g. tfds.testing.mock_data)
+      import tensorflow as tf
+      image = tf.io.encode_png(_to_rgb(np.asarray(image, np.uint8))).numpy()
+    return image
 
   def read(self, index: int) -> np.ndarray:
-    return _decode_numpy(self._encoded_images([self._check_index(index)])[0])
+    return _decode_numpy(self._encoded_image(self._read_records([self._check_index(index)])[0]))
 
   def tf_read_batch(self, indices):
     import tensorflow as tf
     # One Python call per batch (array_record reads the records of a batch in parallel).
     encoded = tf.numpy_function(
-        lambda idx: np.array(self._encoded_images(idx), dtype=object), [indices], tf.string,
-        stateful=False)
+        lambda idx: np.array([self._encoded_image(r) for r in self._read_records(idx)],
+                             dtype=object), [indices], tf.string, stateful=False)
     encoded.set_shape(indices.shape)
     return encoded
+
+  def tf_read_labeled_batch(self, indices):
+    import tensorflow as tf
+    if self._label_key is None:
+      return super().tf_read_labeled_batch(indices)
+
+    def read(idx):
+      records = self._read_records(idx)
+      return (np.array([self._encoded_image(r) for r in records], dtype=object),
+              np.array([int(r[self._label_key]) for r in records], np.int64))
+
+    # Labels come with the images: no separate pass over the records (see ``labels``).
+    encoded, labels = tf.numpy_function(read, [indices], (tf.string, tf.int64), stateful=False)
+    encoded.set_shape(indices.shape)
+    labels.set_shape(indices.shape)
+    return encoded, labels
 
 
 def _tfds_source(name: str, split: str, data_dir: Optional[str], in_memory: bool,

@@ -108,18 +108,16 @@ def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: in
   stop = min(start + per_process, num_images)
   indices = np.full(num_batches * local_batch_size, -1, np.int64)
   indices[:stop - start] = np.arange(start, stop)
-  labels = np.full(indices.shape, -1, np.int64)
-  if source.labels is not None:
-    labels[:stop - start] = source.labels[start:stop]
 
   parallel = _parallelism(num_parallel_calls)
-  dataset = tf.data.Dataset.from_tensor_slices({'index': indices, 'label': labels})
+  dataset = tf.data.Dataset.from_tensor_slices({'index': indices})
   dataset = dataset.batch(local_batch_size)
 
   @tf.autograph.experimental.do_not_convert
   def read(batch):
     # Padding rows read image 0 (any valid image) and are masked.
-    batch['image'] = source.tf_read_batch(tf.maximum(batch['index'], 0))
+    batch['image'], labels = source.tf_read_labeled_batch(tf.maximum(batch['index'], 0))
+    batch['label'] = tf.where(batch['index'] >= 0, labels, -1)
     return batch
 
   @tf.autograph.experimental.do_not_convert
