@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import multihost_train_worker
 from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
 from bingo_jax import losses
@@ -260,28 +261,30 @@ def test_three_steps_are_device_independent():
 
 
 def test_frozen_teacher_keys_enter_queue_fifo():
-  """Paper loss, frozen teacher, one device: the queue's oldest rows become the keys."""
-  config = small_config(batch_size=16, queue_size=48)
+  """Paper loss, frozen teacher: the queue's oldest rows become the teacher keys."""
+  config, student, teacher, batch = multihost_train_worker.small_setup()  # tiny networks
+  batch_size = len(batch['key'])
+  config.train.queue_size = 3 * batch_size
   config.teacher.bn_mode = 'frozen'
   config.train.loss = 'paper'
   mesh = parallel.make_mesh(jax.devices()[:2])
-  batch = random_batch(16, seed=1)
-  teacher = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
-  teacher_variables = init_variables(teacher, jax.random.key(1), IMAGE_SIZE)
-  _, keys = teacher.apply(teacher_variables, images_lib.normalize(batch['key']), train=False)
+  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
+  _, keys = jax.jit(lambda v, x: teacher.apply(v, images_lib.normalize(x)))(
+      teacher_variables, batch['key'])
   keys = np.asarray(keys) / np.linalg.norm(np.asarray(keys), axis=1, keepdims=True)
-  student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
   initial_queue = np.asarray(state.negative_queue)
   step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
   teacher_variables = parallel.replicate(teacher_variables, mesh)
-  for _ in range(4):  # 4 x 16 rows through a 48-row queue: wraps around once
-    state, metrics = step(state, teacher_variables, parallel.global_batch(batch, mesh))
+  for index in range(4):  # 4 batches through a 3-batch queue: wraps around once
+    # Step ``index`` sees the anchors rolled by ``index``; frozen keys roll with them.
+    rolled = {name: np.roll(images, index, axis=0) for name, images in batch.items()}
+    state, metrics = step(state, teacher_variables, parallel.global_batch(rolled, mesh))
   queue = np.asarray(state.negative_queue)
-  np.testing.assert_allclose(queue[:16], keys, atol=1e-5)
-  np.testing.assert_allclose(queue[16:48], np.concatenate([keys, keys]), atol=1e-5)
-  assert int(state.queue_pointer) == 16
-  assert not np.allclose(initial_queue[:16], keys, atol=1e-2)
+  expected_rows = [np.roll(keys, index, axis=0) for index in (3, 1, 2)]
+  np.testing.assert_allclose(queue, np.concatenate(expected_rows), atol=1e-6)
+  assert int(state.queue_pointer) == batch_size
+  assert not np.allclose(initial_queue[:batch_size], keys, atol=1e-2)
   assert set(metrics) >= {'loss', 'ce_q_k', 'ce_p_k', 'top1', 'top5', 'learning_rate', 'lam'}
 
 
