@@ -143,3 +143,13 @@ def test_tfds_mock_in_memory_and_random_access(in_memory):
     first = (data_sources.decode_image(batch[0]) if source.encoded else batch[0]).numpy()
     np.testing.assert_array_equal(first, image)
     assert source.encoded == (not in_memory)
+
+
+def test_tfds_grayscale_images_read_as_rgb():
+  with tfds.testing.mock_data(num_examples=3):
+    for in_memory in (True, False):
+      source = data_sources.make_source(
+          {'source': 'tfds', 'name': 'mnist', 'in_memory': in_memory}, 'test')
+      image = source.read(2)
+      assert image.shape == (28, 28, 3)
+      assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
