@@ -9,11 +9,28 @@ logging) and to TensorBoard event files in the workdir, from process 0 only.
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
+import os
 import time
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
 from absl import logging
+
+
+def quiet_library_logs(packages: Sequence[str] = ('orbax',)) -> None:
+  """Hides INFO records of chatty libraries (orbax logs a dozen lines per checkpoint).
+
+  Warnings and errors still pass. Works on the Python root logger, which absl logging and
+  orbax both write to.
+  """
+  markers = tuple(f'{os.sep}{package}{os.sep}' for package in packages)
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        marker in record.pathname for marker in markers)
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(keep)
 
 
 def format_duration(seconds: float) -> str:
@@ -158,14 +175,24 @@ class MetricWriter:
         self._writer.scalar(name, float(value), step)
       self._writer.flush()
 
-  def log(self, step: int, scalars: Mapping[str, float], chrono: Optional[Chronometer]) -> None:
-    """One console line and one TensorBoard point per scalar."""
+  def log(self, step: int, scalars: Mapping[str, float], chrono: Optional[Chronometer],
+          console_keys: Optional[Sequence[str]] = None) -> None:
+    """One console line and one TensorBoard point per scalar (and per chrono measurement).
+
+    Args:
+      step: the training step the scalars belong to.
+      scalars: metric name -> value.
+      chrono: adds images/s, ETA and core-hours when given.
+      console_keys: the scalars shown on the console (default all); TensorBoard gets all.
+    """
     if chrono is not None:
       scalars = {**scalars, **chrono.measurements()}
     self.write_scalars(step, scalars)
     if jax.process_index() == 0:
-      shown = ', '.join(f'{name} {_format_value(value)}' for name, value in sorted(scalars.items())
-                        if not name.startswith('progress/'))
+      names = console_keys if console_keys is not None else sorted(
+          name for name in scalars if not name.startswith('progress/'))
+      shown = ', '.join(f'{name} {_format_value(scalars[name])}' for name in names
+                        if name in scalars)
       prefix = chrono.summary_line() if chrono is not None else f'step {step}'
       logging.info('[%s] %s', prefix, shown)
 

@@ -1,0 +1,362 @@
+r"""BINGO distillation: ``python -m bingo_jax.train --config configs/X.py --workdir DIR``.
+
+``train_and_evaluate`` reads top to bottom: config checks -> mesh -> teacher -> data and bags
+-> student and its state (fresh or restored) -> jitted step -> loop (logs, checkpoints,
+preemption) -> summary. Rerunning the same command continues from the latest checkpoint in
+``WORKDIR/checkpoints``; a SIGTERM makes the loop save and exit cleanly.
+
+Examples::
+
+  python -m bingo_jax.train --config configs/r18_r50w2.py --workdir runs/r18_r50w2
+  python -m bingo_jax.train --config configs/r18_r50w2.py:bf16 --workdir runs/r18_bf16 \
+      --config.train.batch_size=512
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bingo_jax import bag_file
+from bingo_jax import checkpointing
+from bingo_jax import data_sources
+from bingo_jax import input_pipeline
+from bingo_jax import model_io
+from bingo_jax import parallel
+from bingo_jax import progress
+from bingo_jax import train_step as train_step_lib
+from bingo_jax.models import create_model
+
+# Metrics shown on the console; TensorBoard gets every metric of the step.
+CONSOLE_METRICS = ('loss', 'top1', 'top5', 'learning_rate')
+SUMMARY_RECORD = 'train_summary.json'
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before anything is compiled: each error names the key, file or value.
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Batch, BatchNorm-group, queue and option consistency.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices of the mesh (all processes).
+  Raises:
+    ValueError: naming the offending ``config.*`` keys and values.
+  """
+  train = config.train
+  batch = train.batch_size
+  if batch <= 0 or batch % num_devices:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
+                     f'devices ({num_devices}).')
+  if batch % jax.process_count():
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
+                     f'processes ({jax.process_count()}).')
+  groups = [('config.student.bn_group_size', config.student.bn_group_size)]
+  if config.teacher.bn_mode == 'shuffle':
+    groups.append(('config.teacher.bn_group_size', config.teacher.bn_group_size))
+  for key, group in groups:
+    if group is not None and (group <= 0 or batch % group):
+      raise ValueError(f'config.train.batch_size = {batch} is not divisible by {key} = {group} '
+                       '(BatchNorm statistics are taken over groups of that many images).')
+  if train.queue_size % batch:
+    raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
+                     f'config.train.batch_size = {batch} (the queue advances by whole batches).')
+  choices = {'config.train.loss': (train.loss, ('bingo', 'paper')),
+             'config.train.lr_schedule': (train.lr_schedule, ('cosine_epoch', 'cosine_step')),
+             'config.train.compute_dtype': (train.compute_dtype, ('float32', 'bfloat16')),
+             'config.teacher.bn_mode': (config.teacher.bn_mode, ('shuffle', 'frozen'))}
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f'{key} = {value!r}; expected one of {allowed}.')
+  for key in ('epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if train[key] <= 0:
+      raise ValueError(f'config.train.{key} = {train[key]} must be positive.')
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
+  """The teacher model file of ``config.teacher.path``, built for the configured BN mode.
+
+  Raises:
+    FileNotFoundError / ValueError: naming ``config.teacher.path`` and the file.
+  """
+  path = config.teacher.path
+  if not path:
+    raise ValueError('config.teacher.path is not set: give the converted teacher model file '
+                     '(tools/convert_torch_teacher.py), e.g. --config.teacher.path=teachers/x.')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.teacher.path = {path!r}: {os.path.abspath(path)} does not '
+                            'exist. Convert the PyTorch teacher with tools/convert_torch_teacher.py.')
+  try:
+    record = model_io.read_record(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'config.teacher.path = {path!r} is not a usable teacher: {e}') from e
+  model_config = record['model']
+  if model_config.get('head') in (None, 'none', 'linear'):
+    raise ValueError(f'config.teacher.path = {path!r}: the model file has head '
+                     f'{model_config.get("head")!r}; BINGO needs the teacher\'s projection head '
+                     '(moco or swav) to embed keys.')
+  output_dim = model_config.get('head_output_dim', 128)
+  if output_dim != config.student.head_output_dim:
+    raise ValueError(f'config.teacher.path = {path!r} embeds into {output_dim} dimensions but '
+                     f'config.student.head_output_dim = {config.student.head_output_dim}.')
+  overrides = {'dtype': config.train.compute_dtype}
+  if config.teacher.bn_mode == 'shuffle':
+    overrides['bn_group_size'] = config.teacher.bn_group_size
+  return model_io.load_model(path, **overrides)
+
+
+def load_training_bags(config: ml_collections.ConfigDict, source: Any,
+                       num_images: int) -> bag_file.Bags:
+  """The bag file of ``config.bags.path``, checked against the training images.
+
+  Raises:
+    FileNotFoundError / ValueError: naming ``config.bags.path`` and the file.
+  """
+  path = config.bags.path
+  if not path:
+    raise ValueError('config.bags.path is not set: compute bags with python -m bingo_jax.bagging '
+                     'and give the file, e.g. --config.bags.path=bags/x.npz.')
+  try:
+    bags = bag_file.load_bags(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.bags.path = {path!r}: {e}') from e
+  what = (f'the training split {config.data.train_split!r} of data source '
+          f'{config.data.source!r} ({config.data.name or config.data.path})')
+  bags.check_matches(num_images, source.fingerprint, what)
+  return bags
+
+
+def student_model_config(config: ml_collections.ConfigDict) -> dict:
+  """``create_model`` keyword arguments of the student (stored as ``student_model.json``)."""
+  student = config.student
+  return {'arch': student.arch, 'head': student.head,
+          'head_hidden_dim': student.head_hidden_dim,
+          'head_output_dim': student.head_output_dim, 'base_width': student.base_width,
+          'stem': student.stem, 'bn_group_size': student.bn_group_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit between steps.
+
+  With several processes every host must stop at the same step: JAX's preemption service
+  (started by ``jax.distributed.initialize``) agrees on that step, read through orbax's
+  ``reached_preemption``; with one process a Python signal handler suffices.
+  """
+
+  def __init__(self, checkpointer: checkpointing.TrainCheckpointer):
+    self._checkpointer = checkpointer
+    self._signalled = False
+    self._previous_handler = None
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    logging.warning('Received signal %d: saving a checkpoint after this step, then exiting.',
+                    signum)
+    self._signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    return self._checkpointer.reached_preemption(step)
+
+  def close(self) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       simulate_preemption_at_step: Optional[int] = None) -> dict:
+  """Distils the configured teacher into the student, resuming from ``workdir`` if possible.
+
+  Args:
+    config: the experiment config (``configs/*.py``).
+    workdir: where checkpoints, ``config.json``, ``student_model.json``, TensorBoard events
+      and ``train_summary.json`` go.
+    simulate_preemption_at_step: testing aid: send this process SIGTERM after that step.
+  Returns:
+    The summary record (also written to ``WORKDIR/train_summary.json``): ``step``,
+    ``total_steps``, ``preempted``, ``wall_seconds``, ``images_per_second``, final metrics.
+  """
+  # ---- config and mesh ----
+  mesh = parallel.make_mesh()
+  check_config(config, mesh.devices.size)
+  global_batch_size = config.train.batch_size
+  local_batch_size = parallel.local_batch_size(global_batch_size, mesh)
+  logging.info('Mesh: %d devices over %d processes; global batch %d, %d per process.',
+               mesh.devices.size, jax.process_count(), global_batch_size, local_batch_size)
+
+  # ---- teacher (a model file; never trained, never checkpointed) ----
+  teacher = load_teacher(config)
+  logging.info('Teacher %s from %s (BatchNorm %s).', teacher.model_config.get('arch'),
+               config.teacher.path, config.teacher.bn_mode)
+
+  # ---- data and bags ----
+  source = data_sources.make_source(config.data, config.data.train_split)
+  num_images = len(source)
+  bags = load_training_bags(config, source, num_images)
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_images, global_batch_size)
+  total_steps = config.train.epochs * steps_per_epoch
+  if config.train.max_steps is not None:
+    total_steps = min(total_steps, config.train.max_steps)
+  logging.info('%d training images, %d steps per epoch, training to step %d.', num_images,
+               steps_per_epoch, total_steps)
+
+  # ---- student, optimizer, negative queue: fresh or restored ----
+  os.makedirs(workdir, exist_ok=True)
+  student_config = student_model_config(config)
+  checkpointing.write_workdir_records(workdir, student_config, config.to_json_best_effort())
+  student = create_model(**student_config, dtype=config.train.compute_dtype)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(config.train.seed),
+                                            mesh, steps_per_epoch)
+  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    state, stored_progress = checkpointer.restore(start_step, state)
+    _check_resumable(stored_progress, config, checkpointer.directory, start_step)
+    logging.info('Resumed from %s/%d.', checkpointer.directory, start_step)
+
+  # ---- the step ----
+  train_step = train_step_lib.make_train_step(config, student, teacher.model, mesh,
+                                              steps_per_epoch)
+  teacher_variables = parallel.replicate(teacher.variables, mesh)
+
+  # ---- the loop ----
+  batches = input_pipeline.create_train_iterator(
+      config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  writer = progress.MetricWriter(workdir)
+  chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
+  preemption = PreemptionWatcher(checkpointer)
+
+  def progress_record(step: int) -> dict:
+    # The step alone fixes the data position; the rest makes a wrong resume loud.
+    return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
+            'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
+            'epoch': step // steps_per_epoch}
+
+  def save(step: int) -> None:
+    with chrono.paused():
+      checkpointer.save(step, state, progress_record(step))
+
+  step, last_saved, preempted = start_step, start_step, False
+  pending_metrics: list[dict] = []
+  last_metrics: dict[str, float] = {}
+  try:
+    while step < total_steps:
+      batch = parallel.global_batch(next(batches), mesh)
+      state, metrics = train_step(state, teacher_variables, batch)
+      step += 1
+      pending_metrics.append(metrics)
+      if step == start_step + 1:
+        # The first step includes compilation: end it here so throughput excludes it.
+        jax.block_until_ready(metrics)
+        logging.info('First step (with compilation) done after %.1f s.', chrono.wall_seconds)
+      chrono.tick(step)
+
+      if step % config.train.log_every_steps == 0 or step == total_steps:
+        last_metrics = _mean_metrics(pending_metrics)
+        pending_metrics = []
+        writer.log(step, last_metrics, chrono, console_keys=CONSOLE_METRICS)
+
+      if simulate_preemption_at_step is not None and step == simulate_preemption_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      preempted = preemption.should_stop(step)
+      if preempted or step % config.train.checkpoint_every_steps == 0:
+        save(step)
+        last_saved = step
+      if preempted:
+        logging.warning('Preempted: saved step %d; rerun the same command to continue.', step)
+        break
+    if step != last_saved:
+      save(step)
+    if pending_metrics:
+      last_metrics = _mean_metrics(pending_metrics)
+  finally:
+    preemption.close()
+    checkpointer.close()
+    writer.close()
+
+  # ---- summary ----
+  summary = {'step': step, 'total_steps': total_steps, 'start_step': start_step,
+             'preempted': preempted, 'wall_seconds': chrono.wall_seconds,
+             'images_per_second': chrono.images_per_second(),
+             'core_hours': chrono.core_hours(), 'global_batch_size': global_batch_size,
+             'num_devices': int(mesh.devices.size),
+             'final_metrics': last_metrics}
+  logging.info('Training %s at step %d/%d: %.1f s, %s img/s, final %s.',
+               'stopped (preempted)' if preempted else 'done', step, total_steps,
+               chrono.wall_seconds,
+               'n/a' if summary['images_per_second'] is None
+               else f'{summary["images_per_second"]:.1f}',
+               ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
+                         if k in last_metrics))
+  if jax.process_index() == 0:
+    checkpointing.write_json_atomically(os.path.join(workdir, SUMMARY_RECORD), summary)
+  return summary
+
+
+def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
+  """Averages the per-step metrics since the last log (one device-to-host copy)."""
+  host = jax.device_get(metrics)
+  return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
+
+
+def _check_resumable(stored: dict, config: ml_collections.ConfigDict, directory: str,
+                     step: int) -> None:
+  """A different batch size or seed would silently change the data order after resuming."""
+  for key, current in (('global_batch_size', config.train.batch_size),
+                       ('seed', config.train.seed)):
+    if key in stored and stored[key] != current:
+      raise ValueError(f'{directory}/{step} was trained with {key} = {stored[key]} but this '
+                       f'config has {current}; resuming would not reproduce the data order. '
+                       'Use a new --workdir or the original value.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; a rerun '
+                               'resumes from its latest checkpoint.')
+_JAX_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
+                                     'Call jax.distributed.initialize() (multi-host runs).')
+_SIMULATE_PREEMPTION = flags.DEFINE_integer(
+    'simulate_preemption_at_step', None, 'Testing aid: SIGTERM this process after this step.')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  progress.quiet_library_logs()
+  if _JAX_DISTRIBUTED.value:
+    jax.distributed.initialize()
+  # tf.data runs on the host only; it must not take accelerator memory from JAX.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                     simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
