@@ -113,11 +113,17 @@ def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: in
   dataset = tf.data.Dataset.from_tensor_slices({'index': indices})
   dataset = dataset.batch(local_batch_size)
 
+  read_labeled = getattr(source, 'tf_read_labeled_batch', None)
+  if read_labeled is None:  # a duck-typed source with tf_read_batch and labels only
+    labels_table = tf.constant(-np.ones(num_images, np.int64) if source.labels is None
+                               else np.asarray(source.labels, np.int64))
+    read_labeled = lambda i: (source.tf_read_batch(i), tf.gather(labels_table, i))  # noqa: E731
+
   @tf.autograph.experimental.do_not_convert
   def read(batch):
     # Padding rows read image 0 (any valid image) and are masked.
-    batch['image'], labels = source.tf_read_labeled_batch(tf.maximum(batch['index'], 0))
-    batch['label'] = tf.where(batch['index'] >= 0, labels, -1)
+    batch['image'], labels = read_labeled(tf.maximum(batch['index'], 0))
+    batch['label'] = tf.cast(tf.where(batch['index'] >= 0, labels, -1), tf.int64)
     return batch
 
   @tf.autograph.experimental.do_not_convert
