@@ -332,11 +332,15 @@ class TfdsArrayRecordSource(ImageSource):
       self._data_source = builder.as_data_source(
           split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as e:
+      prepared = bool(builder.info.splits)
       raise ValueError(
           f'Cannot open TFDS {name!r} split {split!r} for random access in '
-          f'{builder.data_dir}: {type(e).__name__}: {e}. Random access needs the data set '
-          'prepared in the array_record format (tfds build --file_format=array_record); for a '
-          'small data set set data.in_memory=True instead.') from e
+          f'{builder.data_dir}: {type(e).__name__}: {e}. '
+          + ('' if prepared else 'The data set is not prepared there (nothing is downloaded '
+             'here: set data.data_dir to where it is). ')
+          + 'Random access needs the array_record format (tfds build '
+          '--file_format=array_record); for a small data set set data.in_memory=True '
+          'instead.') from e
     self._name, self._split = name, split
     self._image_key, self._label_key = image_key, label_key
     features = builder.info.features
