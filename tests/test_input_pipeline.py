@@ -230,3 +230,32 @@ def test_tfds_random_access_source():
     eval_batch = next(input_pipeline.make_eval_dataset(source, IMAGE_SIZE, 8, process_index=0,
                                                        process_count=1))
     np.testing.assert_array_equal(eval_batch['label'], source.labels)
+
+
+def test_four_views_are_independent_draws():
+  # Flat colours: a view is grey exactly when RandomGrayscale fired (p = 0.2, see
+  # test_augment). Independent draws give P(two views both grey) = 0.04; shared seeds 0.2.
+  num_images, batch = 64, 64
+  colours = np.random.default_rng(3).integers(40, 220, (num_images, 1, 1, 3), dtype=np.uint8)
+  colours[..., 0] = 230  # never grey to begin with
+  source = data_sources.ArraySource(np.broadcast_to(colours, (num_images, 10, 10, 3)).copy())
+  bags = bag_file.Bags.from_groups(np.zeros(num_images, int), method='labels',
+                                   fingerprint=source.fingerprint)
+  config = _config()
+  config.data.image_size = 8
+  iterator = input_pipeline.create_train_iterator(config, source, bags, start_step=0,
+                                                  local_batch_size=batch, process_index=0,
+                                                  process_count=1)
+  grey = {key: [] for key in input_pipeline.VIEW_KEYS}
+  for _ in range(6):
+    views = next(iterator)
+    for key in grey:
+      pixel = views[key][:, 0, 0].astype(int)
+      grey[key].append((pixel[:, 0] == pixel[:, 1]) & (pixel[:, 1] == pixel[:, 2]))
+  grey = {key: np.concatenate(value) for key, value in grey.items()}
+  count = len(grey['query'])
+  for key, value in grey.items():
+    assert abs(value.mean() - 0.2) < 4 * np.sqrt(0.16 / count), (key, value.mean())
+  for first, second in [('query', 'key'), ('pos_q', 'pos_k'), ('query', 'pos_q')]:
+    both = (grey[first] & grey[second]).mean()
+    assert abs(both - 0.04) < 4 * np.sqrt(0.04 * 0.96 / count), (first, second, both)
