@@ -498,8 +498,8 @@ def folder_source(root: str) -> FileListSource:
   """ImageNet-style ``root/<class>/**/<image>``: labels from the sorted class directories.
 
   Files are listed as torchvision's ``ImageFolder`` lists them (classes sorted, then
-  ``sorted(os.walk(class_dir))`` with file names sorted, following links), so the image indices agree with
-  the released PyTorch code's data set on the same folder.
+  ``sorted(os.walk(class_dir))`` with file names sorted, following links), so the image
+  indices agree with the released PyTorch code's data set on the same folder.
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f'Image folder {root} does not exist (data.path).')

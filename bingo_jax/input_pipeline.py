@@ -19,7 +19,6 @@ augmented in a parallel, order-preserving map; no Python runs per example.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Optional
 
 import jax
