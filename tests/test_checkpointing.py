@@ -1,0 +1,122 @@
+"""Training checkpoints: exact round trips onto the mesh, retention, atomicity, load_student.
+
+References are host copies of the values taken before saving (numpy), never the restore
+path's own output.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bingo_jax import checkpointing, model_io, parallel
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.train_step import TrainState
+
+STUDENT = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
+               head_output_dim=16, bn_group_size=4)
+
+
+@pytest.fixture(scope='module')
+def student_variables():
+  return init_variables(create_model(**STUDENT), jax.random.key(0), 32)
+
+
+def _state(variables, step: int, mesh) -> TrainState:
+  """A train state with every kind of leaf: params, statistics, optax momentum, queue, key."""
+  params = jax.tree.map(lambda x: x + 0.01 * step, variables['params'])
+  optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.trace(0.9))
+  _, opt_state = optimizer.update(jax.tree.map(jnp.ones_like, params),
+                                  optimizer.init(params), params)
+  rng = np.random.default_rng(step)
+  state = TrainState(
+      step=jnp.int32(step), params=params, batch_stats=variables['batch_stats'],
+      opt_state=opt_state,
+      negative_queue=jnp.asarray(rng.standard_normal((64, 16)), jnp.float32),
+      queue_pointer=jnp.int32(16 * step % 64),
+      rng=jax.random.key_data(jax.random.key(step)))
+  return parallel.replicate(state, mesh)
+
+
+def _host_leaves(tree):
+  return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def test_round_trip_is_exact_and_keeps_mesh_shardings(tmp_path, student_variables):
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  saved = _state(student_variables, 3, mesh)
+  expected = _host_leaves(saved)
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path), keep=3)
+  checkpointer.save(3, saved, {'step': 3, 'global_batch_size': 16})
+  checkpointer.wait()
+  target = _state(student_variables, 0, mesh)  # different values, same structure
+  restored, progress = checkpointer.restore(3, target)
+  checkpointer.close()
+  assert progress == {'step': 3, 'global_batch_size': 16}
+  assert jax.tree.structure(restored) == jax.tree.structure(saved)
+  for got, want in zip(_host_leaves(restored), expected):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+  assert restored.negative_queue.sharding.is_equivalent_to(parallel.replicated(mesh), 2)
+  assert isinstance(restored.opt_state, tuple)  # optax structure, not a dict
+
+
+def test_keeps_the_last_n_and_ignores_an_interrupted_save(tmp_path, student_variables):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path), keep=2)
+  for step in (1, 2, 3, 4):
+    checkpointer.save(step, _state(student_variables, step, mesh), {'step': step})
+  checkpointer.close()
+  directory = tmp_path / checkpointing.CHECKPOINTS_DIR
+  assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [3, 4]
+  # A crash during a save leaves only a temporary directory: it must not count as a step.
+  (directory / '9.orbax-checkpoint-tmp-1234').mkdir()
+  (directory / '9.orbax-checkpoint-tmp-1234' / 'junk').write_text('half written')
+  reopened = checkpointing.TrainCheckpointer(str(tmp_path), keep=2)
+  assert reopened.latest_step() == 4
+  restored, _ = reopened.restore(4, _state(student_variables, 0, mesh))
+  reopened.close()
+  assert int(restored.step) == 4
+
+
+def test_load_student_returns_the_saved_network(tmp_path, student_variables):
+  mesh = parallel.make_mesh()
+  workdir = str(tmp_path)
+  checkpointing.write_workdir_records(workdir, STUDENT, json.dumps({'train': {'seed': 0}}))
+  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=3)
+  states = {step: _state(student_variables, step, mesh) for step in (2, 5)}
+  for step, state in states.items():
+    checkpointer.save(step, state, {'step': step})
+  checkpointer.close()
+
+  for step, loaded in ((5, checkpointing.load_student(workdir)),
+                       (2, model_io.load_any(workdir, step=2))):
+    assert loaded.metadata['step'] == step
+    assert loaded.model_config == STUDENT
+    for got, want in zip(_host_leaves(loaded.variables['params']),
+                         _host_leaves(states[step].params)):
+      np.testing.assert_array_equal(got, want)
+    for got, want in zip(_host_leaves(loaded.variables['batch_stats']),
+                         _host_leaves(student_variables['batch_stats'])):
+      np.testing.assert_array_equal(got, want)
+  # The rebuilt network runs: pooled features (8 x 8 channels) and the head's embedding.
+  features, embeddings = loaded.embed(np.zeros((2, 32, 32, 3), np.float32))
+  assert features.shape == (2, 64) and embeddings.shape == (2, 16)
+  with pytest.raises(ValueError, match=r'no checkpoint of step 7; available: \[2, 5\]'):
+    checkpointing.load_student(workdir, step=7)
+
+
+def test_workdir_records_name_the_problem(tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='student_model.json'):
+    checkpointing.load_student(workdir)
+  checkpointing.write_workdir_records(workdir, STUDENT, '{}')
+  assert json.load(open(os.path.join(workdir, 'student_model.json'))) == STUDENT
+  with pytest.raises(ValueError, match='different student'):
+    checkpointing.write_workdir_records(workdir, dict(STUDENT, arch='resnet34'), '{}')
+  assert not [name for name in os.listdir(workdir) if '.tmp-' in name]
