@@ -81,7 +81,7 @@ def draw_bag_grid(bags: bag_file.Bags, source: Any, path: str, *, num_anchors: i
   rng = np.random.default_rng(seed)
   labels = source.labels
   anchors = rng.choice(bags.num_images, size=min(num_anchors, bags.num_images), replace=False)
-  columns = members_shown + 1
+  columns = 1 + max(1, min(members_shown, max(bags.bag_size(int(a)) for a in anchors)))
   figure, axes = plt.subplots(len(anchors), columns, figsize=(1.3 * columns, 1.45 * len(anchors)),
                               squeeze=False)
 

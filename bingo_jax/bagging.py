@@ -226,7 +226,7 @@ def knn_recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None,
-                  query_batch_size: int = 1024, database_chunk_rows: int = 16384,
+                  query_indices: Optional[np.ndarray] = None, query_batch_size: int = 1024, database_chunk_rows: int = 16384,
                   dtype: Any = jnp.float32, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Exact inner-product kNN on the accelerators: database rows sharded over the mesh.
 
@@ -240,13 +240,14 @@ def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None
     features: ``(N, D)`` array or ``FeatureShards``.
     k: neighbours per query.
     mesh: device mesh (default: all devices).
+    query_indices: rows to search for (default: every row), ``(Q,)``.
     query_batch_size: queries per step (padded to a fixed size: one compilation).
     database_chunk_rows: database rows per similarity block on each device.
     dtype: storage / matmul dtype of the features on device (float32 by default; bfloat16
       halves memory at the price of near-ties being ordered differently).
     progress: tqdm bar.
   Returns:
-    ``(neighbors (N, k) int32, scores (N, k) float32)``.
+    ``(neighbors (Q, k) int32, scores (Q, k) float32)``.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   rows = FeatureRows(features)
@@ -311,15 +312,19 @@ def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None
     top_scores, positions = jax.lax.top_k(scores, k)  # devices in id order: ties -> lower id
     return top_scores, jnp.take_along_axis(ids, positions, axis=1)
 
-  neighbors = np.empty((n, k), np.int32)
-  scores_out = np.empty((n, k), np.float32)
-  bar = _tqdm(n, 'knn (jax exact)', progress and jax.process_index() == 0)
-  for first in range(0, n, query_batch_size):
-    stop = min(first + query_batch_size, n)
+  queries = np.arange(n) if query_indices is None else np.asarray(query_indices)
+  neighbors = np.empty((len(queries), k), np.int32)
+  scores_out = np.empty((len(queries), k), np.float32)
+  bar = _tqdm(len(queries), 'knn (jax exact)', progress and jax.process_index() == 0)
+  for first in range(0, len(queries), query_batch_size):
+    stop = min(first + query_batch_size, len(queries))
     query_block = np.zeros((query_batch_size, dim), np.float32)
-    query_block[:stop - first] = rows.block(first, stop)
+    block_ids = queries[first:stop]
+    contiguous = block_ids[-1] - block_ids[0] == len(block_ids) - 1
+    query_block[:stop - first] = (rows.block(int(block_ids[0]), int(block_ids[-1]) + 1)
+                                  if contiguous else rows.rows(block_ids))
     query_ids = np.full(query_batch_size, -1, np.int32)
-    query_ids[:stop - first] = np.arange(first, stop)
+    query_ids[:stop - first] = block_ids
     scores, ids = search(parallel.replicate(query_block.astype(dtype), mesh),
                          parallel.replicate(query_ids, mesh), database)
     neighbors[first:stop] = np.asarray(ids)[:stop - first]
@@ -391,8 +396,10 @@ def _teacher(config, image_size: int):
   from bingo_jax import model_io
   bags_config = config.bags
   teacher_path = config.teacher.get('path')
-  if bags_config.method == 'random-teacher':
-    arch_config = dict(bags_config.get('random_teacher', {}) or {})
+  arch_config = dict(bags_config.get('random_teacher', {}) or {})
+  # A random network also stands in for a missing teacher when bags.random_teacher.arch is set
+  # (small demos on data without a converted teacher, e.g. Fashion-MNIST).
+  if bags_config.method == 'random-teacher' or (not teacher_path and arch_config.get('arch')):
     if teacher_path:
       record = model_io.read_record(teacher_path)
       arch_config = {**record['model'], **{k: v for k, v in arch_config.items() if v is not None}}
@@ -446,7 +453,7 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
   else:
     teacher, teacher_record = _teacher(config, image_size)
     features_dir = bags_config.get('features_dir') or os.path.join(
-        workdir, 'features-random' if method == 'random-teacher' else 'features')
+        workdir, 'features-random' if teacher_record['path'] is None else 'features')
     started = time.perf_counter()
     features = features_lib.extract_features(
         teacher, source, image_size=image_size, global_batch_size=int(bags_config.batch_size),

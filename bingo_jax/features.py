@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,68 +35,47 @@ from jax.sharding import Mesh
 
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
+from bingo_jax.data_sources import ImageSource
 
 FEATURES_RECORD = 'features.json'
 FORMAT_VERSION = 1
-
-
-class ImageSource(Protocol):
-  """What the feature pass needs of a data source (``bingo_jax.data_sources``)."""
-  fingerprint: str
-
-  def __len__(self) -> int:
-    ...
-
-  def read(self, index: int) -> np.ndarray:
-    """uint8 ``(height, width, 3)`` image number ``index``."""
-    ...
-
-
-def resize_size_for(image_size: int) -> int:
-  """Shorter-side resize before the centre crop: 256 for 224, scaled proportionally."""
-  return int(round(image_size / images_lib.CENTER_CROP_FRACTION))
 
 
 # ---------------------------------------------------------------------------------------------
 # Input: this process's slice of a range of images, centre-cropped, in padded batches.
 # ---------------------------------------------------------------------------------------------
 
-def center_crop_tf(image, image_size: int):
-  """Evaluation preprocessing as TF ops: resize shorter side, centre crop (torchvision rules).
+class ImageRange:
+  """Images ``[start, stop)`` of a source, seen as a source of ``stop - start`` images.
 
-  Args:
-    image: uint8 ``(height, width, 3)`` tensor.
-    image_size: output side.
-  Returns:
-    uint8 ``(image_size, image_size, 3)`` tensor.
+  Lets the feature pass run ``input_pipeline.make_eval_dataset`` shard by shard (a resumed
+  pass reads only the unfinished shards' images). Index-taking reads are shifted by
+  ``start``; other attributes (``encoded``, ``image_shape``...) are the source's.
   """
-  import tensorflow as tf
-  resize = resize_size_for(image_size)
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  short = tf.minimum(height, width)
-  # torchvision Resize(int): shorter side -> resize, longer side truncated proportionally.
-  new_height = tf.where(height == short, resize, (resize * height) // short)
-  new_width = tf.where(width == short, resize, (resize * width) // short)
 
-  def resized():
-    return tf.image.resize(image, tf.stack([new_height, new_width]), method='bilinear',
-                           antialias=True)
-  image = tf.cond(tf.logical_and(new_height == height, new_width == width),
-                  lambda: tf.cast(image, tf.float32), resized)
-  # torchvision CenterCrop: offset round((size - crop) / 2).
-  top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_width - image_size, tf.float32) / 2), tf.int32)
-  image = image[top:top + image_size, left:left + image_size]
-  image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-  return tf.ensure_shape(image, [image_size, image_size, 3])
+  def __init__(self, source: ImageSource, start: int, stop: int):
+    self.source, self.start, self.stop = source, int(start), int(stop)
+    self.description = f'{getattr(source, "description", type(source).__name__)}[{start}:{stop}]'
 
+  def __len__(self) -> int:
+    return self.stop - self.start
 
-def process_slice(start: int, stop: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """Contiguous block of ``[start, stop)`` read by one process (blocks of equal size but last)."""
-  per_process = math.ceil((stop - start) / process_count)
-  first = min(start + process_index * per_process, stop)
-  return first, min(first + per_process, stop)
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.source, name)
+
+  @property
+  def labels(self) -> Optional[np.ndarray]:
+    labels = self.source.labels
+    return None if labels is None else labels[self.start:self.stop]
+
+  def read(self, index: int) -> np.ndarray:
+    return self.source.read(self.start + int(index))
+
+  def tf_read_batch(self, indices):
+    return self.source.tf_read_batch(indices + self.start)
+
+  def tf_read_labeled_batch(self, indices):
+    return self.source.tf_read_labeled_batch(indices + self.start)
 
 
 def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
@@ -104,40 +83,19 @@ def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
                  process_count: int = 1) -> Iterator[dict]:
   """This process's centre-cropped batches of images ``[start, stop)`` of ``source``.
 
-  Every process yields the same number of batches (the collective forward needs it): short
-  slices are padded by repeating an index with ``mask`` False.
+  ``input_pipeline.make_eval_dataset`` (torchvision ``Resize`` + ``CenterCrop`` as TF ops) on
+  the range: every process yields the same number of batches, padding rows masked.
 
   Yields:
     ``{'image': uint8 (local_batch_size, image_size, image_size, 3), 'index': int32
-    (local_batch_size,), 'mask': bool (local_batch_size,)}`` numpy arrays.
+    (local_batch_size,) indices into source, 'mask': bool (local_batch_size,)}``.
   """
-  import tensorflow as tf
-  per_process = math.ceil((stop - start) / process_count)
-  num_batches = math.ceil(per_process / local_batch_size)
-  first, last = process_slice(start, stop, process_index, process_count)
-  padded = num_batches * local_batch_size
-  indices = np.full(padded, min(first, stop - 1), np.int64)
-  indices[:last - first] = np.arange(first, last)
-  mask = np.zeros(padded, bool)
-  mask[:last - first] = True
-
-  def read(index):
-    image = np.asarray(source.read(int(index)))
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f'{type(source).__name__}.read({int(index)}) returned {image.dtype} '
-                       f'{image.shape}; expected uint8 (height, width, 3).')
-    return image
-
-  def load(index, valid):
-    image = tf.numpy_function(read, [index], tf.uint8, stateful=False)
-    image = tf.ensure_shape(image, [None, None, 3])
-    return {'image': center_crop_tf(image, image_size), 'index': tf.cast(index, tf.int32),
-            'mask': valid}
-
-  dataset = tf.data.Dataset.from_tensor_slices((indices, mask))
-  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
-  yield from dataset.as_numpy_iterator()
+  from bingo_jax import input_pipeline
+  for batch in input_pipeline.make_eval_dataset(
+      ImageRange(source, start, stop), image_size, local_batch_size,
+      process_index=process_index, process_count=process_count):
+    yield {'image': batch['image'], 'mask': batch['mask'],
+           'index': np.where(batch['mask'], batch['index'] + start, start).astype(np.int32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +254,9 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
 
   Args:
     loaded_model: a ``bingo_jax.model_io.LoadedModel`` (teacher, student or random network).
-    source: an image source (``len``, ``read(i)``, ``fingerprint``).
-    image_size: centre-crop side (images are first resized to ``resize_size_for(image_size)``).
+    source: a ``bingo_jax.data_sources.ImageSource``.
+    image_size: centre-crop side (the shorter side is first resized to
+      ``image_size / CENTER_CROP_FRACTION``).
     global_batch_size: images per forward over all devices; must divide over the mesh.
     mesh: device mesh (default: all devices, ``parallel.make_mesh()``).
     normalize_features: L2-normalise every feature vector (bagging does; SPEC.md section 1).

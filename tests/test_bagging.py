@@ -1,5 +1,7 @@
 """Bag methods against their definitions: numpy brute-force kNN, k-means, labels, purity."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from bingo_jax import bag_file
 from bingo_jax import bag_report
 from bingo_jax import bagging
+from bingo_jax import data_sources
 from bingo_jax import features as features_lib
 from bingo_jax import parallel
 
@@ -123,3 +126,33 @@ def test_label_bags_and_purity_follow_definitions():
                                      fingerprint='f')
   np.testing.assert_allclose(bag_report.anchor_purity(groups, labels),
                              [1 / 2, 0, 1 / 2, 1 / 4, 0, 1 / 4, 1 / 4, 1 / 4])
+
+
+@pytest.mark.parametrize('method', ['random-teacher', 'labels'])
+def test_compute_bags_writes_bag_file_and_report(tmp_path, method):
+  from configs import common
+  config = common.base_config()
+  config.data.image_size = 16
+  config.bags.method = method
+  config.bags.k = 3
+  config.bags.batch_size = 8
+  config.bags.shard_size = 16
+  config.bags.random_teacher.update({'arch': 'resnet18', 'base_width': 8, 'stem': 'cifar'})
+  images = np.random.default_rng(5).integers(0, 256, (24, 20, 20, 3), dtype=np.uint8)
+  source = data_sources.ArraySource(images, np.arange(24) % 3)
+  bags, path = bagging.compute_bags(config, str(tmp_path), source=source, progress=False)
+  loaded = bag_file.load_bags(path)
+  loaded.check_matches(len(source), source.fingerprint, 'the test images')
+  with pytest.raises(ValueError, match='does not belong to other images'):
+    loaded.check_matches(len(source), 'another-fingerprint', 'other images')
+  assert loaded.metadata['method'] == method
+  if method == 'labels':
+    assert loaded.kind == 'groups' and set(loaded.members(4)) == {1, 7, 10, 13, 16, 19, 22}
+  else:
+    assert loaded.kind == 'fixed' and loaded.neighbors.shape == (24, 3)
+    assert loaded.metadata['teacher']['random_init']['arch'] == 'resnet18'
+    assert (tmp_path / 'features-random' / 'shard-00001.npy').exists()
+  report = json.loads((tmp_path / 'bag_report.json').read_text())
+  assert report['purity'] == pytest.approx(
+      bag_report.anchor_purity(loaded, source.labels).mean())
+  assert (tmp_path / 'bag_report.png').stat().st_size > 1000

@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from bingo_jax import data_sources
 from bingo_jax import features as features_lib
 from bingo_jax import images as images_lib
 from bingo_jax import model_io
@@ -12,23 +14,22 @@ from bingo_jax import parallel
 from bingo_jax.models import create_model, init_variables
 
 
-class ArraySource:
-  """In-memory images; records which indices were read; optionally fails past an index."""
+class RecordingSource(data_sources.ArraySource):
+  """In-memory images that record which indices the pipeline read and can fail past one."""
 
-  def __init__(self, images, fingerprint='test-images', fail_from=None):
-    self.images = images
-    self.fingerprint = fingerprint
+  def __init__(self, images, fail_from=None):
+    super().__init__(images)
     self.fail_from = fail_from
     self.read_indices = []
 
-  def __len__(self):
-    return len(self.images)
-
-  def read(self, index):
-    if self.fail_from is not None and index >= self.fail_from:
-      raise RuntimeError(f'simulated crash at image {index}')
-    self.read_indices.append(index)
-    return self.images[index]
+  def tf_read_batch(self, indices):
+    def record(batch):
+      if self.fail_from is not None and batch.max() >= self.fail_from:
+        raise RuntimeError(f'simulated crash at image {batch.max()}')
+      self.read_indices.extend(batch.tolist())
+      return batch
+    checked = tf.numpy_function(record, [indices], indices.dtype, stateful=True)
+    return super().tf_read_batch(tf.ensure_shape(checked, indices.shape))
 
 
 @pytest.fixture(scope='module')
@@ -59,9 +60,9 @@ def test_eight_devices_equal_one_device_and_reference(small_model, images):
   assert jax.device_count() == 8
   reference = _reference_features(small_model, images)
   kwargs = dict(image_size=28, global_batch_size=8, progress=False)  # 20 images: padded batch
-  one = features_lib.extract_features(small_model, ArraySource(images),
+  one = features_lib.extract_features(small_model, RecordingSource(images),
                                       mesh=parallel.make_mesh(jax.devices()[:1]), **kwargs)
-  eight = features_lib.extract_features(small_model, ArraySource(images),
+  eight = features_lib.extract_features(small_model, RecordingSource(images),
                                         mesh=parallel.make_mesh(), **kwargs)
   assert one.shape == (20, small_model.model.feature_dim) and one.dtype == np.float32
   np.testing.assert_allclose(one, reference, atol=2e-5)
@@ -74,12 +75,12 @@ def test_interrupted_pass_resumes_without_recomputing_finished_shards(small_mode
   kwargs = dict(image_size=28, global_batch_size=8, output_dir=directory, shard_size=8,
                 progress=False)  # shards [0, 8), [8, 16), [16, 20)
   with pytest.raises(Exception, match='simulated crash'):
-    features_lib.extract_features(small_model, ArraySource(images, fail_from=12), **kwargs)
+    features_lib.extract_features(small_model, RecordingSource(images, fail_from=12), **kwargs)
   assert (tmp_path / 'features' / 'shard-00000.npy').exists()
   assert not (tmp_path / 'features' / 'shard-00001.npy').exists()
   mtime = (tmp_path / 'features' / 'shard-00000.npy').stat().st_mtime_ns
 
-  source = ArraySource(images)
+  source = RecordingSource(images)
   shards = features_lib.extract_features(small_model, source, **kwargs)
   assert min(source.read_indices) == 8 and sorted(set(source.read_indices)) == list(range(8, 20))
   assert (tmp_path / 'features' / 'shard-00000.npy').stat().st_mtime_ns == mtime
@@ -91,6 +92,6 @@ def test_directory_of_another_pass_is_refused(small_model, images, tmp_path):
   directory = str(tmp_path / 'features')
   kwargs = dict(image_size=28, global_batch_size=8, output_dir=directory, shard_size=16,
                 progress=False)
-  features_lib.extract_features(small_model, ArraySource(images[:16]), **kwargs)
+  features_lib.extract_features(small_model, RecordingSource(images[:16]), **kwargs)
   with pytest.raises(ValueError, match='num_images: stored 16, now 20'):
-    features_lib.extract_features(small_model, ArraySource(images), **kwargs)
+    features_lib.extract_features(small_model, RecordingSource(images), **kwargs)
