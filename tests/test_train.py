@@ -1,0 +1,285 @@
+"""The training command: resume equals a straight run, bad inputs fail early and clearly,
+configs carry the released hyper-parameters, progress numbers and TensorBoard logs are right.
+
+The resume test runs the real CLI (``python -m bingo_jax.train``) in subprocesses on a tiny
+set-up made here: 48 random PNG images in a file list, random-neighbour bags, a randomly
+initialised small ResNet saved as the teacher model file.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, model_io, progress
+from bingo_jax import train
+from bingo_jax.models import create_model, init_variables
+from configs import tiny_test
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IMAGES = 48
+TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
+               head_output_dim=16)
+
+
+def _tiny_config(inputs: dict, **train_overrides):
+  config = tiny_test.get_config()
+  config.teacher.path = inputs['teacher']
+  config.data.path = inputs['images']
+  config.bags.path = inputs['bags']
+  config.train.max_steps = 4
+  config.train.update(train_overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_inputs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tiny_inputs')
+  rng = np.random.default_rng(0)
+  os.makedirs(root / 'images')
+  lines = []
+  for i in range(NUM_IMAGES):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / 'images' / f'{i:03d}.png')
+    lines.append(f'images/{i:03d}.png {i % 4}')
+  (root / 'images.txt').write_text('\n'.join(lines) + '\n')
+  inputs = {'images': str(root / 'images.txt'), 'bags': str(root / 'bags.npz'),
+            'teacher': str(root / 'teacher'), 'root': str(root)}
+  source = data_sources.make_source(_tiny_config(inputs).data, 'train')
+  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
+                         for i in range(NUM_IMAGES)])
+  bag_file.save_bags(inputs['bags'], bag_file.Bags.from_neighbors(
+      neighbours, method='knn', fingerprint=source.fingerprint))
+  teacher = create_model(**TEACHER)
+  model_io.save_model(inputs['teacher'], TEACHER, init_variables(teacher, jax.random.key(7), 32))
+  return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume (acceptance): 4 steps straight == 2 steps, exit, the same command again, 2 more.
+
+
+def _command(inputs: dict, workdir: str, *extra: str) -> list:
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+          '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
+          f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
+          '--config.train.max_steps=4', *extra]
+
+
+def _environment(inputs: dict) -> dict:
+  # Two devices keep the batch sharded; the persistent compilation cache lets the rerun skip
+  # recompiling what the first runs compiled (identical executables, identical numerics).
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              JAX_COMPILATION_CACHE_DIR=os.path.join(inputs['root'], 'jax_cache'),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
+              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+
+
+def _wait(process: subprocess.Popen, what: str) -> None:
+  _, stderr = process.communicate(timeout=900)
+  assert process.returncode == 0, f'{what} failed (rc {process.returncode}):\n{stderr[-4000:]}'
+
+
+def _summary(workdir: str) -> dict:
+  with open(os.path.join(workdir, train.SUMMARY_RECORD)) as f:
+    return json.load(f)
+
+
+def _stored_state(workdir: str, step: int) -> dict:
+  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=1, read_only=True)
+  stored = checkpointer.restore_arrays(step)
+  checkpointer.close()
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+
+
+def test_resumed_run_equals_straight_run(tiny_inputs, tmp_path):
+  straight_dir, resumed_dir = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  environment = _environment(tiny_inputs)
+  popen = lambda command: subprocess.Popen(command, cwd=REPO, env=environment, text=True,  # noqa: E731
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # The straight run and the interrupted run compile the same programs side by side.
+  straight = popen(_command(tiny_inputs, straight_dir))
+  interrupted = popen(_command(tiny_inputs, resumed_dir, '--simulate_preemption_at_step=2'))
+  _wait(straight, 'straight run')
+  _wait(interrupted, 'interrupted run')
+  assert _summary(resumed_dir)['preempted'] and _summary(resumed_dir)['step'] == 2
+  assert checkpointing.TrainCheckpointer(resumed_dir, 1, read_only=True).all_steps() == [2]
+
+  _wait(popen(_command(tiny_inputs, resumed_dir)), 'rerun')  # the straight run's command
+  summary = _summary(resumed_dir)
+  assert (summary['start_step'], summary['step'], summary['preempted']) == (2, 4, False)
+
+  straight_state, resumed_state = _stored_state(straight_dir, 4), _stored_state(resumed_dir, 4)
+  assert sorted(straight_state) == sorted(resumed_state)
+  for name in ('.step', '.queue_pointer', '.rng', '.negative_queue'):
+    assert any(key.startswith(f"['{name[1:]}']") for key in straight_state), name
+  for key, value in straight_state.items():
+    np.testing.assert_array_equal(resumed_state[key], value, err_msg=key)
+  assert int(straight_state["['step']"]) == 4
+  assert int(straight_state["['queue_pointer']"]) == 4 * 16 % 64
+
+  # The batch after step 4 is the one a straight run would see next.
+  config = _tiny_config(tiny_inputs)
+  source = data_sources.make_source(config.data, 'train')
+  bags = bag_file.load_bags(tiny_inputs['bags'])
+  iterate = lambda start: input_pipeline.create_train_iterator(  # noqa: E731
+      config, source, bags, start_step=start, local_batch_size=16, process_index=0,
+      process_count=1)
+  from_start = iterate(0)
+  for _ in range(4):
+    next(from_start)
+  straight_next, resumed_next = next(from_start), next(iterate(4))
+  for key, value in straight_next.items():
+    np.testing.assert_array_equal(resumed_next[key], value, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one clear error naming the file, key or value, before anything is compiled.
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('the trainer reached state creation / compilation')
+  monkeypatch.setattr(train.train_step_lib, 'create_train_state', fail)
+  monkeypatch.setattr(train.train_step_lib, 'make_train_step', fail)
+
+
+def test_missing_or_wrong_teacher_is_named(tiny_inputs, tmp_path, no_compilation):
+  missing = str(tmp_path / 'no_such_teacher')
+  with pytest.raises(FileNotFoundError, match=f'config.teacher.path.*{missing}'):
+    train.train_and_evaluate(_tiny_config(dict(tiny_inputs, teacher=missing)), str(tmp_path / 'w'))
+  not_a_model = os.path.join(tiny_inputs['root'], 'images')
+  with pytest.raises(ValueError, match=f'config.teacher.path.*{not_a_model}.*bingo_model.json'):
+    train.train_and_evaluate(_tiny_config(dict(tiny_inputs, teacher=not_a_model)),
+                             str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_missing_or_foreign_bags_are_named(tiny_inputs, tmp_path, no_compilation):
+  missing = str(tmp_path / 'no_such_bags.npz')
+  with pytest.raises(FileNotFoundError, match=f'config.bags.path.*{missing}'):
+    train.train_and_evaluate(_tiny_config(dict(tiny_inputs, bags=missing)), str(tmp_path / 'w'))
+  foreign = str(tmp_path / 'foreign_bags.npz')
+  neighbours = (np.arange(NUM_IMAGES)[:, None] + np.arange(1, 4)[None]) % NUM_IMAGES
+  bag_file.save_bags(foreign, bag_file.Bags.from_neighbors(
+      neighbours, method='knn', fingerprint='another image list'))
+  with pytest.raises(ValueError, match=f'Bag file {foreign} does not belong to .*fingerprint'):
+    train.train_and_evaluate(_tiny_config(dict(tiny_inputs, bags=foreign)), str(tmp_path / 'w'))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'train.batch_size': 12}, r'config.train.batch_size = 12 is not divisible by the number '
+                               r'of devices \(8\)'),
+    ({'student.bn_group_size': 6}, r'batch_size = 16 is not divisible by '
+                                   r'config.student.bn_group_size = 6'),
+    ({'teacher.bn_group_size': 32}, r'batch_size = 16 is not divisible by '
+                                    r'config.teacher.bn_group_size = 32'),
+    ({'train.queue_size': 72}, r'config.train.queue_size = 72 is not divisible by '
+                               r'config.train.batch_size = 16'),
+    ({'train.loss': 'infonce'}, r"config.train.loss = 'infonce'"),
+])
+def test_inconsistent_config_is_named(tiny_inputs, tmp_path, no_compilation, overrides, message):
+  config = _tiny_config(tiny_inputs)
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: the released hyper-parameters (SPEC.md 5) and the variants.
+
+EXPERIMENTS = {  # config -> (student, teacher file, tau, weight decay)
+    'r18_r50w2': ('resnet18', 'teachers/swav_r50w2', 0.2, 1e-4),
+    'r18_r50': ('resnet18', 'teachers/mocov2_r50', 0.2, 1e-4),
+    'r34_r50w2': ('resnet34', 'teachers/swav_r50w2', 0.2, 1e-4),
+    'r34_r152': ('resnet34', 'teachers/mocov2_r152', 0.2, 1e-4),
+    'effb0_r50w2': ('efficientnet_b0', 'teachers/swav_r50w2', 0.12, 4e-5),
+}
+
+
+@pytest.mark.parametrize('name', sorted(EXPERIMENTS))
+def test_experiment_configs_have_the_released_hyperparameters(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  student, teacher, temperature, weight_decay = EXPERIMENTS[name]
+  assert config.student.arch == student and config.teacher.path == teacher
+  assert config.bags.path.startswith('bags/') and config.bags.k == 5
+  train_config = config.train
+  assert (train_config.batch_size, train_config.base_lr, train_config.epochs) == (256, 0.03, 200)
+  assert (train_config.momentum, train_config.queue_size) == (0.9, 65536)
+  assert (train_config.temperature, train_config.weight_decay) == (temperature, weight_decay)
+  assert (train_config.own_only_epochs, train_config.cutmix, train_config.loss) == (11, 'batch',
+                                                                                     'bingo')
+  assert (config.student.bn_group_size, config.teacher.bn_group_size) == (32, 32)
+  assert config.teacher.bn_mode == 'shuffle' and train_config.lr_schedule == 'cosine_epoch'
+  assert config.student.head_output_dim == 128 and config.student.head_hidden_dim == 2048
+  train.check_config(config, num_devices=8)
+
+
+def test_config_variants():
+  from configs import r18_r50w2
+  config = r18_r50w2.get_config('paper_loss,bf16,frozen_teacher,labels')
+  assert (config.train.loss, config.train.cutmix) == ('paper', 'none')
+  assert config.train.compute_dtype == 'bfloat16' and config.teacher.bn_mode == 'frozen'
+  assert config.bags.method == 'labels' and config.bags.path.endswith('_labels.npz')
+  assert r18_r50w2.get_config('global_bn').student.bn_group_size is None
+  with pytest.raises(ValueError, match="Unknown config variant 'fp8'"):
+    r18_r50w2.get_config('fp8')
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: throughput excludes the first (compiling) step and pauses; TensorBoard values.
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_chronometer_rates_and_eta():
+  clock = FakeClock()
+  chrono = progress.Chronometer(first_step=10, total_steps=110, global_batch_size=64,
+                                num_devices=4, clock=clock)
+  clock.now += 30.0          # step 11 compiles
+  chrono.tick(11)
+  assert chrono.images_per_second() is None
+  for step in range(12, 22):  # 10 steps of 0.5 s
+    clock.now += 0.5
+    chrono.tick(step)
+  with chrono.paused():      # a checkpoint save does not count
+    clock.now += 7.0
+  clock.now += 0.5
+  chrono.tick(22)
+  assert chrono.steps_per_second() == pytest.approx(2.0)
+  assert chrono.images_per_second() == pytest.approx(128.0)
+  assert chrono.eta_seconds() == pytest.approx((110 - 22) / 2.0)
+  assert chrono.core_hours() == pytest.approx((30 + 5.5 + 7) * 4 / 3600)
+  assert progress.format_duration(3725) == '1h02m'
+  assert progress.format_duration(90061) == '1d01h'
+
+
+def test_metric_writer_tensorboard_events(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  writer = progress.MetricWriter(str(tmp_path))
+  writer.log(5, {'loss': 3.25, 'top1': 12.5}, chrono=None)
+  writer.log(10, {'loss': 2.5, 'top1': 25.0}, chrono=None)
+  writer.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={'tensors': 0})
+  events.Reload()
+  values = {tag: [(event.step, float(tf.make_ndarray(event.tensor_proto)))
+                  for event in events.Tensors(tag)] for tag in events.Tags()['tensors']}
+  assert values == {'loss': [(5, 3.25), (10, 2.5)], 'top1': [(5, 12.5), (10, 25.0)]}
