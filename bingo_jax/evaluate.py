@@ -128,6 +128,7 @@ def _atomic_save(path: str, write) -> None:
   try:
     with os.fdopen(handle, 'wb') as f:
       write(f)
+    os.chmod(staging, 0o644)  # mkstemp creates 0600; results are meant to be shared
     os.replace(staging, path)
   except BaseException:
     if os.path.exists(staging):
@@ -202,11 +203,10 @@ def run_finetune(network, train_source, eval_source, config, workdir, mesh, writ
   if network is None:
     raise ValueError("--protocol finetune needs a network, not 'pixels'.")
   train_labels = _labelled(train_source, 'training split')
-  subset_dir = workdir if jax.process_index() == 0 else tempfile.mkdtemp()
   indices, split_path = subsets.finetune_subset(
-      _identifiers(train_source), train_labels, workdir=subset_dir,
+      _identifiers(train_source), train_labels, workdir=workdir,
       fraction=config.eval.finetune_fraction, seed=config.eval.seed,
-      split_file=config.eval.finetune_split_file)
+      split_file=config.eval.finetune_split_file, write=jax.process_index() == 0)
   metrics, _ = finetune.finetune(
       network, train_source, indices, eval_source,
       num_classes=_num_classes(train_source, eval_source), image_size=config.data.image_size,
@@ -261,10 +261,13 @@ def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> d
 
 def format_table(results: dict) -> str:
   """The metrics of a result record as an aligned two-column table."""
-  rows = [('protocol', results['protocol_label']), ('checkpoint', str(results['checkpoint']))]
+  label = results['metrics'].get('protocol', results['protocol_label'])
+  rows = [('protocol', label), ('checkpoint', str(results['checkpoint']))]
   for name, value in results['metrics'].items():
+    if name == 'protocol':  # already the first row
+      continue
     if isinstance(value, float):
-      value = f'{value:.2f}' if abs(value) >= 0.01 else f'{value:.4g}'
+      value = f'{value:.2f}' if abs(value) >= 10 else f'{value:.4g}'
     rows.append((name, str(value)))
   rows.append(('wall time', progress.format_duration(results['wall_seconds'])))
   width = max(len(name) for name, _ in rows)

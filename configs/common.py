@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.linear_lr = 30.0         # at batch 256
   config.eval.linear_min_lr = 0.01     # released main_lincls.py: cosine (per epoch) to 0.01
   config.eval.linear_fast_epochs = 100  # fast probe on cached centre-crop features
-  config.eval.linear_fast_lr = 0.1     # at batch 256, on standardised features
+  config.eval.linear_fast_lr = 10.0    # at batch 256, standardised features (linear.py)
   config.eval.finetune_fraction = 0.01
   config.eval.finetune_epochs = 60
   config.eval.finetune_split_file = ml_collections.FieldReference(None, field_type=str)  # SimCLR

@@ -19,19 +19,21 @@ def _separable(num, num_classes, dim, rng):
   return features.astype(np.float32), labels
 
 
-def test_fast_probe_on_separable_features_reaches_100_percent():
+@pytest.mark.parametrize('standardize', [True, False])
+def test_fast_probe_on_separable_features_reaches_100_percent(standardize):
   rng = np.random.default_rng(0)
   train, train_labels = _separable(512, 6, 20, rng)
   test, test_labels = _separable(200, 6, 20, rng)
   metrics, classifier = linear.train_linear_on_features(
       train, train_labels, test, test_labels, num_classes=6, epochs=5, batch_size=64,
-      base_lr=30.0, mesh=parallel.make_mesh(), progress=False)
+      base_lr=30.0, standardize=standardize, mesh=parallel.make_mesh(), progress=False)
   assert metrics['top1'] == 100.0
   assert metrics['protocol'] == 'fast linear probe on cached features'
-  # Independent check: the returned classifier, applied with numpy to the standardised
-  # features, classifies every test point correctly.
-  mean, std = train.mean(0), train.std(0)
-  logits = ((test - mean) / std) @ classifier['kernel'] + classifier['bias']
+  # Independent check: the returned classifier, applied with numpy to the transformed
+  # features (standardised, each dimension with variance 1 / D), classifies every test point.
+  if standardize:
+    test = (test - train.mean(0)) / (train.std(0) * np.sqrt(train.shape[1]))
+  logits = test @ classifier['kernel'] + classifier['bias']
   assert np.all(logits.argmax(1) == test_labels)
 
 

@@ -10,10 +10,10 @@ variables are never given to the optimizer nor written: they leave the probe bit
 
 ``train_linear_on_features`` is the *fast linear probe on cached features*: the same
 classifier and optimiser on centre-crop features computed once (no augmentation), the
-features standardised with the training split's per-dimension mean and standard deviation
-(lr 30 is tuned for ResNet pooled features; standardisation makes one learning rate work for
-any feature scale, raw pixels included). Its numbers are for quick comparisons only and are
-labelled as such everywhere they are reported.
+features standardised with the training split's per-dimension statistics and scaled to unit
+mean squared norm (``standardizer``), so that one learning rate (``eval.linear_fast_lr``) fits
+any feature scale and dimension, raw pixels included. Its numbers are for quick comparisons
+only and are labelled as such everywhere they are reported.
 """
 
 from __future__ import annotations
@@ -112,11 +112,16 @@ def evaluate_classifier(classifier: dict, features: np.ndarray, labels: np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 def standardizer(train_features: np.ndarray):
-  """``x -> (x - mean) / std`` with the training split's per-dimension statistics (float64
-  accumulation; constant dimensions keep std 1)."""
+  """``x -> (x - mean) / (std sqrt(D))`` with the training split's per-dimension statistics
+  (float64 accumulation; constant dimensions keep std 1).
+
+  Every dimension gets variance ``1 / D``, so a training row has squared norm 1 on average
+  whatever D and the feature scale are, and the size of an SGD step on the logits
+  (``lr x ||x||^2``) no longer depends on them: one learning rate fits 128-d random-network
+  features and 3072-d pixels alike."""
   mean = train_features.mean(0, dtype=np.float64)
   std = train_features.std(0, dtype=np.float64)
-  std = np.where(std > 1e-8, std, 1.0)
+  std = np.where(std > 1e-8, std, 1.0) * np.sqrt(train_features.shape[1])
   return lambda x: ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
 
 

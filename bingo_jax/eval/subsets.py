@@ -117,7 +117,8 @@ def write_split_file(path: str, indices: np.ndarray, identifiers: list[str]) -> 
 
 def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
                     fraction: float, seed: int = 0,
-                    split_file: Optional[str] = None) -> tuple[np.ndarray, str]:
+                    split_file: Optional[str] = None,
+                    write: bool = True) -> tuple[np.ndarray, str]:
   """The labelled subset of the fine-tuning protocol.
 
   Args:
@@ -127,6 +128,8 @@ def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
     fraction: labelled fraction (used when ``split_file`` is None).
     seed: draw seed.
     split_file: SimCLR-style split file to use instead of drawing.
+    write: write a drawn subset (process 0 only on multi-host runs; the draw itself is the
+      same on every process).
   Returns:
     ``(indices, path)``: sorted int64 indices and the split file they come from or were
     written to (``WORKDIR/finetune_subset_{fraction}_seed{seed}.txt``).
@@ -135,4 +138,6 @@ def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
     return read_split_file(split_file, identifiers), split_file
   indices = class_balanced_subset(labels, fraction, seed)
   path = os.path.join(workdir, f'finetune_subset_{fraction:g}_seed{seed}.txt')
-  return indices, write_split_file(path, indices, identifiers)
+  if write:
+    write_split_file(path, indices, identifiers)
+  return indices, path
