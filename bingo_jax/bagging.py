@@ -225,113 +225,140 @@ def knn_recall(found: np.ndarray, exact: np.ndarray) -> float:
   return hits / exact.size
 
 
-def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None,
-                  query_indices: Optional[np.ndarray] = None, query_batch_size: int = 1024, database_chunk_rows: int = 16384,
-                  dtype: Any = jnp.float32, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+class JaxKnnIndex:
   """Exact inner-product kNN on the accelerators: database rows sharded over the mesh.
 
   Every device holds ``N / devices`` database rows and scans them in chunks of
   ``database_chunk_rows`` against a replicated block of queries, keeping a running top-k
   (the ``(queries, chunk)`` similarity block is the only large temporary). The per-device
   top-k lists are then gathered and merged. The query's own index is masked out before any
-  top-k, so duplicates of the anchor cannot push it out of or into its bag.
+  top-k, so duplicates of the anchor cannot push it out of or into its bag. Building the
+  index places the database on the devices; ``search`` can then be called repeatedly.
 
   Args:
     features: ``(N, D)`` array or ``FeatureShards``.
     k: neighbours per query.
     mesh: device mesh (default: all devices).
-    query_indices: rows to search for (default: every row), ``(Q,)``.
     query_batch_size: queries per step (padded to a fixed size: one compilation).
     database_chunk_rows: database rows per similarity block on each device.
     dtype: storage / matmul dtype of the features on device (float32 by default; bfloat16
       halves memory at the price of near-ties being ordered differently).
-    progress: tqdm bar.
-  Returns:
-    ``(neighbors (Q, k) int32, scores (Q, k) float32)``.
   """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  rows = FeatureRows(features)
-  n, dim = rows.num_rows, rows.dim
-  if n <= k:
-    raise ValueError(f'kNN with k={k} needs more than {k} images, got {n}.')
-  num_devices = mesh.devices.size
-  chunk = min(database_chunk_rows, math.ceil(n / num_devices))
-  chunk = max(chunk, k)
-  chunks_per_device = math.ceil(n / (num_devices * chunk))
-  rows_per_device = chunks_per_device * chunk
-  padded_rows = rows_per_device * num_devices
 
-  def host_rows(index) -> np.ndarray:
-    start = index[0].start or 0
-    stop = min(index[0].stop or padded_rows, n)
-    out = np.zeros((rows_per_device, dim), np.float32)
-    if stop > start:
-      out[:stop - start] = rows.block(start, stop)
-    return out.astype(dtype)
+  def __init__(self, features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None,
+               query_batch_size: int = 1024, database_chunk_rows: int = 16384,
+               dtype: Any = jnp.float32):
+    self.mesh = parallel.make_mesh() if mesh is None else mesh
+    self.rows = FeatureRows(features)
+    self.k, self.query_batch_size, self.dtype = k, query_batch_size, dtype
+    n, dim = self.rows.num_rows, self.rows.dim
+    if n <= k:
+      raise ValueError(f'kNN with k={k} needs more than {k} images, got {n}.')
+    num_devices = self.mesh.devices.size
+    chunk = max(k, min(database_chunk_rows, math.ceil(n / num_devices)))
+    chunks_per_device = math.ceil(n / (num_devices * chunk))
+    rows_per_device = chunks_per_device * chunk
+    padded_rows = rows_per_device * num_devices
 
-  database_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
-  database = jax.make_array_from_callback((padded_rows, dim), database_sharding, host_rows)
-  precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    def host_rows(index) -> np.ndarray:
+      start = index[0].start or 0
+      stop = min(index[0].stop or padded_rows, n)
+      out = np.zeros((rows_per_device, dim), np.float32)
+      if stop > start:
+        out[:stop - start] = self.rows.block(start, stop)
+      return out.astype(dtype)
 
-  def local_top_k(queries, query_ids, database_rows):
-    # queries (B, D) and query_ids (B,) replicated; database_rows (rows_per_device, D).
-    device = jax.lax.axis_index(parallel.DATA_AXIS)
-    chunks = database_rows.reshape(chunks_per_device, chunk, dim)
-    first_ids = device * rows_per_device + jnp.arange(chunks_per_device) * chunk
+    # Each process builds only its own devices' rows (multi-host: no full copy per host).
+    self.database = jax.make_array_from_callback(
+        (padded_rows, dim), NamedSharding(self.mesh, P(parallel.DATA_AXIS)), host_rows)
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
-    def scan_chunk(best, inputs):
-      chunk_rows, first_id = inputs
-      ids = first_id + jnp.arange(chunk)
-      scores = jnp.matmul(queries, chunk_rows.T, precision=precision,
-                          preferred_element_type=jnp.float32)
-      invalid = (ids[None, :] >= n) | (ids[None, :] == query_ids[:, None])
-      scores = jnp.where(invalid, -jnp.inf, scores)
-      chunk_scores, chunk_positions = jax.lax.top_k(scores, k)
-      # Earlier chunks (lower ids) first: top_k keeps the earlier of equal scores.
-      all_scores = jnp.concatenate([best[0], chunk_scores], axis=1)
-      all_ids = jnp.concatenate([best[1], ids[chunk_positions]], axis=1)
-      top_scores, positions = jax.lax.top_k(all_scores, k)
-      return (top_scores, jnp.take_along_axis(all_ids, positions, axis=1)), None
+    def local_top_k(queries, query_ids, database_rows):
+      # queries (B, D) and query_ids (B,) replicated; database_rows (rows_per_device, D).
+      device = jax.lax.axis_index(parallel.DATA_AXIS)
+      chunks = database_rows.reshape(chunks_per_device, chunk, dim)
+      first_ids = device * rows_per_device + jnp.arange(chunks_per_device) * chunk
 
-    start = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
-             jnp.full((queries.shape[0], k), -1, jnp.int32))
-    # The running top-k differs per device (it depends on the device's rows).
-    start = jax.lax.pcast(start, (parallel.DATA_AXIS,), to='varying')
-    (best_scores, best_ids), _ = jax.lax.scan(scan_chunk, start, (chunks, first_ids))
-    return best_scores[None], best_ids[None]
+      def scan_chunk(best, inputs):
+        chunk_rows, first_id = inputs
+        ids = first_id + jnp.arange(chunk)
+        scores = jnp.matmul(queries, chunk_rows.T, precision=precision,
+                            preferred_element_type=jnp.float32)
+        invalid = (ids[None, :] >= n) | (ids[None, :] == query_ids[:, None])
+        scores = jnp.where(invalid, -jnp.inf, scores)
+        chunk_scores, chunk_positions = jax.lax.top_k(scores, k)
+        # Earlier chunks (lower ids) first: top_k keeps the earlier of equal scores.
+        all_scores = jnp.concatenate([best[0], chunk_scores], axis=1)
+        all_ids = jnp.concatenate([best[1], ids[chunk_positions]], axis=1)
+        top_scores, positions = jax.lax.top_k(all_scores, k)
+        return (top_scores, jnp.take_along_axis(all_ids, positions, axis=1)), None
 
-  sharded_top_k = jax.shard_map(
-      local_top_k, mesh=mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS)),
-      out_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)))
+      start = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
+               jnp.full((queries.shape[0], k), -1, jnp.int32))
+      # The running top-k differs per device (it depends on the device's rows).
+      start = jax.lax.pcast(start, (parallel.DATA_AXIS,), to='varying')
+      (best_scores, best_ids), _ = jax.lax.scan(scan_chunk, start, (chunks, first_ids))
+      return best_scores[None], best_ids[None]
 
-  @jax.jit
-  def search(queries, query_ids, database):
-    scores, ids = sharded_top_k(queries, query_ids, database)  # (devices, B, k)
-    scores = jnp.transpose(scores, (1, 0, 2)).reshape(queries.shape[0], -1)
-    ids = jnp.transpose(ids, (1, 0, 2)).reshape(queries.shape[0], -1)
-    top_scores, positions = jax.lax.top_k(scores, k)  # devices in id order: ties -> lower id
-    return top_scores, jnp.take_along_axis(ids, positions, axis=1)
+    sharded_top_k = jax.shard_map(
+        local_top_k, mesh=self.mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS)),
+        out_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)))
 
-  queries = np.arange(n) if query_indices is None else np.asarray(query_indices)
-  neighbors = np.empty((len(queries), k), np.int32)
-  scores_out = np.empty((len(queries), k), np.float32)
-  bar = _tqdm(len(queries), 'knn (jax exact)', progress and jax.process_index() == 0)
-  for first in range(0, len(queries), query_batch_size):
-    stop = min(first + query_batch_size, len(queries))
-    query_block = np.zeros((query_batch_size, dim), np.float32)
-    block_ids = queries[first:stop]
-    contiguous = block_ids[-1] - block_ids[0] == len(block_ids) - 1
-    query_block[:stop - first] = (rows.block(int(block_ids[0]), int(block_ids[-1]) + 1)
-                                  if contiguous else rows.rows(block_ids))
-    query_ids = np.full(query_batch_size, -1, np.int32)
-    query_ids[:stop - first] = block_ids
-    scores, ids = search(parallel.replicate(query_block.astype(dtype), mesh),
-                         parallel.replicate(query_ids, mesh), database)
-    neighbors[first:stop] = np.asarray(ids)[:stop - first]
-    scores_out[first:stop] = np.asarray(scores)[:stop - first]
-    bar.update(stop - first)
-  bar.close()
-  return neighbors, scores_out
+    @jax.jit
+    def search_block(queries, query_ids, database):
+      scores, ids = sharded_top_k(queries, query_ids, database)  # (devices, B, k)
+      scores = jnp.transpose(scores, (1, 0, 2)).reshape(queries.shape[0], -1)
+      ids = jnp.transpose(ids, (1, 0, 2)).reshape(queries.shape[0], -1)
+      top_scores, positions = jax.lax.top_k(scores, k)  # devices in id order: ties -> lower id
+      return top_scores, jnp.take_along_axis(ids, positions, axis=1)
+
+    self._search_block = search_block
+
+  def search(self, query_indices: Optional[np.ndarray] = None,
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """kNN of the given rows (default: every row).
+
+    Args:
+      query_indices: ``(Q,)`` rows to search for.
+      progress: tqdm bar (process 0).
+    Returns:
+      ``(neighbors (Q, k) int32, scores (Q, k) float32)``, best first.
+    """
+    rows, k, batch = self.rows, self.k, self.query_batch_size
+    queries = np.arange(rows.num_rows) if query_indices is None else np.asarray(query_indices)
+    neighbors = np.empty((len(queries), k), np.int32)
+    scores_out = np.empty((len(queries), k), np.float32)
+    bar = _tqdm(len(queries), 'knn (jax exact)', progress and jax.process_index() == 0)
+    for first in range(0, len(queries), batch):
+      stop = min(first + batch, len(queries))
+      block_ids = queries[first:stop]
+      query_block = np.zeros((batch, rows.dim), np.float32)
+      contiguous = block_ids[-1] - block_ids[0] == len(block_ids) - 1
+      query_block[:stop - first] = (rows.block(int(block_ids[0]), int(block_ids[-1]) + 1)
+                                    if contiguous else rows.rows(block_ids))
+      query_ids = np.full(batch, -1, np.int32)
+      query_ids[:stop - first] = block_ids
+      scores, ids = self._search_block(parallel.replicate(query_block.astype(self.dtype), self.mesh),
+                                       parallel.replicate(query_ids, self.mesh), self.database)
+      neighbors[first:stop] = np.asarray(ids)[:stop - first]
+      scores_out[first:stop] = np.asarray(scores)[:stop - first]
+      bar.update(stop - first)
+    bar.close()
+    return neighbors, scores_out
+
+
+def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None,
+                  query_indices: Optional[np.ndarray] = None, query_batch_size: int = 1024,
+                  database_chunk_rows: int = 16384, dtype: Any = jnp.float32,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """``JaxKnnIndex(features, k, ...).search(query_indices)``: see ``JaxKnnIndex``.
+
+  Returns:
+    ``(neighbors (Q, k) int32, scores (Q, k) float32)`` for ``query_indices`` (default all N).
+  """
+  index = JaxKnnIndex(features, k, mesh=mesh, query_batch_size=query_batch_size,
+                      database_chunk_rows=database_chunk_rows, dtype=dtype)
+  return index.search(query_indices, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,8 +514,7 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     else:  # kmeans
       groups = kmeans_groups(features, int(bags_config.num_clusters),
                              iterations=int(bags_config.kmeans_iterations),
-                             seed=int(bags_config.seed),
-                            class_names=bags_config.get('class_names'))
+                             seed=int(bags_config.seed))
       bags = bag_file.Bags.from_groups(groups, method=method,
                                        num_clusters=int(bags_config.num_clusters), **common)
     print(f'bags ({method}): {time.perf_counter() - started:.1f} s')

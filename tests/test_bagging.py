@@ -156,3 +156,10 @@ def test_compute_bags_writes_bag_file_and_report(tmp_path, method):
   assert report['purity'] == pytest.approx(
       bag_report.anchor_purity(loaded, source.labels).mean())
   assert (tmp_path / 'bag_report.png').stat().st_size > 1000
+  if method == 'random-teacher':
+    # k-means on the same (finished, so not recomputed) random-network features.
+    config.bags.method, config.bags.num_clusters = 'kmeans', 3
+    config.bags.path = str(tmp_path / 'kmeans.npz')
+    kmeans, _ = bagging.compute_bags(config, str(tmp_path), source=source, progress=False)
+    assert kmeans.kind == 'groups' and kmeans.metadata['num_clusters'] == 3
+    assert sorted(np.unique(kmeans.group_of)) == [0, 1, 2]
