@@ -97,12 +97,9 @@ class ResNet(nn.Module):
     self.stem = stem
     self.swav_stem = swav_stem
     if stem == 'imagenet':
-      if swav_stem:
-        self.padding = nn.ConstantPad2d(1, 0.0)
-        self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=2, bias=False)
-      else:
-        self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
+      self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
       self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+      self.use_swav_stem(swav_stem)
     else:
       self.conv1 = nn.Conv2d(3, base_width, 3, stride=1, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(base_width)
@@ -121,7 +118,16 @@ class ResNet(nn.Module):
         cin = planes * block_cls.expansion
       setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
     self.feature_dim = cin
+    self.set_head(head, num_classes, head_hidden_dim, head_output_dim, num_prototypes)
+
+  def set_head(self, head: Optional[str], num_classes: int = 1000, head_hidden_dim: int = 2048,
+               head_output_dim: int = 128, num_prototypes: int = 30) -> 'ResNet':
+    """Replaces the head (the backbone is kept, so one network serves every head)."""
+    for name in ('fc', 'projection_head', 'prototypes'):
+      if hasattr(self, name):
+        delattr(self, name)
     self.head = head
+    cin = self.feature_dim
     if head == 'linear':
       self.fc = nn.Linear(cin, num_classes)
     elif head == 'moco':
@@ -134,6 +140,15 @@ class ResNet(nn.Module):
       self.prototypes = nn.Linear(head_output_dim, num_prototypes, bias=False)
     elif head is not None:
       raise ValueError(head)
+    return self
+
+  def use_swav_stem(self, swav_stem: bool) -> 'ResNet':
+    """SwAV's stem: ``ConstantPad2d(1)`` then the 7x7 convolution with ``padding=2``."""
+    assert self.stem == 'imagenet'
+    self.swav_stem = swav_stem
+    self.padding = nn.ConstantPad2d(1, 0.0)
+    self.conv1.padding = (2, 2) if swav_stem else (3, 3)
+    return self
 
   def features(self, x: torch.Tensor) -> torch.Tensor:
     if self.swav_stem:
