@@ -46,7 +46,7 @@ def run_features_case(arch: str, base_width: int, image_size: int, batch: int,
   loaded = model_io.LoadedModel(model, init_variables(model, jax.random.key(0), image_size),
                                 config, {})
   mesh = parallel.make_mesh()
-  forward = features_lib.make_forward(loaded, mesh, normalize_features=True)
+  forward = features_lib.make_forward(model, mesh, normalize_features=True)
   variables = parallel.replicate(loaded.variables, mesh)
   rng = np.random.default_rng(0)
   batch_data = {'image': rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8),

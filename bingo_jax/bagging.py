@@ -25,6 +25,7 @@ Methods (``config.bags.method``):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -407,13 +408,29 @@ def kmeans_groups(features: FeatureInput, num_clusters: int, *, iterations: int 
 # The stage.
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def _jitted_init(model: Any, image_size: int):
+  # Cached per (model, size): a rerun in the same process (other method, same random
+  # network) does not compile the initialisation again.
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda rng: model.init(rng, images, train=False))
+
+
 def random_teacher(teacher_config: dict, *, image_size: int, seed: int) -> Any:
-  """A randomly initialised network of the given architecture (the paper's lower bound)."""
+  """A randomly initialised network of the given architecture (the paper's lower bound).
+
+  Args:
+    teacher_config: ``create_model`` keyword arguments (``None`` values dropped).
+    image_size: input side used to initialise.
+    seed: initialisation seed.
+  Returns:
+    A ``model_io.LoadedModel`` with ``metadata['random_init_seed']``.
+  """
   from bingo_jax import model_io
-  from bingo_jax.models import create_model, init_variables
+  from bingo_jax.models import create_model
   model_config = {key: value for key, value in teacher_config.items() if value is not None}
   model = create_model(**model_config)
-  variables = init_variables(model, jax.random.key(seed), image_size=image_size)
+  variables = dict(_jitted_init(model, image_size)(jax.random.key(seed)))
   return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
                               metadata={'random_init_seed': seed})
 
