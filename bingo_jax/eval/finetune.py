@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -191,6 +192,11 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
                                        'finetune/backbone_lr': lr,
                                        'finetune/classifier_lr': lr * classifier_lr_multiplier})
   bar.close()
+  if not np.isfinite(train_loss):
+    logging.warning('finetune: the training loss is %s after %d epochs: the learning rates '
+                    '(backbone %g, classifier %g at batch %d) are too high for this network; '
+                    'lower config.eval.finetune_lr.', train_loss, epochs, base_lr * scale,
+                    base_lr * scale * classifier_lr_multiplier, batch_size)
 
   host = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)  # noqa
   params, batch_stats = host(params), host(batch_stats)
@@ -211,6 +217,7 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
                                   'finetune/eval_top5': metrics['top5']})
   metrics.update({'protocol': 'semi-supervised fine-tuning (whole network, new classifier at '
                               f'{classifier_lr_multiplier:g}x the backbone lr)',
+                  'train_loss': train_loss, 'train_top1': train_top1,
                   'num_labelled': int(len(subset_indices)), 'epochs': epochs,
                   'batch_size': batch_size, 'backbone_lr': base_lr * scale,
                   'classifier_lr': base_lr * scale * classifier_lr_multiplier})

@@ -322,7 +322,8 @@ def train_linear_probe(loaded_model: Any, train_source: Any, eval_features: np.n
                                        'linear/eval_top1': metrics['top1'],
                                        'linear/eval_top5': metrics['top5']})
   bar.close()
-  metrics.update({'protocol': 'linear probe (released protocol: RandomResizedCrop + flip, '
+  metrics.update({'train_loss': train_loss, 'train_top1': train_top1,
+                  'protocol': 'linear probe (released protocol: RandomResizedCrop + flip, '
                               'frozen backbone, BatchNorm in eval mode)',
                   'epochs': epochs, 'batch_size': batch_size, 'learning_rate': learning_rate,
                   'num_train': int(len(train_source))})
