@@ -46,12 +46,14 @@ def purity_summary(bags: bag_file.Bags, labels: np.ndarray,
   labels = np.asarray(labels)
   purity = anchor_purity(bags, labels)
   valid = ~np.isnan(purity)
-  classes, counts = np.unique(labels, return_counts=True)
+  classes, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  # Per-class means with bincount: one pass, also for ImageNet's 1000 classes x 1.28M.
+  anchors = np.bincount(class_of[valid], minlength=len(classes))
+  sums = np.bincount(class_of[valid], weights=purity[valid], minlength=len(classes))
   per_class = {}
-  for c in classes:
-    in_class = valid & (labels == c)
+  for position, c in enumerate(classes):
     name = str(class_names[c]) if class_names is not None and c < len(class_names) else str(c)
-    per_class[name] = float(purity[in_class].mean()) if in_class.any() else None
+    per_class[name] = float(sums[position] / anchors[position]) if anchors[position] else None
   if bags.kind == 'groups':
     sizes = np.diff(bags.group_offsets)[bags.group_of] - 1
   else:

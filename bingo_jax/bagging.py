@@ -26,6 +26,7 @@ Methods (``config.bags.method``):
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -508,7 +509,16 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     common.update(teacher=teacher_record, feature_dim=features.feature_dim,
                   image_size=image_size)
     started = time.perf_counter()
-    if method == 'jax':
+    settings = {'kmeans': {'num_clusters': int(bags_config.num_clusters)},
+                'approx': {'k': k, 'index': bags_config.approx_index,
+                           'search_parameters': bags_config.approx_search_parameters}
+                }.get(method, {'k': k})
+    bags = _existing_bags(bag_path, dict(common, method=method, num_images=len(source),
+                                         **settings))
+    if bags is not None:
+      print(f'bag file {bag_path} already holds these bags (same method, settings, teacher and '
+            'images): kept. Delete it to recompute.')
+    elif method == 'jax':
       neighbors, _ = exact_knn_jax(features, k, mesh=mesh,
                                    query_batch_size=int(bags_config.query_batch_size),
                                    progress=progress)
@@ -537,7 +547,8 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     print(f'bags ({method}): {time.perf_counter() - started:.1f} s')
 
   if is_writer:
-    bag_path = bag_file.save_bags(bag_path, bags)
+    if bags.path is None:
+      bag_path = bag_file.save_bags(bag_path, bags)
     print(f'bag file: {bag_path}')
     bag_report.write_report(bags, source, workdir, num_anchors=int(bags_config.report_anchors),
                             members_shown=int(bags_config.report_members),
@@ -546,6 +557,19 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices('bingo_jax.bagging: bag file written')
   return bags if bags is not None else bag_file.load_bags(bag_path), bag_path
+
+
+def _existing_bags(path: str, expected: dict) -> Optional[bag_file.Bags]:
+  """The bag file at ``path`` if its metadata has every ``expected`` value, else None."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    bags = bag_file.load_bags(path)
+  except ValueError:
+    return None  # unreadable: recompute and replace it
+  same = all(json.dumps(bags.metadata.get(key), sort_keys=True) ==
+             json.dumps(value, sort_keys=True) for key, value in expected.items())
+  return bags if same else None
 
 
 def _describe_data(config) -> dict:

@@ -1,6 +1,7 @@
 """Bag methods against their definitions: numpy brute-force kNN, k-means, labels, purity."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -157,6 +158,11 @@ def test_compute_bags_writes_bag_file_and_report(tmp_path, method):
       bag_report.anchor_purity(loaded, source.labels).mean())
   assert (tmp_path / 'bag_report.png').stat().st_size > 1000
   if method == 'random-teacher':
+    # A rerun finds the finished features and the matching bag file: nothing is recomputed.
+    mtime = os.stat(path).st_mtime_ns
+    again, _ = bagging.compute_bags(config, str(tmp_path), source=source, progress=False)
+    assert os.stat(path).st_mtime_ns == mtime
+    np.testing.assert_array_equal(again.neighbors, loaded.neighbors)
     # k-means on the same (finished, so not recomputed) random-network features.
     config.bags.method, config.bags.num_clusters = 'kmeans', 3
     config.bags.path = str(tmp_path / 'kmeans.npz')
