@@ -25,7 +25,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from typing import Any, Iterator, Optional
 
 import jax
