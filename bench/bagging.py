@@ -1,6 +1,6 @@
 """Benchmark of the bagging stage: teacher features/s and kNN search time / memory per backend.
 
-  /work/venv/bin/python bench/bagging.py            # the whole table (~10 minutes, 2 cores)
+  /work/venv/bin/python bench/bagging.py            # the whole table (~14 min on the shared 2-core CPU)
   /work/venv/bin/python bench/bagging.py --quick    # N = 10k only
 
 Every case runs in its own subprocess so that its peak resident memory is its own. Search
