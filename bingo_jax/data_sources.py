@@ -19,10 +19,12 @@ numpy arrays (tests, small demos).
 from __future__ import annotations
 
 import abc
+import itertools
 import gzip
 import hashlib
 import logging
 import os
+import re
 import struct
 from typing import Iterable, Optional, Sequence
 
@@ -620,6 +622,70 @@ def fashion_mnist_source(split: str, data_dir: Optional[str] = None,
                      description=f"Fashion-MNIST files {files_dir} split '{split}'")
 
 
+class SubsetSource(ImageSource):
+  """A contiguous range ``[start, stop)`` of another source (a split written ``train[:20000]``).
+
+  Identifiers, and so the fingerprint, are those of the images in the range: bags made for a
+  subset are refused for the full split and the other way round.
+  """
+
+  def __init__(self, base: ImageSource, start: int, stop: int, description: str):
+    if not 0 <= start < stop <= len(base):
+      raise ValueError(f'{description}: range [{start}:{stop}] is empty or outside the '
+                       f'{len(base)} images of {base.description}.')
+    self.base, self.start, self.stop = base, start, stop
+    self.description = description
+    self.encoded = base.encoded
+    self.image_shape = base.image_shape
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def identifiers(self) -> Iterable[str]:
+    return itertools.islice(self.base.identifiers(), self.start, self.stop)
+
+  @property
+  def labels(self) -> Optional[np.ndarray]:
+    labels = self.base.labels
+    return None if labels is None else labels[self.start:self.stop]
+
+  @property
+  def num_classes(self) -> Optional[int]:
+    return self.base.num_classes
+
+  def read(self, index: int) -> np.ndarray:
+    return self.base.read(self.start + self._check_index(index))
+
+  def tf_read_batch(self, indices):
+    import tensorflow as tf
+    return self.base.tf_read_batch(tf.cast(indices, tf.int64) + self.start)
+
+  def tf_read_labeled_batch(self, indices):
+    import tensorflow as tf
+    return self.base.tf_read_labeled_batch(tf.cast(indices, tf.int64) + self.start)
+
+
+_SLICED_SPLIT = re.compile(r'^(?P<split>[^\[\]]+)\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\]$')
+
+
+def _parse_split(split: str) -> tuple[str, Optional[tuple[str, str]]]:
+  """``'train[:20000]'`` -> ``('train', ('', '20000'))``; ``'train'`` -> ``('train', None)``."""
+  if '[' not in split:
+    return split, None
+  match = _SLICED_SPLIT.match(split.strip())
+  if not match:
+    raise ValueError(f'Split {split!r} is not of the form name[start:stop] (integers or '
+                     'percentages, as TFDS: "train[:20000]", "train[10%:]").')
+  return match['split'], (match['start'], match['stop'])
+
+
+def _resolve_bound(bound: str, size: int, default: int) -> int:
+  if not bound:
+    return default
+  value = int(bound[:-1]) * size // 100 if bound.endswith('%') else int(bound)
+  return max(0, min(size, value + size if value < 0 else value))
+
+
 def make_source(data_config, split: str) -> ImageSource:
   """The image source ``config.data`` describes, for one split.
 
@@ -629,9 +695,17 @@ def make_source(data_config, split: str) -> ImageSource:
     split: split name (``config.data.train_split`` / ``eval_split``). For ``folder`` and
       ``filelist`` sources ``data.path`` may contain ``'{split}'``; otherwise ``path/split`` is
       used when it exists, else ``path`` itself.
+      A split may select a contiguous range as TFDS does: ``train[:20000]``, ``train[50%:]``
+      (``SubsetSource``).
   Returns:
     An ``ImageSource``.
   """
+  base_split, bounds = _parse_split(split)
+  if bounds is not None:
+    base = make_source(data_config, base_split)
+    start = _resolve_bound(bounds[0], len(base), 0)
+    stop = _resolve_bound(bounds[1], len(base), len(base))
+    return SubsetSource(base, start, stop, f'{base.description} [{start}:{stop}]')
   get = lambda key, default=None: data_config.get(key, default)  # noqa: E731
   kind = get('source')
   if kind == 'tfds':

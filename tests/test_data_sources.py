@@ -4,6 +4,7 @@
 import hashlib
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -153,3 +154,26 @@ def test_tfds_grayscale_images_read_as_rgb():
       image = source.read(2)
       assert image.shape == (28, 28, 3)
       assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+
+
+def test_sliced_split_is_the_matching_range_of_the_full_split(image_folder):
+  root, _ = image_folder
+  config = ml_collections.ConfigDict({'source': 'folder', 'path': str(root)})
+  full = data_sources.make_source(config, 'train')
+  n = len(full)
+  head = data_sources.make_source(config, 'train[:3]')
+  tail = data_sources.make_source(config, 'train[50%:]')
+  assert len(head) == 3 and len(tail) == n - n // 2
+  np.testing.assert_array_equal(head.labels, full.labels[:3])
+  np.testing.assert_array_equal(tail.read(0), full.read(n // 2))
+  np.testing.assert_array_equal(tail.labels, full.labels[n // 2:])
+  # Batched TF reads are offset too: compare decoded bytes with the full source's.
+  encoded_tail = tail.tf_read_batch(tf.constant([0, 1], tf.int64))
+  encoded_full = full.tf_read_batch(tf.constant([n // 2, n // 2 + 1], tf.int64))
+  np.testing.assert_array_equal(encoded_tail.numpy(), encoded_full.numpy())
+  assert list(head.identifiers()) == list(full.identifiers())[:3]
+  assert head.fingerprint != full.fingerprint
+  with pytest.raises(ValueError, match=r'train\[:x\]'):
+    data_sources.make_source(config, 'train[:x]')
+  with pytest.raises(ValueError, match='outside'):
+    data_sources.make_source(config, f'train[{n}:]')
