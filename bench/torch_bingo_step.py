@@ -150,4 +150,4 @@ class TorchBingoStep:
     batch = k.shape[0]
     self.queue[self.pointer:self.pointer + batch] = k
     self.pointer = (self.pointer + batch) % self.queue.shape[0]
-    return float(loss)
+    return loss.item()

@@ -88,7 +88,7 @@ def bench_jax(config, batch_size: int, image_size: int, mesh) -> dict:
     teacher, teacher_variables, teacher_name = loaded.model, loaded.variables, config.teacher.path
   else:
     teacher = create_model(_TEACHER_ARCH.value, 'moco', bn_group_size=teacher_group,
-                           dtype=compute_dtype)
+                           head_output_dim=config.student.head_output_dim, dtype=compute_dtype)
     teacher_variables = init_variables(teacher, jax.random.key(1))
     teacher_name = f'random {_TEACHER_ARCH.value}'
   steps_per_epoch = 5000
@@ -110,17 +110,12 @@ def bench_jax(config, batch_size: int, image_size: int, mesh) -> dict:
   # the number of devices.
   flops = float(cost['flops']) * mesh.devices.size
 
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, teacher_variables, batch)
-  jax.block_until_ready(state)
-
   def one_step():
     nonlocal state
     state, metrics = compiled(state, teacher_variables, batch)
     jax.block_until_ready(metrics)
-  seconds = _median_seconds(one_step, _STEPS.value)
   return {'implementation': f'JAX jit ({jax.default_backend()}, {mesh.devices.size} dev)',
-          'seconds': seconds, 'flops': flops, 'compile_seconds': compile_seconds,
+          'run_step': one_step, 'flops': flops, 'compile_seconds': compile_seconds,
           'teacher': teacher_name, 'dtype': compute_dtype}
 
 
@@ -130,12 +125,29 @@ def bench_torch(config, batch_size: int, image_size: int, teacher_arch: str) -> 
   step = TorchBingoStep(config.student.arch, teacher_arch, batch_size,
                         config.train.queue_size, config.train.temperature)
   views = [torch.randn(batch_size, 3, image_size, image_size) for _ in range(4)]
-  for _ in range(_WARMUP.value):
-    step(*views)
-  seconds = _median_seconds(lambda: step(*views), _STEPS.value)
   return {'implementation': f'PyTorch {torch.__version__} eager (cpu, '
                             f'{torch.get_num_threads()} threads)',
-          'seconds': seconds, 'dtype': 'float32'}
+          'run_step': lambda: step(*views), 'dtype': 'float32'}
+
+
+def time_interleaved(rows: list[dict], steps: int, warmup: int) -> None:
+  """Median step time of each row, the rows' steps alternating.
+
+  On a shared machine the load drifts; alternating the implementations step by step exposes
+  them to the same conditions, so their ratio is meaningful even when absolute times are not.
+  """
+  for row in rows:
+    for _ in range(warmup):
+      row['run_step']()
+  times = [[] for _ in rows]
+  for _ in range(steps):
+    for row, row_times in zip(rows, times):
+      began = time.perf_counter()
+      row['run_step']()
+      row_times.append(time.perf_counter() - began)
+  for row, row_times in zip(rows, times):
+    row['seconds'] = float(np.median(row_times))
+    row['all_seconds'] = row_times
 
 
 def main(argv) -> None:
@@ -154,22 +166,30 @@ def main(argv) -> None:
         f'{image_size} px, {config.train.compute_dtype}, queue {config.train.queue_size}')
   print(f'# machine: {platform.machine()} {platform.processor() or ""}, {os.cpu_count()} CPUs, '
         f'JAX {jax.__version__} on {backend} ({devices[0].device_kind})')
-  peak = jax_peak_flops(dtype, matmul_size) * len(devices)
-  print(f'# measured peak ({matmul_size}^2 matmul, {dtype.name}, {len(devices)} dev): '
-        f'{peak / 1e9:.1f} GFLOP/s')
+  # The peak is the best of a measurement before and one after the steps (shared machines).
+  peak_before = jax_peak_flops(dtype, matmul_size)
   rows = [bench_jax(config, batch_size, image_size, mesh)]
-  rows[0]['peak'] = peak
   print(f'# teacher: {rows[0]["teacher"]}; XLA compile {rows[0]["compile_seconds"]:.1f} s')
-  if _TORCH.value:
+  torch_comparable = config.student.base_width is None and config.student.stem == 'imagenet'
+  if _TORCH.value and not torch_comparable:
+    print('# --torch skipped: the PyTorch step builds standard-width ImageNet-stem ResNets only.')
+  if _TORCH.value and torch_comparable:
     teacher_arch = (_TEACHER_ARCH.value if not (config.teacher.path and
                                                 os.path.exists(config.teacher.path))
                     else model_io.read_record(config.teacher.path)['model']['arch'])
-    torch_row = bench_torch(config, batch_size, image_size, teacher_arch)
-    torch_row['flops'] = rows[0]['flops']
-    torch_row['peak'] = torch_peak_flops(matmul_size)
-    print(f'# PyTorch measured peak ({matmul_size}^2 matmul, float32): '
-          f'{torch_row["peak"] / 1e9:.1f} GFLOP/s')
-    rows.append(torch_row)
+    torch_peak_before = torch_peak_flops(matmul_size)
+    rows.append(bench_torch(config, batch_size, image_size, teacher_arch))
+  time_interleaved(rows, _STEPS.value, _WARMUP.value)
+  rows[0]['peak'] = max(peak_before, jax_peak_flops(dtype, matmul_size)) * len(devices)
+  print(f'# JAX peak ({matmul_size}^2 matmul, {dtype.name}, {len(devices)} dev): '
+        f'{rows[0]["peak"] / 1e9:.1f} GFLOP/s')
+  if len(rows) == 2:
+    rows[1]['flops'] = rows[0]['flops']
+    rows[1]['peak'] = max(torch_peak_before, torch_peak_flops(matmul_size))
+    print(f'# PyTorch peak ({matmul_size}^2 matmul, float32): {rows[1]["peak"] / 1e9:.1f} GFLOP/s')
+  for row in rows:
+    print(f'# {row["implementation"]} step times (s): '
+          + ', '.join(f'{t:.2f}' for t in row['all_seconds']))
 
   print('| implementation | step (ms) | images/s | GFLOP/step | achieved GFLOP/s | MFU |')
   print('|---|---|---|---|---|---|')

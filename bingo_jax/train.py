@@ -231,8 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state, stored_progress = checkpointer.restore(start_step, state)
-    _check_resumable(stored_progress, config, checkpointer.directory, start_step)
+    try:
+      state, stored_progress = checkpointer.restore(start_step, state)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{checkpointer.directory}/{start_step} does not fit this config '
+                       f'(student, queue size or optimizer changed?): {e}. Use a new --workdir.'
+                       ) from e
+    _check_resumable(stored_progress, {'global_batch_size': global_batch_size,
+                                       'seed': config.train.seed,
+                                       'steps_per_epoch': steps_per_epoch},
+                     checkpointer.directory, start_step)
     logging.info('Resumed from %s/%d.', checkpointer.directory, start_step)
 
   # ---- the step ----
@@ -321,15 +329,20 @@ def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
   return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
 
 
-def _check_resumable(stored: dict, config: ml_collections.ConfigDict, directory: str,
-                     step: int) -> None:
-  """A different batch size or seed would silently change the data order after resuming."""
-  for key, current in (('global_batch_size', config.train.batch_size),
-                       ('seed', config.train.seed)):
-    if key in stored and stored[key] != current:
-      raise ValueError(f'{directory}/{step} was trained with {key} = {stored[key]} but this '
-                       f'config has {current}; resuming would not reproduce the data order. '
-                       'Use a new --workdir or the original value.')
+def _check_resumable(stored: dict, current: dict, directory: str, step: int) -> None:
+  """Refuses to resume when the data order would differ from the interrupted run's.
+
+  Args:
+    stored: the checkpoint's progress record.
+    current: this run's ``global_batch_size``, ``seed`` and ``steps_per_epoch`` (the latter
+      changes with the number of training images).
+    directory, step: the checkpoint, for the message.
+  """
+  for key, value in current.items():
+    if key in stored and stored[key] != value:
+      raise ValueError(f'{directory}/{step} was trained with {key} = {stored[key]} but this run '
+                       f'has {value}; resuming would not reproduce the data order. Use a new '
+                       '--workdir or the original setting.')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from configs import common, variants
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.student.arch = 'efficientnet_b0'
-  config.teacher.path = 'teachers/swav_r50w2'
-  config.bags.path = 'bags/imagenet_swav_r50w2_knn5.npz'
+  config.teacher.path = 'teachers/r50w2_swav'
+  config.bags.path = 'bags/imagenet_r50w2_swav_knn5.npz'
   # EfficientNet-B0 students use a sharper temperature and lighter weight decay (SPEC.md 5).
   config.train.temperature = 0.12
   config.train.weight_decay = 4e-5

@@ -20,6 +20,6 @@ from configs import common, variants
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.student.arch = 'resnet18'
-  config.teacher.path = 'teachers/mocov2_r50'
-  config.bags.path = 'bags/imagenet_mocov2_r50_knn5.npz'
+  config.teacher.path = 'teachers/r50_mocov2'
+  config.bags.path = 'bags/imagenet_r50_mocov2_knn5.npz'
   return variants.apply_variants(config, arg)

@@ -20,6 +20,6 @@ from configs import common, variants
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.student.arch = 'resnet34'
-  config.teacher.path = 'teachers/swav_r50w2'
-  config.bags.path = 'bags/imagenet_swav_r50w2_knn5.npz'
+  config.teacher.path = 'teachers/r50w2_swav'
+  config.bags.path = 'bags/imagenet_r50w2_swav_knn5.npz'
   return variants.apply_variants(config, arg)

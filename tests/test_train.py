@@ -201,11 +201,11 @@ def test_inconsistent_config_is_named(tiny_inputs, tmp_path, no_compilation, ove
 # Configs: the released hyper-parameters (SPEC.md 5) and the variants.
 
 EXPERIMENTS = {  # config -> (student, teacher file, tau, weight decay)
-    'r18_r50w2': ('resnet18', 'teachers/swav_r50w2', 0.2, 1e-4),
-    'r18_r50': ('resnet18', 'teachers/mocov2_r50', 0.2, 1e-4),
-    'r34_r50w2': ('resnet34', 'teachers/swav_r50w2', 0.2, 1e-4),
-    'r34_r152': ('resnet34', 'teachers/mocov2_r152', 0.2, 1e-4),
-    'effb0_r50w2': ('efficientnet_b0', 'teachers/swav_r50w2', 0.12, 4e-5),
+    'r18_r50w2': ('resnet18', 'teachers/r50w2_swav', 0.2, 1e-4),
+    'r18_r50': ('resnet18', 'teachers/r50_mocov2', 0.2, 1e-4),
+    'r34_r50w2': ('resnet34', 'teachers/r50w2_swav', 0.2, 1e-4),
+    'r34_r152': ('resnet34', 'teachers/r152_mocov2', 0.2, 1e-4),
+    'effb0_r50w2': ('efficientnet_b0', 'teachers/r50w2_swav', 0.12, 4e-5),
 }
 
 
@@ -283,3 +283,13 @@ def test_metric_writer_tensorboard_events(tmp_path):
   values = {tag: [(event.step, float(tf.make_ndarray(event.tensor_proto)))
                   for event in events.Tensors(tag)] for tag in events.Tags()['tensors']}
   assert values == {'loss': [(5, 3.25), (10, 2.5)], 'top1': [(5, 12.5), (10, 25.0)]}
+
+
+def test_resume_with_another_data_order_is_refused():
+  stored = {'step': 6, 'global_batch_size': 256, 'seed': 0, 'steps_per_epoch': 5004}
+  train._check_resumable(stored, {'global_batch_size': 256, 'seed': 0, 'steps_per_epoch': 5004},
+                         'runs/x/checkpoints', 6)
+  with pytest.raises(ValueError, match='runs/x/checkpoints/6 was trained with '
+                                       'global_batch_size = 256 but this run has 512'):
+    train._check_resumable(stored, {'global_batch_size': 512, 'seed': 0,
+                                    'steps_per_epoch': 2502}, 'runs/x/checkpoints', 6)
