@@ -84,9 +84,12 @@ def describe_network(network: Optional[model_io.LoadedModel]) -> dict:
 def pixel_features(source: Any, image_size: int, batch_size: int = 512) -> np.ndarray:
   """Centre-cropped, mean/std-normalised pixels as ``(N, image_size**2 * 3)`` float32 features
   (every process computes all of them: this is a cheap baseline)."""
+  from tqdm.auto import tqdm
   rows = np.zeros((len(source), image_size * image_size * 3), np.float32)
-  for batch in features_lib.eval_batches(source, 0, len(source), image_size=image_size,
-                                         local_batch_size=batch_size):
+  batches = features_lib.eval_batches(source, 0, len(source), image_size=image_size,
+                                      local_batch_size=batch_size)
+  for batch in tqdm(batches, desc='pixels', unit='batch', total=-(-len(source) // batch_size),
+                    disable=jax.process_index() != 0):
     mask = batch['mask']
     flat = np.asarray(images_lib.normalize(batch['image'])).reshape(len(mask), -1)
     rows[batch['index'][mask]] = flat[mask]

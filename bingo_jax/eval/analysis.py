@@ -255,8 +255,8 @@ def plot_embedding(embedding: np.ndarray, labels: np.ndarray,
   Returns:
     The ``matplotlib.figure.Figure`` (no pyplot state is touched).
   """
-  from matplotlib.figure import Figure  # plotting is only needed by the analysis protocol
-  import matplotlib.cm
+  import matplotlib  # plotting is only needed by the analysis protocol
+  from matplotlib.figure import Figure
 
   classes = np.unique(labels)
   colours = matplotlib.colormaps['tab10' if len(classes) <= 10 else 'tab20']

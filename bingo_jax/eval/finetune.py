@@ -180,8 +180,13 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
         process_index=jax.process_index(), process_count=jax.process_count()):
       params, batch_stats, opt_state, step_metrics = step_fn(
           params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
+      if epoch_metrics:
+        # At most two steps in flight: the host must not queue a whole epoch of batches on
+        # the devices, and the progress bar's ETA then measures finished steps.
+        jax.block_until_ready(epoch_metrics[-1])
+        bar.update(1)
       epoch_metrics.append(step_metrics)
-      bar.update(1)
+    bar.update(1)
     train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
     train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
     lr = float(linear.cosine_epoch_lr(base_lr * scale, epoch, epochs, min_lr * scale))

@@ -309,8 +309,13 @@ def train_linear_probe(loaded_model: Any, train_source: Any, eval_features: np.n
       classifier, opt_state, step_metrics = step_fn(
           classifier, opt_state, backbone_variables,
           parallel.global_batch(local_batch, mesh), lr)
+      if epoch_metrics:
+        # At most two steps in flight: the host must not queue a whole epoch of batches on
+        # the devices, and the progress bar's ETA then measures finished steps.
+        jax.block_until_ready(epoch_metrics[-1])
+        bar.update(1)
       epoch_metrics.append(step_metrics)
-      bar.update(1)
+    bar.update(1)
     train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
     train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
     metrics = evaluate_classifier(classifier, eval_features, eval_labels, mesh)
