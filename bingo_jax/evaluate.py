@@ -311,7 +311,9 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
   network = load_network(checkpoint, config, step)
   train_source = data_sources.make_source(config.data, config.data.train_split)
   eval_source = data_sources.make_source(config.data, config.data.eval_split)
-  writer = progress.MetricWriter(os.path.join(workdir, 'tensorboard', protocol))
+  # TensorBoard for the protocols that train; kNN and analysis have no curves to show.
+  writer = (progress.MetricWriter(os.path.join(workdir, 'tensorboard', protocol))
+            if protocol in ('linear', 'linear_fast', 'finetune') else None)
   try:
     if protocol == 'knn':
       metrics = run_knn(network, train_source, eval_source, config, workdir, mesh)
@@ -325,7 +327,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
     else:
       metrics = run_analysis(network, train_source, eval_source, config, workdir, mesh)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
   results = {'protocol': protocol, 'protocol_label': PROTOCOL_LABELS[protocol],
              'checkpoint': checkpoint, 'step': step, 'model': describe_network(network),
              'data': {'train': train_source.description, 'eval': eval_source.description,

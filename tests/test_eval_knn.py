@@ -103,3 +103,33 @@ def test_too_few_training_examples_is_a_clear_error():
   with pytest.raises(ValueError, match='only 5 examples'):
     knn.knn_classify(np.ones((5, 3)), np.zeros(5, int), np.ones((2, 3)), num_classes=2,
                      k=10, weighted_k=20, progress=False)
+
+
+def test_cli_driver_writes_json_and_table_for_pixel_knn(tmp_path, capsys):
+  """End to end through ``evaluate.evaluate``: an image folder, the ``pixels`` baseline."""
+  from PIL import Image
+
+  from bingo_jax import evaluate
+  from configs import common
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 12), ('val', 6)):
+    for label, (low, high) in enumerate(((0, 60), (190, 256))):
+      (tmp_path / 'data' / split / f'class{label}').mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(low, high, (10, 10, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / 'data' / split / f'class{label}' / f'{i}.png')
+  config = common.base_config()
+  config.data.source = 'folder'
+  config.data.path = str(tmp_path / 'data' / '{split}')
+  config.data.train_split, config.data.eval_split = 'train', 'val'
+  config.data.image_size = 8
+  config.eval.batch_size = 8
+  config.eval.knn_k, config.eval.knn_weighted_k = 3, 10
+  results = evaluate.evaluate(config, 'pixels', 'knn', str(tmp_path / 'out'),
+                              mesh=parallel.make_mesh())
+  assert results['metrics']['knn3_top1'] == 100.0
+  assert results['data']['num_train'] == 24 and results['data']['num_eval'] == 12
+  import json
+  with open(tmp_path / 'out' / 'eval_knn.json') as f:
+    assert json.load(f)['metrics']['weighted_knn10_top1'] == 100.0
+  assert 'knn3_top1' in capsys.readouterr().out
