@@ -12,7 +12,12 @@ How the networks are called follows the released ``moco/builder.py``:
   ``config.student.bn_group_size`` examples of the global batch (released: each GPU's 32
   images), and the running statistics are updated three times in that order, as the three
   ``encoder_q`` calls do. One concatenated call would give the same outputs and gradients
-  (the groups never straddle two views) but a single running-statistics update.
+  (the groups never straddle two views) but a single running-statistics update. (Released
+  DDP broadcasts GPU 0's buffers at every forward, so its stored running statistics follow
+  GPU 0's group alone; ``layers.BatchNorm`` averages the groups' statistics instead.)
+* CutMix (``config.train.cutmix``): ``'batch'`` draws one box for the global batch
+  (SPEC.md 2); the released loop draws one per GPU batch, which ``'group'`` reproduces with
+  the student's BatchNorm groups; ``'sample'`` one per example.
 * The teacher embeds ``key`` and ``pos_k`` under ``stop_gradient``. ``bn_mode='shuffle'``
   (released): training-mode BatchNorm on groups of ``config.teacher.bn_group_size`` examples
   of a freshly permuted global batch (a separate permutation for each view), outputs
