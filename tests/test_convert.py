@@ -194,6 +194,8 @@ def test_full_size_parity_and_round_trip(arch, tmp_path):
       features, head_output = forward(converted.model_config, converted.variables, x)
       want_features, want_head = expected[size]
       errors = (relative_error(features, want_features), relative_error(head_output, want_head))
+      print(f'{case} at {size} px: relative errors {errors[0]:.1e} (features), '
+            f'{errors[1]:.1e} (head)')  # shown with pytest -s
       if max(errors) > TOLERANCE:
         failures.append(f'{case} at {size} px: relative errors features {errors[0]:.2e}, '
                         f'head {errors[1]:.2e}')

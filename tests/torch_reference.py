@@ -185,23 +185,32 @@ def randomize_(model: nn.Module, calibration_images: torch.Tensor, seed: int = 0
   parameters and biases are random; ``num_batches_tracked`` gets distinct values.
   """
   generator = torch.Generator().manual_seed(seed)
+  # The norm closing each residual branch gets a small scale, as in trained ResNets: a random
+  # 152-layer network with unit scales there is chaotic (it amplifies float rounding).
+  branch_ends = set()
   for module in model.modules():
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-      module.reset_running_stats()
-      module.momentum = None  # cumulative average: after one batch, the batch statistics
+    if isinstance(module, Bottleneck):
+      branch_ends.add(module.bn3)
+    elif isinstance(module, BasicBlock):
+      branch_ends.add(module.bn2)
+  norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+  for module in norms:
+    c = module.num_features
+    low, high = (0.2, 0.5) if module in branch_ends else (0.5, 1.2)
+    module.weight.copy_(torch.empty(c).uniform_(low, high, generator=generator))
+    module.bias.copy_(0.1 * torch.randn(c, generator=generator))
+    module.reset_running_stats()
+    module.momentum = None  # cumulative average: after one batch, the batch statistics
   model.train()
   model(calibration_images)
-  for index, module in enumerate(model.modules()):
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-      c = module.num_features
-      module.momentum = 0.1
-      module.running_mean += 0.1 * torch.randn(c, generator=generator) * \
-          module.running_var.sqrt()
-      module.running_var *= torch.empty(c).uniform_(0.7, 1.3, generator=generator)
-      module.weight.copy_(torch.empty(c).uniform_(0.5, 1.2, generator=generator))
-      module.bias.copy_(0.1 * torch.randn(c, generator=generator))
-      module.num_batches_tracked.fill_(1000 + index)
-    elif isinstance(module, nn.Linear) and module.bias is not None:
+  for index, module in enumerate(norms):
+    c = module.num_features
+    module.momentum = 0.1
+    module.running_mean += 0.1 * torch.randn(c, generator=generator) * module.running_var.sqrt()
+    module.running_var *= torch.empty(c).uniform_(0.7, 1.3, generator=generator)
+    module.num_batches_tracked.fill_(1000 + index)
+  for module in model.modules():
+    if isinstance(module, nn.Linear) and module.bias is not None:
       module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
   model.eval()
   return model
