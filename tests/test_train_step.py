@@ -163,7 +163,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
   # The released shuffle: permute the global batch, each "GPU" normalises its group of
   # consecutive permuted examples, outputs go back to their original rows.
   permutation = np.asarray(jax.random.permutation(rng, batch))
-  nchw = torch.from_numpy(images).permute(0, 3, 1, 2)[permutation]
+  nchw = torch.tensor(images).permute(0, 3, 1, 2)[permutation]
   with torch.no_grad():
     shuffled = torch.cat([torch_teacher(chunk) for chunk in nchw.split(group)])
   expected = torch.empty_like(shuffled)
@@ -173,7 +173,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
   # Groups of the unshuffled batch would give other embeddings: the test sees the shuffle.
   with torch.no_grad():
     unshuffled = torch.cat([torch_teacher(chunk) for chunk in
-                            torch.from_numpy(images).permute(0, 3, 1, 2).split(group)])
+                            torch.tensor(images).permute(0, 3, 1, 2).split(group)])
   assert not np.allclose(np.asarray(ours),
                          torch.nn.functional.normalize(unshuffled, dim=1).numpy(), atol=1e-3)
 
@@ -185,7 +185,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
       variables['batch_stats']['bn']['var'])))
   with torch.no_grad():
     expected_frozen = torch.nn.functional.normalize(
-        torch_teacher(torch.from_numpy(images).permute(0, 3, 1, 2)), dim=1)
+        torch_teacher(torch.tensor(images).permute(0, 3, 1, 2)), dim=1)
   np.testing.assert_allclose(np.asarray(frozen), expected_frozen.numpy(), atol=2e-6)
 
 
