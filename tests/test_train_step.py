@@ -162,7 +162,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
   torch_teacher.train()
   # The released shuffle: permute the global batch, each "GPU" normalises its group of
   # consecutive permuted examples, outputs go back to their original rows.
-  permutation = np.asarray(jax.random.permutation(rng, batch))
+  permutation = torch.from_numpy(np.array(jax.random.permutation(rng, batch)))
   nchw = torch.tensor(images).permute(0, 3, 1, 2)[permutation]
   with torch.no_grad():
     shuffled = torch.cat([torch_teacher(chunk) for chunk in nchw.split(group)])
