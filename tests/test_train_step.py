@@ -179,9 +179,9 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
 
   frozen = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), 'frozen', rng)
   torch_teacher.eval()
-  torch_teacher[1].running_mean.copy_(torch.from_numpy(np.asarray(
+  torch_teacher[1].running_mean.copy_(torch.from_numpy(np.array(
       variables['batch_stats']['bn']['mean'])))
-  torch_teacher[1].running_var.copy_(torch.from_numpy(np.asarray(
+  torch_teacher[1].running_var.copy_(torch.from_numpy(np.array(
       variables['batch_stats']['bn']['var'])))
   with torch.no_grad():
     expected_frozen = torch.nn.functional.normalize(
