@@ -9,7 +9,6 @@ torch SGD with momentum and weight decay, and the FIFO queue update.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

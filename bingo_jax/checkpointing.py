@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from bingo_jax import model_io
 from bingo_jax.models import create_model
@@ -40,8 +39,6 @@ STUDENT_RECORD = 'student_model.json'
 CONFIG_RECORD = 'config.json'
 _STATE = 'state'
 _PROGRESS = 'progress'
-# Marks RNG leaves stored as raw key data (orbax stores plain arrays, not typed PRNG keys).
-_KEY_IMPL_FIELD = 'rng_impl'
 
 
 def _is_prng_key(x: Any) -> bool:
