@@ -1,9 +1,16 @@
 """Test set-up: 8 virtual CPU devices, so that sharded code paths run on this CPU."""
 
 import os
+import tempfile
 
 # Must happen before jax is imported by any test module.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# XLA compilation dominates the suite's time on a CPU (tiny models, big graphs). A persistent
+# cache lets tests, pytest-xdist workers and the CLI subprocesses the tests start reuse each
+# other's compiled programs.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'bingo_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
