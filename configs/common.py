@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.queue_size = 65536
   config.train.loss = 'bingo'          # 'bingo' (released) | 'paper' (Eq. 8/9: intra + inter)
   config.train.own_only_epochs = 11    # (w_own, w_oth) = (1, 0) for epochs 0..10
-  config.train.cutmix = 'batch'        # 'batch' (released: one box) | 'sample' | 'none'
+  config.train.cutmix = 'batch'        # 'batch' (SPEC: one box) | 'group' (one per BN group,
+                                       # as each released GPU process draws) | 'sample' | 'none'
   config.train.cutmix_beta = 2.0
   config.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
   config.train.log_every_steps = 50
