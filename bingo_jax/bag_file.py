@@ -25,10 +25,11 @@ import dataclasses
 import datetime
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
+
+from bingo_jax import fileio
 
 FORMAT_VERSION = 1
 _METADATA_KEY = 'metadata_json'
@@ -322,17 +323,7 @@ def save_bags(path: str, bags: Bags) -> str:
   arrays = {key: getattr(bags, key) for key in keys}
   record = dict(bags.metadata, kind=bags.kind)
   arrays[_METADATA_KEY] = np.array(json.dumps(record, sort_keys=True))
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=parent)
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
+  fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
   return path
 
 

@@ -9,13 +9,12 @@ class) is ``sum_c p_c^2``.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 
+from bingo_jax import fileio
 from bingo_jax import bag_file
 
 
@@ -120,16 +119,10 @@ def draw_bag_grid(bags: bag_file.Bags, source: Any, path: str, *, num_anchors: i
   figure.suptitle(f'{bags.method} bags: anchor, then bag members (green: same label)',
                   fontsize=8)
   figure.tight_layout()
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', suffix='.png',
-                                     dir=os.path.dirname(os.path.abspath(path)))
-  os.close(handle)
   try:
-    figure.savefig(staging, dpi=110)
-    os.replace(staging, path)
+    fileio.atomic_write(path, lambda f: figure.savefig(f, format='png', dpi=110))
   finally:
     plt.close(figure)
-    if os.path.exists(staging):
-      os.remove(staging)
   return path
 
 
@@ -159,10 +152,7 @@ def write_report(bags: bag_file.Bags, source: Any, directory: str, *, num_anchor
                                  num_anchors=num_anchors, members_shown=members_shown, seed=seed,
                                  class_names=class_names)
   path = os.path.join(directory, 'bag_report.json')
-  handle, staging = tempfile.mkstemp(prefix='bag_report.json.tmp-', dir=directory)
-  with os.fdopen(handle, 'w') as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(staging, path)
+  fileio.write_json_atomically(path, report)
   print(f'bag report: {path}, {report["grid"]}')
   return report
 

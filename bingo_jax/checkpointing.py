@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import flax.serialization
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bingo_jax import fileio
 from bingo_jax import model_io
 from bingo_jax.models import create_model
 
@@ -90,17 +90,7 @@ def _abstract(tree: Any) -> Any:
 
 def write_json_atomically(path: str, record: Any) -> None:
   """Writes JSON under a temporary name and renames it, so readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=directory)
-  try:
-    with os.fdopen(handle, 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
+  fileio.write_json_atomically(path, record)
 
 
 def write_workdir_records(workdir: str, student_model_config: dict, config_json: str) -> None:

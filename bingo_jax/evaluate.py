@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -35,6 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bingo_jax import fileio
 from bingo_jax import data_sources, features as features_lib, model_io, parallel, progress
 from bingo_jax import images as images_lib
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
@@ -125,18 +125,7 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
 
 
 def _atomic_save(path: str, write) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=directory)
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      write(f)
-    os.chmod(staging, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
+  fileio.atomic_write(path, write)
 
 
 def _labelled(source: Any, what: str) -> np.ndarray:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterator, Optional
 
 import jax
@@ -33,6 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from bingo_jax import fileio
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
 from bingo_jax.data_sources import ImageSource
@@ -210,16 +210,7 @@ def open_feature_shards(directory: str) -> FeatureShards:
 
 
 def _atomic_write(path: str, write) -> None:
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-',
-                                     dir=os.path.dirname(path))
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      write(f)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
+  fileio.atomic_write(path, write)
 
 
 def _write_json(path: str, record: dict) -> None:

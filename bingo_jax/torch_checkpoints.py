@@ -29,11 +29,11 @@ import collections
 import dataclasses
 import hashlib
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from bingo_jax import fileio
 from bingo_jax import model_io
 from bingo_jax import torch_mapping
 from bingo_jax.torch_mapping.common import describe_keys
@@ -334,21 +334,7 @@ def save_torch(obj: Any, path: str, overwrite: bool = False) -> str:
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass --overwrite to replace it.')
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=directory)
-  os.close(handle)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-  try:
-    torch.save(_to_torch(obj), staging)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
-  return path
+  return fileio.atomic_write(path, lambda f: torch.save(_to_torch(obj), f))
 
 
 def export_torch_checkpoint(loaded: model_io.LoadedModel, path: str, export_format: str,

@@ -14,7 +14,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -272,9 +271,8 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys
   assert run_tool('export_torch.py', model_file, str(out)) == 1
   assert 'already exists' in capsys.readouterr().err and out.read_bytes() == b'keep me'
 
-  def broken_save(obj, path):
-    with open(path, 'wb') as f:
-      f.write(b'half a file')
+  def broken_save(obj, file):  # torch.save is handed the open temporary file
+    file.write(b'half a file')
     raise OSError('disk full')
   monkeypatch.setattr(torch, 'save', broken_save)
   with pytest.raises(OSError, match='disk full'):

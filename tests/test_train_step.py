@@ -10,7 +10,6 @@ import torch
 import multihost_train_worker
 from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
-from bingo_jax import losses
 from bingo_jax import parallel
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import layers

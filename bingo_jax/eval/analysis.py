@@ -16,14 +16,13 @@ ImageNet); the expensive part, the feature pass, is sharded (``bingo_jax.feature
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bingo_jax import fileio
 from bingo_jax.bag_file import Bags
 
 
@@ -278,16 +277,4 @@ def plot_embedding(embedding: np.ndarray, labels: np.ndarray,
 
 def save_figure(figure, path: str) -> str:
   """Writes a figure as PNG atomically (temporary file, then rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', suffix='.png',
-                                     dir=directory)
-  os.close(handle)
-  try:
-    figure.savefig(staging, format='png')
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
-  return path
+  return fileio.atomic_write(path, lambda f: figure.savefig(f, format='png'))

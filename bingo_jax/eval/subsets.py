@@ -9,10 +9,11 @@ same format (one identifier per line), so it can be inspected and passed back as
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from bingo_jax import fileio
 
 
 def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -101,18 +102,7 @@ def read_split_file(path: str, identifiers: list[str]) -> np.ndarray:
 
 def write_split_file(path: str, indices: np.ndarray, identifiers: list[str]) -> str:
   """Writes the identifiers of ``indices``, one per line, atomically. Returns ``path``."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, staging = tempfile.mkstemp(prefix=os.path.basename(path) + '.tmp-', dir=directory)
-  try:
-    with os.fdopen(handle, 'w') as f:
-      f.writelines(identifiers[i] + '\n' for i in indices)
-    os.replace(staging, path)
-  except BaseException:
-    if os.path.exists(staging):
-      os.remove(staging)
-    raise
-  return path
+  return fileio.write_text_atomically(path, ''.join(identifiers[i] + '\n' for i in indices))
 
 
 def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,

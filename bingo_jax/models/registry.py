@@ -7,7 +7,6 @@ small JSON-serialisable dict (``model_config``) that is stored next to every che
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
