@@ -6,7 +6,7 @@ Stages, each through the same public entry point a user would call:
   1. teacher: a PyTorch MoCo-layout checkpoint (``--teacher``; by default a randomly
      initialised ResNet-18 written by ``tools/make_random_torch_checkpoint.py``, since no
      trained weights can be downloaded here) converted by ``tools/convert_torch_teacher.py``;
-  2. bags: teacher features of the first 20k training images + exact kNN (``bingo_jax.bagging``);
+  2. bags: teacher features of the first 12,800 training images + exact kNN (``bingo_jax.bagging``);
   3. distillation of a ResNet-18 (width 16) student (``bingo_jax.train``);
   4. kNN evaluation of the teacher, the student before and after distillation and raw pixels,
      and the t-SNE / bag-distance analysis of the student (``bingo_jax.evaluate``);
@@ -56,7 +56,7 @@ class Stages:
 
 def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
         max_steps: Optional[int]) -> dict:
-  from bingo_jax import bagging, evaluate, model_io, train
+  from bingo_jax import bagging, evaluate, fileio, model_io, train
   from configs import fmnist_demo
 
   workdir = os.path.abspath(workdir)
@@ -125,8 +125,7 @@ def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
   table = {label: record['metrics'] for label, record in rows.items()}
   result = {'knn': table, 'train': summary, 'exported_student': exported,
             'teacher_checkpoint': teacher_checkpoint, 'wall_seconds': time.time() - stages.started}
-  with open(os.path.join(workdir, 'demo_summary.json'), 'w') as f:
-    json.dump(result, f, indent=2, default=str)
+  fileio.write_json_atomically(os.path.join(workdir, 'demo_summary.json'), result, default=str)
   print(format_table(table, result['wall_seconds']))
   print(f'\nWorkdir {workdir}: TensorBoard logs in train/ and eval/*/tensorboard, bag grid '
         f'and purity in bagging/, t-SNE in eval/student_after/, PyTorch student {exported}.')

@@ -1,6 +1,6 @@
 """The README's main job: the whole flow on Fashion-MNIST (``python -m bingo_jax.demo``).
 
-The first 20k of the 60k training images (28 px grey, read as RGB, trained at 32 px; the
+The first 12,800 of the 60k training images (28 px grey, read as RGB, trained at 32 px; the
 subset keeps the run within minutes on 2 CPU cores), the 10k test images for evaluation. Student: ResNet-18 at base width 16 with the CIFAR stem; teacher: the model file
 that ``bingo_jax.demo`` converts from a PyTorch MoCo-layout checkpoint. Hyper-parameters are
 the released ones scaled to a run of minutes on a CPU: batch 128 (lr scaled linearly), a
@@ -24,7 +24,7 @@ from configs import common, eval_fmnist, variants
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.data.source = 'fashion_mnist'
-  config.data.train_split = 'train[:20000]'
+  config.data.train_split = 'train[:12800]'
   config.data.eval_split = 'test'
   config.data.image_size = 32
 
