@@ -160,7 +160,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                       help='stop distillation after this many steps')
   args = parser.parse_args(argv)
   from absl import logging
+  from bingo_jax import progress
   logging.set_verbosity(logging.INFO)  # the trainer reports progress through absl logging
+  progress.quiet_library_logs()
   run(args.workdir, args.teacher, args.epochs, args.max_steps)
 
 
