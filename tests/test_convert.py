@@ -456,3 +456,14 @@ def test_cli_reports_errors_and_refuses_to_overwrite(tmp_path, capsys):
   out.mkdir()
   assert run_tool('convert_torch_teacher.py', path, str(out)) == 1
   assert f'{out} already exists' in capsys.readouterr().err
+
+
+def test_arch_given_keeps_the_checkpoint_width(tmp_path):
+  """--arch names the architecture; the width still comes from the tensors (a narrow ResNet-18
+  converted with arch='resnet18' must not be read as a 64-wide one)."""
+  state = _small_state(None)
+  path = _save(tmp_path, state, 'narrow.pth')
+  converted = torch_checkpoints.convert_torch_checkpoint(path, arch='resnet18')
+  assert converted.model_config['base_width'] == 8
+  np.testing.assert_array_equal(converted.variables['params']['backbone']['conv1']['kernel'],
+                                state['conv1.weight'].numpy().transpose(2, 3, 1, 0))

@@ -111,6 +111,10 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], source: str,
       if not resnet_mapping.is_resnet(arch):
         raise ValueError(f'{source}: unknown --arch {arch!r}.')
       config = {'arch': arch, 'stem': inferred['stem']}
+      # The width is a fact of the tensors, whichever architecture name was asked for.
+      width = int(state_dict['conv1.weight'].shape[0])
+      if width != resnet_mapping.default_base_width(arch):
+        config['base_width'] = width
     else:
       config = inferred
     head_prefixes = ('fc',)
