@@ -23,7 +23,6 @@ training-based protocols log to TensorBoard in ``DIR/tensorboard``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional
@@ -120,12 +119,8 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
                                          global_batch_size=config.eval.batch_size, mesh=mesh,
                                          normalize_features=False)
   if config.eval.cache_features and jax.process_index() == 0:
-    _atomic_save(path, lambda f: np.save(f, result))
+    fileio.atomic_write(path, lambda f: np.save(f, result))
   return result
-
-
-def _atomic_save(path: str, write) -> None:
-  fileio.atomic_write(path, write)
 
 
 def _labelled(source: Any, what: str) -> np.ndarray:
@@ -326,8 +321,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
              'devices': jax.device_count(), 'processes': jax.process_count(),
              'metrics': metrics, 'wall_seconds': time.time() - started}
   if jax.process_index() == 0:
-    _atomic_save(os.path.join(workdir, f'eval_{protocol}.json'),
-                 lambda f: f.write(json.dumps(results, indent=2, default=str).encode()))
+    fileio.write_json_atomically(os.path.join(workdir, f'eval_{protocol}.json'), results,
+                                 sort_keys=False, default=str)
     print(format_table(results), flush=True)
   return results
 
