@@ -13,10 +13,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import common
-
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
-                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+from configs import common, eval_fmnist
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -34,5 +31,5 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.bags.shard_size = 16384
   config.bags.num_clusters = 100        # ~600 images per cluster, as 20000 on ImageNet
   config.bags.query_batch_size = 4096
-  config.bags.class_names = list(FASHION_MNIST_CLASSES)
+  config.bags.class_names = list(eval_fmnist.FASHION_MNIST_CLASSES)
   return config
