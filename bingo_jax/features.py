@@ -209,20 +209,12 @@ def open_feature_shards(directory: str) -> FeatureShards:
   return shards
 
 
-def _atomic_write(path: str, write) -> None:
-  fileio.atomic_write(path, write)
-
-
-def _write_json(path: str, record: dict) -> None:
-  _atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
-
-
 def _prepare_directory(directory: str, record: dict) -> dict:
   """Creates ``directory`` or checks that its earlier, partial pass is the same pass."""
   os.makedirs(directory, exist_ok=True)
   record_path = os.path.join(directory, FEATURES_RECORD)
   if not os.path.isfile(record_path):
-    _write_json(record_path, record)
+    fileio.write_json_atomically(record_path, record)
     return record
   with open(record_path) as f:
     stored = json.load(f)
@@ -320,9 +312,9 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
     if is_writer:
       if record.get('feature_dim') is None:
         record['feature_dim'] = int(shard_features.shape[1])
-        _write_json(os.path.join(output_dir, FEATURES_RECORD), record)
-      _atomic_write(shard_path(output_dir, shard),
-                    lambda f: np.save(f, shard_features.astype(np.float16)))
+        fileio.write_json_atomically(os.path.join(output_dir, FEATURES_RECORD), record)
+      fileio.atomic_write(shard_path(output_dir, shard),
+                          lambda f: np.save(f, shard_features.astype(np.float16)))
   if bar is not None:
     bar.close()
   if output_dir is None:
