@@ -269,10 +269,19 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
             'model': describe_model(loaded_model), 'feature_dim': None, 'dtype': 'float16'}
   done = np.zeros(num_shards, bool)
   if output_dir:
+    refusal = None
     if is_writer:
-      record = _prepare_directory(output_dir, record)
-      done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
-    # Every process must run the same shards, or the collective forward would hang.
+      try:
+        record = _prepare_directory(output_dir, record)
+      except ValueError as e:
+        refusal = e
+      else:
+        done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
+    # Every process must stop, or run the same shards, or the collectives would hang.
+    refused = bool(multihost_utils.broadcast_one_to_all(np.array(refusal is not None)))
+    if refused:
+      raise refusal or ValueError(f'{output_dir}: process 0 refused the directory (see its '
+                                  'log).')
     done = np.asarray(multihost_utils.broadcast_one_to_all(done)).astype(bool)
 
   forward = make_forward(loaded_model.model, mesh, normalize_features)
