@@ -42,8 +42,8 @@ def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
     raise ValueError(f'global batch size must be positive, got {global_batch_size}.')
   steps = num_images // global_batch_size
   if steps == 0:
-    raise ValueError(f'{num_images} images do not fill one global batch of '
-                     f'{global_batch_size}.')
+    raise ValueError(f'{num_images} training images do not fill one global batch of '
+                     f'{global_batch_size} (config.train.batch_size).')
   return steps
 
 

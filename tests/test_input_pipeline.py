@@ -116,7 +116,8 @@ def straight_run(train_source, group_bags):
 
 def test_steps_per_epoch_drops_the_remainder():
   assert input_pipeline.steps_per_epoch(1281167, 256) == 5004
-  with pytest.raises(ValueError, match='do not fill'):
+  with pytest.raises(ValueError, match=r'7 training images do not fill one global batch of 8 '
+                                       r'\(config.train.batch_size\)'):
     input_pipeline.steps_per_epoch(7, 8)
 
 
