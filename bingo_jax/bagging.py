@@ -86,6 +86,14 @@ class FeatureRows:
       out[lo - start:hi - start] = self._mapped[shard][lo - first:hi - first]
     return out
 
+  def query_rows(self, indices: np.ndarray) -> np.ndarray:
+    """``rows(indices)``, read as one block when the indices are consecutive ascending."""
+    indices = np.asarray(indices)
+    first = int(indices[0])
+    if np.array_equal(indices, np.arange(first, first + len(indices))):
+      return self.block(first, first + len(indices))
+    return self.rows(indices)
+
   def rows(self, indices: np.ndarray) -> np.ndarray:
     """Arbitrary rows as float32 ``(len(indices), D)``."""
     if self._shards is None:
@@ -144,9 +152,7 @@ def exact_knn_faiss(features: FeatureInput, k: int, *, query_indices: Optional[n
     index.add(database)
     for first in range(0, len(queries), query_batch_size):
       query_ids = queries[first:first + query_batch_size]
-      contiguous = query_ids[-1] - query_ids[0] == len(query_ids) - 1
-      query_vectors = (rows.block(int(query_ids[0]), int(query_ids[-1]) + 1) if contiguous
-                       else rows.rows(query_ids))
+      query_vectors = rows.query_rows(query_ids)
       scores, ids = index.search(query_vectors, min(k + 1, database.shape[0]))
       ids = np.where(ids >= 0, ids + start, -1)
       scores = np.where((ids == query_ids[:, None]) | (ids < 0), -np.inf, scores)
@@ -335,9 +341,7 @@ class JaxKnnIndex:
       stop = min(first + batch, len(queries))
       block_ids = queries[first:stop]
       query_block = np.zeros((batch, rows.dim), np.float32)
-      contiguous = block_ids[-1] - block_ids[0] == len(block_ids) - 1
-      query_block[:stop - first] = (rows.block(int(block_ids[0]), int(block_ids[-1]) + 1)
-                                    if contiguous else rows.rows(block_ids))
+      query_block[:stop - first] = rows.query_rows(block_ids)
       query_ids = np.full(batch, -1, np.int32)
       query_ids[:stop - first] = block_ids
       scores, ids = self._search_block(parallel.replicate(query_block.astype(self.dtype), self.mesh),

@@ -63,6 +63,19 @@ def test_jax_knn_equals_faiss_and_brute_force():
   np.testing.assert_allclose(jax_scores, np.take_along_axis(x @ x.T, expected, 1), atol=1e-5)
 
 
+def test_unsorted_query_indices_get_their_own_neighbours():
+  """Queries in any order (here first..last spanning exactly len - 1, which once passed for a
+  consecutive block) get the neighbours of the rows they name."""
+  x = _random_features(200, 16, seed=4)
+  expected = _brute_force_knn(x, 5)
+  queries = np.array([0, 2, 1, 3, 7, 5, 6, 4, 8])
+  faiss_neighbors, _ = bagging.exact_knn_faiss(x, 5, query_indices=queries, progress=False)
+  np.testing.assert_array_equal(faiss_neighbors, expected[queries])
+  jax_neighbors, _ = bagging.exact_knn_jax(x, 5, query_indices=queries, query_batch_size=16,
+                                           database_chunk_rows=16, progress=False)
+  np.testing.assert_array_equal(jax_neighbors, expected[queries])
+
+
 @pytest.mark.parametrize('backend', ['faiss', 'jax', 'approx'])
 def test_anchor_never_in_own_bag_with_duplicates(backend):
   x = _random_features(120, 8, seed=3)
