@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from bingo_jax import fileio
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
-from bingo_jax.data_sources import ImageSource
+from bingo_jax.data_sources import ImageSource, SubsetSource
 
 FEATURES_RECORD = 'features.json'
 FORMAT_VERSION = 1
@@ -44,39 +44,6 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 # Input: this process's slice of a range of images, centre-cropped, in padded batches.
 # ---------------------------------------------------------------------------------------------
-
-class ImageRange:
-  """Images ``[start, stop)`` of a source, seen as a source of ``stop - start`` images.
-
-  Lets the feature pass run ``input_pipeline.make_eval_dataset`` shard by shard (a resumed
-  pass reads only the unfinished shards' images). Index-taking reads are shifted by
-  ``start``; other attributes (``encoded``, ``image_shape``...) are the source's.
-  """
-
-  def __init__(self, source: ImageSource, start: int, stop: int):
-    self.source, self.start, self.stop = source, int(start), int(stop)
-    self.description = f'{getattr(source, "description", type(source).__name__)}[{start}:{stop}]'
-
-  def __len__(self) -> int:
-    return self.stop - self.start
-
-  def __getattr__(self, name: str) -> Any:
-    return getattr(self.source, name)
-
-  @property
-  def labels(self) -> Optional[np.ndarray]:
-    labels = self.source.labels
-    return None if labels is None else labels[self.start:self.stop]
-
-  def read(self, index: int) -> np.ndarray:
-    return self.source.read(self.start + int(index))
-
-  def tf_read_batch(self, indices):
-    return self.source.tf_read_batch(indices + self.start)
-
-  def tf_read_labeled_batch(self, indices):
-    return self.source.tf_read_labeled_batch(indices + self.start)
-
 
 def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
                  local_batch_size: int, process_index: int = 0,
@@ -91,9 +58,10 @@ def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
     (local_batch_size,) indices into source, 'mask': bool (local_batch_size,)}``.
   """
   from bingo_jax import input_pipeline
+  description = getattr(source, 'description', type(source).__name__)
   for batch in input_pipeline.make_eval_dataset(
-      ImageRange(source, start, stop), image_size, local_batch_size,
-      process_index=process_index, process_count=process_count):
+      SubsetSource(source, start, stop, f'{description}[{start}:{stop}]'), image_size,
+      local_batch_size, process_index=process_index, process_count=process_count):
     yield {'image': batch['image'], 'mask': batch['mask'],
            'index': np.where(batch['mask'], batch['index'] + start, start).astype(np.int32)}
 
