@@ -89,6 +89,7 @@ def save_model(path: str, model_config: dict, variables: dict,
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=os.path.basename(path) + '.tmp-', dir=parent)
+  replaced = None
   try:
     variables = {k: _to_numpy_tree(v) for k, v in variables.items()}
     with ocp.StandardCheckpointer() as checkpointer:
@@ -97,12 +98,20 @@ def save_model(path: str, model_config: dict, variables: dict,
               'metadata': metadata or {}}
     with open(os.path.join(staging, MODEL_RECORD), 'w') as f:
       json.dump(record, f, indent=2, sort_keys=True)
+    # A directory cannot be renamed over a non-empty one: the old model file is moved aside
+    # (not deleted) until the new one is in place, and moved back if that fails.
     if os.path.exists(path):
-      shutil.rmtree(path)
+      replaced = tempfile.mkdtemp(prefix=os.path.basename(path) + '.old-', dir=parent)
+      os.replace(path, os.path.join(replaced, 'model'))
     os.replace(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
+    if replaced is not None and not os.path.exists(path):
+      os.replace(os.path.join(replaced, 'model'), path)
     raise
+  finally:
+    if replaced is not None:
+      shutil.rmtree(replaced, ignore_errors=True)
   return path
 
 

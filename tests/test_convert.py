@@ -467,3 +467,17 @@ def test_arch_given_keeps_the_checkpoint_width(tmp_path):
   assert converted.model_config['base_width'] == 8
   np.testing.assert_array_equal(converted.variables['params']['backbone']['conv1']['kernel'],
                                 state['conv1.weight'].numpy().transpose(2, 3, 1, 0))
+
+
+def test_overwrite_replaces_the_model_file_and_a_failed_write_keeps_the_old_one(tmp_path):
+  out = str(tmp_path / 'model')
+  old = {'params': {'w': np.zeros(3, np.float32)}}
+  model_io.save_model(out, {'arch': 'resnet18'}, old, metadata={'version': 'old'})
+  with pytest.raises(TypeError):  # metadata that JSON cannot hold: fails before the rename
+    model_io.save_model(out, {'arch': 'resnet18'}, old, metadata={'bad': object()},
+                        overwrite=True)
+  assert model_io.read_record(out)['metadata'] == {'version': 'old'}
+  model_io.save_model(out, {'arch': 'resnet18'}, old, metadata={'version': 'new'},
+                      overwrite=True)
+  assert model_io.read_record(out)['metadata'] == {'version': 'new'}
+  assert sorted(os.listdir(tmp_path)) == ['model']  # no staging or set-aside directory left
