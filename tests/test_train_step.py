@@ -311,3 +311,46 @@ def test_bad_settings_are_clear_errors():
   config.teacher.bn_group_size = 16
   with pytest.raises(ValueError, match='teacher model was built with bn_group_size=8'):
     train_step_lib.make_train_step(config, student, student, mesh, 1)
+
+
+def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
+  """Warm-up step, frozen teacher, no CutMix: loss = (CE(q, k) + CE(p, kp)) / 2 (SPEC.md 4),
+  each view embedded on its own and the CE written out in numpy."""
+  config, student, teacher, batch = multihost_train_worker.small_setup()
+  config.teacher.bn_mode, config.train.cutmix = 'frozen', 'none'
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  params, batch_stats, queue = jax.device_get(
+      (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
+  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  _, metrics = step(state, parallel.replicate(teacher_variables, mesh),
+                    parallel.global_batch(batch, mesh))
+
+  def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  def embed_student(images):  # training-mode BatchNorm in groups of 4, as the step
+    (_, embeddings), _ = student.apply({'params': params, 'batch_stats': batch_stats},
+                                       images_lib.normalize(images), train=True,
+                                       mutable=['batch_stats'])
+    return unit(embeddings)
+
+  def embed_teacher(images):
+    return unit(teacher.apply(teacher_variables, images_lib.normalize(images))[1])
+
+  def cross_entropy(s, t):
+    logits = np.concatenate([np.sum(s * t, 1, keepdims=True), s @ np.asarray(queue).T], 1)
+    logits /= config.train.temperature
+    top = logits.max(1)
+    return np.mean(top + np.log(np.exp(logits - top[:, None]).sum(1)) - logits[:, 0])
+
+  q, p = embed_student(batch['query']), embed_student(batch['pos_q'])
+  k, kp = embed_teacher(batch['key']), embed_teacher(batch['pos_k'])
+  assert float(metrics['own_weight']) == 1.0  # epoch 0 < own_only_epochs
+  np.testing.assert_allclose(float(metrics['loss']),
+                             (cross_entropy(q, k) + cross_entropy(p, kp)) / 2, rtol=1e-5)
+  # The other pairing gives another value: the test sees which key goes with which view.
+  assert not np.isclose(cross_entropy(q, kp) + cross_entropy(p, k),
+                        cross_entropy(q, k) + cross_entropy(p, kp), rtol=1e-3)
