@@ -112,11 +112,6 @@ def leaves(mappings: Iterable[ModuleMapping]) -> list[LeafMapping]:
   return rows
 
 
-def batch_norm_prefixes(mappings: Iterable[ModuleMapping]) -> list[str]:
-  """Torch prefixes of the BatchNorm layers (they own a ``num_batches_tracked`` buffer)."""
-  return [m.torch_prefix for m in mappings if m.kind == 'bn']
-
-
 def get_path(tree: Mapping, path: tuple[str, ...]):
   """``tree[path[0]][path[1]]...`` or None when a level is missing."""
   node = tree

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from bingo_jax.models import efficientnet as efficientnet_lib
+from bingo_jax.torch_mapping.common import flatten, set_path
 
 ARCH = 'efficientnet_b0'
 # Prefixes of the classification layer, mapped by the head mapping, not here.
@@ -138,22 +139,6 @@ def _raise_on_mismatch(what: str, missing: Sequence[str], unexpected: Sequence[s
     raise ValueError(f'{what} does not match EfficientNet-B0: ' + ' | '.join(problems))
 
 
-def _set_nested(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  flat = {}
-  for name, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (name,)))
-    else:
-      flat[prefix + (name,)] = value
-  return flat
-
-
 def looks_like_efficientnet(state_dict: Mapping[str, Any]) -> bool:
   """Whether a state dict holds an efficientnet_pytorch backbone (keys may carry a prefix)."""
   return (any(key.endswith('_conv_stem.weight') for key in state_dict)
@@ -204,7 +189,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: Mapping[str, Any]
     value = np.asarray(given[key], dtype=np.float32)
     if tensor.is_conv_kernel:
       value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    _set_nested(variables[tensor.collection]['backbone'], tensor.flax_path, value)
+    set_path(variables[tensor.collection]['backbone'], tensor.flax_path, value)
   return variables
 
 
@@ -229,7 +214,7 @@ def flax_to_torch(variables: Mapping[str, Any],
   given = {}
   for collection in ('params', 'batch_stats'):
     backbone = variables.get(collection, {}).get('backbone', {})
-    for path, value in _flatten(backbone).items():
+    for path, value in flatten(backbone).items():
       given['/'.join((collection, 'backbone') + path)] = value
   missing = [name for name in expected if name not in given]
   unexpected = sorted(name for name in given if name not in expected)
