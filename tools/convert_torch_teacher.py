@@ -18,6 +18,8 @@ import resource
 import sys
 import time
 
+import jax
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bingo_jax import torch_checkpoints  # noqa: E402
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
   seconds = time.perf_counter() - start
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
   meta = converted.metadata
-  num_params = sum(v.size for v in _leaves(converted.variables.get('params', {})))
+  num_params = sum(v.size for v in jax.tree.leaves(converted.variables.get('params', {})))
   print(f'{args.source} ({meta["source_format"]} layout) -> {os.path.abspath(args.destination)}')
   print(f'  model: {converted.model_config}')
   print(f'  {num_params / 1e6:.1f}M parameters; ignored: {meta["ignored_tensors"] or "nothing"}'
@@ -62,14 +64,6 @@ def main(argv=None) -> int:
            if meta['dropped_head_tensors'] else ''))
   print(f'  {seconds:.1f} s, peak memory {peak_gib:.2f} GiB')
   return 0
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    for value in tree.values():
-      yield from _leaves(value)
-  else:
-    yield tree
 
 
 if __name__ == '__main__':
