@@ -481,3 +481,23 @@ def test_overwrite_replaces_the_model_file_and_a_failed_write_keeps_the_old_one(
                       overwrite=True)
   assert model_io.read_record(out)['metadata'] == {'version': 'new'}
   assert sorted(os.listdir(tmp_path)) == ['model']  # no staging or set-aside directory left
+
+
+def test_narrow_efficientnet_file_converts_at_its_width(tmp_path):
+  """An efficientnet_pytorch file of a narrow network (what exporting a base_width=8 student
+  writes) converts at that width and computes what the package computes."""
+  from efficientnet_pytorch import EfficientNet
+  torch.manual_seed(0)
+  reference = EfficientNet.from_name('efficientnet-b0', width_coefficient=0.25,
+                                     num_classes=10).eval()
+  path = str(tmp_path / 'narrow_effb0.pth')
+  torch.save(reference.state_dict(), path)
+  converted = torch_checkpoints.convert_torch_checkpoint(path)
+  assert converted.model_config == {'arch': 'efficientnet_b0', 'base_width': 8,
+                                    'head': 'linear', 'num_classes': 10}
+  images = torch.randn(2, 3, 64, 64)
+  features, logits = FlaxForward()(converted.model_config, converted.variables, images)
+  with torch.no_grad():
+    want_features = torch.flatten(reference._avg_pooling(reference.extract_features(images)), 1)
+    assert relative_error(features, want_features) <= TOLERANCE
+    assert relative_error(logits, reference(images)) <= TOLERANCE

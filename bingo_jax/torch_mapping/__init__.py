@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bingo_jax.models import create_model
+from bingo_jax.models import efficientnet as efficientnet_lib
 from bingo_jax.torch_mapping import heads as heads_lib
 from bingo_jax.torch_mapping import resnet as resnet_mapping
 from bingo_jax.torch_mapping.common import (NUM_BATCHES_TRACKED, ModuleMapping, describe_keys,
@@ -104,6 +105,10 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], source: str,
       efficientnet = False
   if efficientnet:
     config = {'arch': arch or EFFICIENTNET_ARCHS[0]}
+    # A narrow network (exported from a small bingo_jax model) says so by its stem width.
+    stem = state_dict.get('_conv_stem.weight')
+    if stem is not None and int(stem.shape[0]) != efficientnet_lib.STEM_WIDTH:
+      config['base_width'] = int(stem.shape[0])
     head_prefixes = ('_fc', 'fc')
   else:
     inferred = resnet_mapping.infer_backbone_config(state_dict, source)
