@@ -316,15 +316,11 @@ def save_bags(path: str, bags: Bags) -> str:
   Returns:
     The absolute path written.
   """
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
   keys = _FIXED_KEYS if bags.kind == 'fixed' else _GROUP_KEYS
   arrays = {key: getattr(bags, key) for key in keys}
   record = dict(bags.metadata, kind=bags.kind)
   arrays[_METADATA_KEY] = np.array(json.dumps(record, sort_keys=True))
-  fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
-  return path
+  return fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_bags(path: str) -> Bags:
