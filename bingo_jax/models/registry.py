@@ -89,8 +89,8 @@ def create_model(arch: str, head: Optional[str] = None, *, head_hidden_dim: Opti
     head_output_dim: embedding dimension of the MLP heads.
     num_classes: outputs of the linear head.
     base_width: stem/first-stage width of ResNets (default: the architecture's own, 64 or
-      64 x widen); small values give small test models. EfficientNet ignores it unless its
-      factory says otherwise.
+      64 x widen); small values give small test models. For EfficientNet-B0 the stem width
+      (default 32): every width is scaled by ``base_width / 32``.
     stem: ResNet stem, ``'imagenet'`` or ``'cifar'`` (3x3 stride 1, no max-pool; small images).
     bn_group_size: training-mode BatchNorm statistics over groups of this many examples.
     dtype: computation dtype, e.g. ``jnp.bfloat16``; parameters are always float32.
