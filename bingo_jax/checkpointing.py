@@ -88,11 +88,6 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def write_json_atomically(path: str, record: Any) -> None:
-  """Writes JSON under a temporary name and renames it, so readers never see half a file."""
-  fileio.write_json_atomically(path, record)
-
-
 def write_workdir_records(workdir: str, student_model_config: dict, config_json: str) -> None:
   """Writes ``student_model.json`` and ``config.json`` (process 0 only; others return).
 
@@ -113,8 +108,8 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
           f'({student_model_config}); its checkpoints cannot be resumed. Use a new --workdir.')
   if jax.process_index() != 0:
     return
-  write_json_atomically(record_path, student_model_config)
-  write_json_atomically(os.path.join(workdir, CONFIG_RECORD), json.loads(config_json))
+  fileio.write_json_atomically(record_path, student_model_config)
+  fileio.write_json_atomically(os.path.join(workdir, CONFIG_RECORD), json.loads(config_json))
 
 
 class TrainCheckpointer:
@@ -238,9 +233,3 @@ def load_student(workdir: str, step: Optional[int] = None,
   return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
                               metadata={'workdir': workdir, 'step': int(step),
                                         'source_format': 'bingo_jax training checkpoint'})
-
-
-def numpy_tree(tree: Any) -> Any:
-  """Host copies of every array leaf (for comparisons in tests and tools)."""
-  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_prng_key(x) else x),
-                      tree)

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from bingo_jax import bag_file
 from bingo_jax import checkpointing
 from bingo_jax import data_sources
+from bingo_jax import fileio
 from bingo_jax import input_pipeline
 from bingo_jax import model_io
 from bingo_jax import parallel
@@ -319,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
                          if k in last_metrics))
   if jax.process_index() == 0:
-    checkpointing.write_json_atomically(os.path.join(workdir, SUMMARY_RECORD), summary)
+    fileio.write_json_atomically(os.path.join(workdir, SUMMARY_RECORD), summary)
   return summary
 
 
