@@ -501,3 +501,15 @@ def test_narrow_efficientnet_file_converts_at_its_width(tmp_path):
     want_features = torch.flatten(reference._avg_pooling(reference.extract_features(images)), 1)
     assert relative_error(features, want_features) <= TOLERANCE
     assert relative_error(logits, reference(images)) <= TOLERANCE
+
+
+def test_efficientnet_stray_head_named_tensor_is_refused(tmp_path):
+  """A tensor under the other head name (``fc.*`` beside the ``_fc`` classifier) belongs to no
+  layer of the converted model: refused, not silently skipped."""
+  from efficientnet_pytorch import EfficientNet
+  state = EfficientNet.from_name('efficientnet-b0', width_coefficient=0.25,
+                                 num_classes=10).state_dict()
+  state['fc.weight'] = torch.zeros(10, 320)
+  path = _save(tmp_path, state, 'stray.pth')
+  with pytest.raises(ValueError, match=r'(?s)stray\.pth.*fc\.weight'):
+    torch_checkpoints.convert_torch_checkpoint(path)

@@ -238,7 +238,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model_config: Mapping, *
     head_keys = {leaf.torch_key for leaf in leaves(_head_rows(model_config, head_prefix))}
     backbone_state = {k: v for k, v in state.items() if k not in head_keys}
     try:
-      backbone = _efficientnet_mapping().torch_to_flax(backbone_state, dict(model_config))
+      # The head's tensors are already taken out: any other head-named tensor is unexpected.
+      backbone = _efficientnet_mapping().torch_to_flax(backbone_state, dict(model_config),
+                                                       head_prefixes=())
     except (KeyError, ValueError) as e:
       raise ValueError(f'{source}: {e}') from e
     used |= set(backbone_state)
