@@ -260,3 +260,22 @@ def test_four_views_are_independent_draws():
   for first, second in [('query', 'key'), ('pos_q', 'pos_k'), ('query', 'pos_q')]:
     both = (grey[first] & grey[second]).mean()
     assert abs(both - 0.04) < 4 * np.sqrt(0.04 * 0.96 / count), (first, second, both)
+
+
+def test_query_and_key_show_the_anchor_pos_views_the_positive(monkeypatch):
+  """With the augmentation replaced by a plain resize, each view is its source image."""
+  import tensorflow as tf
+  monkeypatch.setattr(input_pipeline.augment, 'moco_v2_view',
+                      lambda image, seed, size, encoded: tf.cast(
+                          tf.image.resize(image, [size, size]), tf.uint8))
+  # Image i is flat with value i in every channel, so a view's pixel names its image.
+  flat = np.broadcast_to(np.arange(NUM_IMAGES, dtype=np.uint8)[:, None, None, None],
+                         (NUM_IMAGES, 10, 12, 3)).copy()
+  source = data_sources.ArraySource(flat)
+  neighbors = np.stack([(np.arange(NUM_IMAGES) + d) % NUM_IMAGES for d in (1, 2, 3)], 1)
+  bags = bag_file.Bags.from_neighbors(neighbors, method='knn', fingerprint=source.fingerprint)
+  for batch in _batches(source, bags, 2):
+    for key, index in (('query', 'anchor_index'), ('key', 'anchor_index'),
+                       ('pos_q', 'positive_index'), ('pos_k', 'positive_index')):
+      np.testing.assert_array_equal(batch[key][:, 0, 0, 0], batch[index], key)
+    assert (batch['anchor_index'] != batch['positive_index']).all()
