@@ -12,6 +12,12 @@ import os
 import tempfile
 from typing import Any, BinaryIO, Callable
 
+# The umask can only be read by setting it. Doing that per write would briefly leave the
+# process at umask 0, and files created meanwhile by other threads (orbax's asynchronous
+# checkpoint writes, tf.data) world-writable; it is read once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> str:
   """Writes a file atomically.
@@ -32,9 +38,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> str:
       f.flush()
       os.fsync(f.fileno())
     # mkstemp creates the file 0600; results are meant to be read by others too.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o666 & ~umask)
+    os.chmod(staging, 0o666 & ~_UMASK)
     os.replace(staging, path)
   except BaseException:
     if os.path.exists(staging):

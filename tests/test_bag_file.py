@@ -116,3 +116,11 @@ def test_tf_sampler_is_deterministic_in_seed():
   seed = tf.constant([5, 9], tf.int64)
   first = [int(bags.tf_sample_positive(tf.constant(0, tf.int64), seed)) for _ in range(5)]
   assert len(set(first)) == 1
+
+
+def test_saved_bag_file_has_the_usual_permissions(tmp_path):
+  """The staging file is created 0600; the bag file gets 0666 minus the process umask."""
+  umask = os.umask(0o027)
+  os.umask(umask)
+  path = bag_file.save_bags(str(tmp_path / 'bags.npz'), _group_bags())
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
