@@ -166,7 +166,13 @@ def open_feature_shards(directory: str) -> FeatureShards:
   if not os.path.isfile(record_path):
     raise FileNotFoundError(f'{directory} holds no feature shards ({FEATURES_RECORD} missing).')
   with open(record_path) as f:
-    record = json.load(f)
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{record_path} is not valid JSON: {e}') from e
+  absent = [key for key in ('num_images', 'feature_dim', 'shard_size') if key not in record]
+  if absent:
+    raise ValueError(f'{record_path} is not a feature-pass record: it lacks {absent}.')
   shards = FeatureShards(directory=directory, num_images=record['num_images'],
                          feature_dim=record['feature_dim'], shard_size=record['shard_size'],
                          record=record)

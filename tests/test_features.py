@@ -95,3 +95,15 @@ def test_directory_of_another_pass_is_refused(small_model, images, tmp_path):
   features_lib.extract_features(small_model, RecordingSource(images[:16]), **kwargs)
   with pytest.raises(ValueError, match='num_images: stored 16, now 20'):
     features_lib.extract_features(small_model, RecordingSource(images), **kwargs)
+
+
+def test_damaged_record_is_named_in_the_error(tmp_path):
+  directory = tmp_path / 'features'
+  directory.mkdir()
+  (directory / features_lib.FEATURES_RECORD).write_text('{"num_images": 3}')
+  with pytest.raises(ValueError, match=r"features\.json is not a feature-pass record: it lacks "
+                                       r"\['feature_dim', 'shard_size'\]"):
+    features_lib.open_feature_shards(str(directory))
+  (directory / features_lib.FEATURES_RECORD).write_text('{"num_im')
+  with pytest.raises(ValueError, match=r'features\.json is not valid JSON'):
+    features_lib.open_feature_shards(str(directory))
