@@ -28,7 +28,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from bingo_jax import parallel
@@ -207,7 +207,7 @@ def knn_classify(train_features: np.ndarray, train_labels: np.ndarray,
   bank_padded[:len(train_features)] = train_features
   labels_padded = np.zeros((padded_rows,), np.int32)
   labels_padded[:len(train_labels)] = train_labels
-  row_sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  row_sharding = parallel.data_sharding(mesh)  # bank rows split over the devices
   bank = jax.make_array_from_callback(bank_padded.shape, row_sharding,
                                       lambda index: bank_padded[index])
   bank_labels = jax.make_array_from_callback(labels_padded.shape, row_sharding,
