@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bingo_jax.models.layers import BatchNorm
+from bingo_jax.models.layers import BatchNorm, conv
 
 Dtype = Any
 
@@ -162,25 +162,6 @@ def block_configs(width_coefficient: float = 1.0,
   return configs
 
 
-def _conv(features: int, kernel_size: int, stride: int, padding: tuple[int, int], *,
-          groups: int = 1, use_bias: bool = False, dtype: Optional[Dtype] = None,
-          name: str) -> nn.Conv:
-  """A square convolution with fixed ``(before, after)`` padding on both spatial axes."""
-  return nn.Conv(
-      features,
-      kernel_size=(kernel_size, kernel_size),
-      strides=(stride, stride),
-      padding=(padding, padding),
-      feature_group_count=groups,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      # The TensorFlow EfficientNet initialiser; PyTorch weights replace it when loaded.
-      kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-      name=name,
-  )
-
-
 class MBConvBlock(nn.Module):
   """Inverted residual block: expand 1x1, depthwise kxk, squeeze-excitation, project 1x1."""
   config: BlockConfig
@@ -196,21 +177,21 @@ class MBConvBlock(nn.Module):
                                   dtype=self.dtype, name=name)
     x = inputs
     if config.expand_ratio != 1:
-      x = _conv(config.expanded_filters, 1, 1, (0, 0), dtype=self.dtype, name='expand_conv')(x)
+      x = conv(config.expanded_filters, 1, dtype=self.dtype, name='expand_conv')(x)
       x = nn.swish(norm('bn0')(x))
     padding = static_same_padding(config.nominal_input_size, config.kernel_size, config.stride)
-    x = _conv(config.expanded_filters, config.kernel_size, config.stride, padding,
-              groups=config.expanded_filters, dtype=self.dtype, name='depthwise_conv')(x)
+    x = conv(config.expanded_filters, config.kernel_size, config.stride, padding=padding,
+             groups=config.expanded_filters, dtype=self.dtype, name='depthwise_conv')(x)
     x = nn.swish(norm('bn1')(x))
 
     squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)
-    squeezed = _conv(config.se_filters, 1, 1, (0, 0), use_bias=True, dtype=self.dtype,
-                     name='se_reduce')(squeezed)
-    squeezed = _conv(config.expanded_filters, 1, 1, (0, 0), use_bias=True, dtype=self.dtype,
-                     name='se_expand')(nn.swish(squeezed))
+    squeezed = conv(config.se_filters, 1, use_bias=True, dtype=self.dtype,
+                    name='se_reduce')(squeezed)
+    squeezed = conv(config.expanded_filters, 1, use_bias=True, dtype=self.dtype,
+                    name='se_expand')(nn.swish(squeezed))
     x = nn.sigmoid(squeezed) * x
 
-    x = _conv(config.output_filters, 1, 1, (0, 0), dtype=self.dtype, name='project_conv')(x)
+    x = conv(config.output_filters, 1, dtype=self.dtype, name='project_conv')(x)
     x = norm('bn2')(x)
     if not config.has_skip:
       return x
@@ -269,15 +250,15 @@ class EfficientNet(nn.Module):
                                   dtype=self.dtype, name=name)
     x = images.astype(self.dtype) if self.dtype else images
     stem_padding = static_same_padding(self.nominal_image_size, 3, 2)
-    x = _conv(round_filters(STEM_WIDTH, self.width_coefficient), 3, 2, stem_padding,
-              dtype=self.dtype, name='conv_stem')(x)
+    x = conv(round_filters(STEM_WIDTH, self.width_coefficient), 3, 2, padding=stem_padding,
+             dtype=self.dtype, name='conv_stem')(x)
     x = nn.swish(norm('bn0')(x))
     configs = block_configs(self.width_coefficient, self.nominal_image_size,
                             self.drop_connect_rate)
     for index, config in enumerate(configs):
       x = MBConvBlock(config, bn_group_size=self.bn_group_size, dtype=self.dtype,
                       name=f'blocks_{index}')(x, train)
-    x = _conv(self.feature_dim, 1, 1, (0, 0), dtype=self.dtype, name='conv_head')(x)
+    x = conv(self.feature_dim, 1, dtype=self.dtype, name='conv_head')(x)
     x = nn.swish(norm('bn1')(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dropout(self.dropout_rate, deterministic=not train)(features)

@@ -18,7 +18,7 @@ depend on how many devices the batch is sharded over.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -27,17 +27,25 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def torch_padding(kernel_size: int, padding: Optional[int] = None) -> Sequence[tuple[int, int]]:
-  """Symmetric spatial padding of a square PyTorch convolution (default ``kernel_size // 2``)."""
+def torch_padding(kernel_size: int, padding: Union[None, int, tuple[int, int]] = None
+                  ) -> Sequence[tuple[int, int]]:
+  """Spatial padding of a square PyTorch convolution, the same on both axes.
+
+  ``padding``: ``None`` (``kernel_size // 2`` on every side), an int ``p`` (``nn.Conv2d``'s
+  symmetric padding) or ``(before, after)`` (efficientnet_pytorch's fixed SAME padding).
+  """
   if padding is None:
     padding = kernel_size // 2
-  return ((padding, padding), (padding, padding))
+  if isinstance(padding, int):
+    padding = (padding, padding)
+  return (tuple(padding), tuple(padding))
 
 
-def conv(features: int, kernel_size: int, stride: int = 1, *, padding: Optional[int] = None,
+def conv(features: int, kernel_size: int, stride: int = 1, *,
+         padding: Union[None, int, tuple[int, int]] = None,
          groups: int = 1, use_bias: bool = False, dtype: Optional[Dtype] = None,
          name: Optional[str] = None) -> nn.Conv:
-  """A 2D convolution laid out like ``torch.nn.Conv2d`` (kernel HWIO, symmetric padding)."""
+  """A 2D convolution laid out like ``torch.nn.Conv2d`` (kernel HWIO, see ``torch_padding``)."""
   return nn.Conv(
       features,
       kernel_size=(kernel_size, kernel_size),
