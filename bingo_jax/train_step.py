@@ -226,6 +226,9 @@ def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
   if student_group and batch % student_group:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
                      f'config.student.bn_group_size = {student_group}.')
+  if train.cutmix == 'group' and train.loss == 'bingo' and not student_group:
+    raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
+                     f'but config.student.bn_group_size = {student_group}.')
   if config.teacher.bn_mode == 'shuffle':
     teacher_group = config.teacher.bn_group_size
     if _bn_group_size(teacher_model) != teacher_group:

@@ -311,6 +311,11 @@ def test_bad_settings_are_clear_errors():
   config.teacher.bn_group_size = 16
   with pytest.raises(ValueError, match='teacher model was built with bn_group_size=8'):
     train_step_lib.make_train_step(config, student, student, mesh, 1)
+  config = small_config()
+  config.student.bn_group_size, config.train.cutmix = None, 'group'
+  global_bn_student = create_model('resnet18', bn_group_size=None, **SMALL_MODEL)
+  with pytest.raises(ValueError, match="cutmix = 'group'.*config.student.bn_group_size = None"):
+    train_step_lib.make_train_step(config, global_bn_student, student, mesh, 1)
 
 
 def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
