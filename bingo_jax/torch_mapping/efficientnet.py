@@ -20,12 +20,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from bingo_jax.models import efficientnet as efficientnet_lib
-from bingo_jax.torch_mapping.common import flatten, set_path
+from bingo_jax.torch_mapping.common import NUM_BATCHES_TRACKED, flatten, set_path
 
 ARCH = 'efficientnet_b0'
 # Prefixes of the classification layer, mapped by the head mapping, not here.
 HEAD_PREFIXES = ('_fc.', 'fc.')
-_NUM_BATCHES_TRACKED = 'num_batches_tracked'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +172,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: Mapping[str, Any]
       continue
     if key in expected:
       given[key] = value
-    elif (key.endswith('.' + _NUM_BATCHES_TRACKED)
-          and key[:-len(_NUM_BATCHES_TRACKED) - 1] in batch_norms):
+    elif (key.endswith('.' + NUM_BATCHES_TRACKED)
+          and key[:-len(NUM_BATCHES_TRACKED) - 1] in batch_norms):
       continue
     else:
       unexpected.append(key)
@@ -230,5 +229,5 @@ def flax_to_torch(variables: Mapping[str, Any],
       value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     state_dict[tensor.torch_key] = np.ascontiguousarray(value)
   for batch_norm in _batch_norm_names(tensors):
-    state_dict[f'{batch_norm}.{_NUM_BATCHES_TRACKED}'] = np.zeros((), np.int64)
+    state_dict[f'{batch_norm}.{NUM_BATCHES_TRACKED}'] = np.zeros((), np.int64)
   return state_dict
