@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bingo_jax import bag_file
@@ -517,9 +518,11 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
                 'approx': {'k': k, 'index': bags_config.approx_index,
                            'search_parameters': bags_config.approx_search_parameters}
                 }.get(method, {'k': k})
+    # Decided on process 0 for all: a process that alone skipped the jax search would leave
+    # the others waiting in its collectives.
     bags = _existing_bags(bag_path, dict(common, method=method, num_images=len(source),
-                                         **settings))
-    if bags is not None:
+                                         **settings)) if is_writer else None
+    if bool(multihost_utils.broadcast_one_to_all(np.array(bags is not None))):
       print(f'bag file {bag_path} already holds these bags (same method, settings, teacher and '
             'images): kept. Delete it to recompute.')
     elif method == 'jax':
@@ -558,7 +561,6 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
                             members_shown=int(bags_config.report_members),
                             seed=int(bags_config.seed),
                             class_names=bags_config.get('class_names'))
-  from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices('bingo_jax.bagging: bag file written')
   return bags if bags is not None else bag_file.load_bags(bag_path), bag_path
 
