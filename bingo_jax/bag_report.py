@@ -159,8 +159,9 @@ def write_report(bags: bag_file.Bags, source: Any, directory: str, *, num_anchor
 
 def format_purity(report: dict) -> str:
   """A short human-readable purity table."""
+  purity = report['purity']  # None when every bag is empty
   lines = [f'bag purity ({report["method"]}, {report["num_images"]} images, bag size '
-           f'{report["bag_size"]["mean"]:.1f}): {report["purity"]:.4f} '
+           f'{report["bag_size"]["mean"]:.1f}): {"-" if purity is None else f"{purity:.4f}"} '
            f'(chance {report["chance_purity"]:.4f})']
   for name, value in report['purity_per_class'].items():
     lines.append(f'  {name:>14}: {"-" if value is None else f"{value:.4f}"}')

@@ -181,3 +181,11 @@ def test_compute_bags_writes_bag_file_and_report(tmp_path, method):
     kmeans, _ = bagging.compute_bags(config, str(tmp_path), source=source, progress=False)
     assert kmeans.kind == 'groups' and kmeans.metadata['num_clusters'] == 3
     assert sorted(np.unique(kmeans.group_of)) == [0, 1, 2]
+
+
+def test_purity_of_bags_that_are_all_empty_is_reported_as_none():
+  """Every image alone in its group (k-means with C = N): no bag has members to judge."""
+  singletons = bag_file.Bags.from_groups(np.arange(4), method='kmeans', fingerprint='f')
+  summary = bag_report.purity_summary(singletons, np.array([0, 1, 0, 1]))
+  assert summary['purity'] is None and summary['anchors_with_empty_bag'] == 4
+  assert '): - (chance 0.5000)' in bag_report.format_purity(summary)
