@@ -107,13 +107,22 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
   key = '-'.join([split, features_lib.describe_model(network)['variables_checksum'],
                   source.fingerprint[:16], str(image_size)])
   path = os.path.join(workdir, 'features', f'{key}.npy')
+  cached = None
   if config.eval.cache_features and os.path.isfile(path):
-    logging.info('features of %s: cached in %s', source.description, path)
     cached = np.load(path)
-    if cached.shape[0] == len(source):
-      return cached
-    logging.warning('%s has %d rows for %d images: recomputing.', path, cached.shape[0],
-                    len(source))
+    if cached.shape[0] != len(source):
+      logging.warning('%s has %d rows for %d images: recomputing.', path, cached.shape[0],
+                      len(source))
+      cached = None
+  if jax.process_count() > 1:
+    # The feature pass below is collective: every process must take the same branch, so the
+    # cache is used only where all of them have it (hosts need not share a filesystem).
+    from jax.experimental import multihost_utils
+    if not multihost_utils.process_allgather(np.asarray(cached is not None)).all():
+      cached = None
+  if cached is not None:
+    logging.info('features of %s: cached in %s', source.description, path)
+    return cached
   logging.info('features of %s (%d images)', source.description, len(source))
   result = features_lib.extract_features(network, source, image_size=image_size,
                                          global_batch_size=config.eval.batch_size, mesh=mesh,
