@@ -133,3 +133,37 @@ def test_cli_driver_writes_json_and_table_for_pixel_knn(tmp_path, capsys):
   with open(tmp_path / 'out' / 'eval_knn.json') as f:
     assert json.load(f)['metrics']['weighted_knn10_top1'] == 100.0
   assert 'knn3_top1' in capsys.readouterr().out
+
+
+def test_feature_cache_is_reused_and_stale_files_are_recomputed(tmp_path, monkeypatch):
+  """Second call reads WORKDIR/features instead of running the network; a cache file with
+  the wrong number of rows is ignored."""
+  from bingo_jax import data_sources, evaluate
+  from bingo_jax import features as features_lib
+  from configs import common
+  config = common.base_config()
+  config.data.image_size = 8
+  config.eval.batch_size = 8
+  config.student.update(arch='resnet18', base_width=4, stem='cifar', bn_group_size=None)
+  network = evaluate.load_network('random', config)
+  images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+  source = data_sources.ArraySource(images, np.arange(10) % 2)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  kwargs = dict(split='train', config=config, workdir=str(tmp_path), mesh=mesh)
+  computed = evaluate.cached_features(network, source, **kwargs)
+  # Reference: the network applied directly to the same centre-cropped batch.
+  direct = features_lib.extract_features(network, source, image_size=8, global_batch_size=8,
+                                         mesh=mesh, normalize_features=False, progress=False)
+  np.testing.assert_allclose(computed, direct, rtol=1e-6, atol=1e-6)
+  (cache_file,) = (tmp_path / 'features').iterdir()
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('the feature pass ran although a valid cache exists')
+  monkeypatch.setattr(features_lib, 'extract_features', must_not_run)
+  np.testing.assert_array_equal(evaluate.cached_features(network, source, **kwargs), computed)
+
+  np.save(cache_file, computed[:3])  # stale: 3 rows for 10 images
+  monkeypatch.undo()
+  recomputed = evaluate.cached_features(network, source, **kwargs)
+  np.testing.assert_allclose(recomputed, direct, rtol=1e-6, atol=1e-6)
+  assert np.load(cache_file).shape[0] == 10
