@@ -29,6 +29,10 @@ def quiet_library_logs(packages: Sequence[str] = ('orbax',)) -> None:
   def keep(record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or not any(
         marker in record.pathname for marker in markers)
+  # On the 'absl' logger itself (orbax logs through absl), so the filter also holds for
+  # handlers that libraries install later (e.g. a logging.basicConfig on first use); and on
+  # the root handlers for libraries that log under their own logger names.
+  std_logging.getLogger('absl').addFilter(keep)
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(keep)
 
