@@ -19,7 +19,7 @@ augmented in a parallel, order-preserving map; no Python runs per example.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -197,19 +197,24 @@ def anchor_stream(seed: int, num_images: int, global_batch_size: int, start_step
 
 def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                           local_batch_size: int, process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> Iterator[dict]:
+                          process_count: Optional[int] = None,
+                          views: Sequence[str] = VIEW_KEYS) -> Iterator[dict]:
   """Per-process BINGO training batches from global step ``start_step`` on (endless).
 
   Args:
     config: the experiment config (uses ``data.image_size``, ``data.num_parallel_calls``,
       ``train.seed``).
     source: the training images (``make_source(config.data, config.data.train_split)``).
-    bags: ``bag_file.Bags`` for exactly these images (checked first).
+    bags: ``bag_file.Bags`` for exactly these images (checked first), or None when no
+      view of the positive is asked for (MoCo pre-training): the positive is then the anchor.
     start_step: global step of the first batch (0, or the step a checkpoint resumes at).
     local_batch_size: B, this process's share of the global batch ``B * process_count``.
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+    views: which of ``VIEW_KEYS`` to generate (each view keeps its own augmentation seed,
+      so a subset yields the same images as the full set for those keys).
   Returns:
-    An iterator of numpy dicts: ``query``, ``key``, ``pos_q``, ``pos_k`` uint8
+    An iterator of numpy dicts: the ``views`` (default ``query``, ``key``, ``pos_q``,
+    ``pos_k``) uint8
     ``(B, S, S, 3)`` (S = ``data.image_size``), ``anchor_index`` and ``positive_index`` int32
     ``(B,)``.
   Raises:
@@ -217,7 +222,17 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+  views = tuple(views)
+  unknown = [view for view in views if view not in VIEW_KEYS]
+  if unknown or not views or len(set(views)) != len(views):
+    raise ValueError(f'views = {views}: expected distinct names from {VIEW_KEYS}.')
+  if bags is None:
+    if any(view in ('pos_q', 'pos_k') for view in views):
+      raise ValueError(f'views = {views} include views of the positive, which need bags.')
+  else:
+    bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+  num_views = len(views)
+  view_seed_slots = [VIEW_KEYS.index(view) + _QUERY for view in views]
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   image_size = int(config.data.image_size)
@@ -233,19 +248,23 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   @tf.autograph.experimental.do_not_convert
   def sample_positive(example):
     seeds = example_seeds(seed, example['epoch'], example['position'])
+    positive_index = (example['anchor_index'] if bags is None else
+                      bags.tf_sample_positive(example['anchor_index'], seeds[_POSITIVE]))
     return {'anchor_index': example['anchor_index'], 'seeds': seeds,
-            'positive_index': bags.tf_sample_positive(example['anchor_index'],
-                                                      seeds[_POSITIVE])}
+            'positive_index': positive_index}
 
   @tf.autograph.experimental.do_not_convert
   def read_views(batch):
-    """One batch of B examples -> 4B view requests, example-major in VIEW_KEYS order."""
+    """One batch of B examples -> B * len(views) view requests, example-major in views order."""
     anchor_images = source.tf_read_batch(batch['anchor_index'])
-    positive_images = source.tf_read_batch(batch['positive_index'])
-    images = tf.stack([anchor_images, anchor_images, positive_images, positive_images], axis=1)
-    repeat = lambda x: tf.repeat(x, 4, axis=0)  # noqa: E731
+    positive_images = (source.tf_read_batch(batch['positive_index'])
+                       if any(view.startswith('pos_') for view in views) else None)
+    images = tf.stack([positive_images if view.startswith('pos_') else anchor_images
+                       for view in views], axis=1)
+    seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
+    repeat = lambda x: tf.repeat(x, num_views, axis=0)  # noqa: E731
     return {'image': tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0)),
-            'seed': tf.reshape(batch['seeds'][:, _QUERY:], [-1, 2]),
+            'seed': tf.reshape(seeds, [-1, 2]),
             'anchor_index': repeat(batch['anchor_index']),
             'positive_index': repeat(batch['positive_index'])}
 
@@ -257,18 +276,19 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     return request
 
   @tf.autograph.experimental.do_not_convert
-  def regroup(views):
-    grouped = tf.reshape(views['image'], [local_batch_size, 4, image_size, image_size, 3])
-    batch = {key: grouped[:, slot] for slot, key in enumerate(VIEW_KEYS)}
-    batch['anchor_index'] = tf.cast(views['anchor_index'][::4], tf.int32)
-    batch['positive_index'] = tf.cast(views['positive_index'][::4], tf.int32)
+  def regroup(requests):
+    grouped = tf.reshape(requests['image'],
+                         [local_batch_size, num_views, image_size, image_size, 3])
+    batch = {key: grouped[:, slot] for slot, key in enumerate(views)}
+    batch['anchor_index'] = tf.cast(requests['anchor_index'][::num_views], tf.int32)
+    batch['positive_index'] = tf.cast(requests['positive_index'][::num_views], tf.int32)
     return batch
 
   dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
   dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
   dataset = dataset.map(augment_view, num_parallel_calls=parallel)
-  dataset = dataset.batch(4 * local_batch_size, drop_remainder=True)
+  dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
   dataset = dataset.map(regroup).prefetch(2)
   dataset = dataset.with_options(_options())
   return dataset.as_numpy_iterator()

@@ -3,7 +3,9 @@ r"""BINGO distillation: ``python -m bingo_jax.train --config configs/X.py --work
 ``train_and_evaluate`` reads top to bottom: config checks -> mesh -> teacher -> data and bags
 -> student and its state (fresh or restored) -> jitted step -> loop (logs, checkpoints,
 preemption) -> summary. Rerunning the same command continues from the latest checkpoint in
-``WORKDIR/checkpoints``; a SIGTERM makes the loop save and exit cleanly.
+``WORKDIR/checkpoints``; a SIGTERM makes the loop save and exit cleanly. With
+``config.train.method = 'moco'`` the same loop pre-trains MoCo v2 (no teacher or bag file;
+the key encoder lives in the train state; docs/training.md).
 
 Examples::
 
@@ -61,8 +63,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if batch % jax.process_count():
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'processes ({jax.process_count()}).')
+  method = train.get('method', 'bingo')
+  if method not in train_step_lib.METHODS:
+    raise ValueError(f'config.train.method = {method!r}; expected one of '
+                     f'{train_step_lib.METHODS}.')
   groups = [('config.student.bn_group_size', config.student.bn_group_size)]
-  if config.teacher.bn_mode == 'shuffle':
+  if config.teacher.bn_mode == 'shuffle' or method == 'moco':
     groups.append(('config.teacher.bn_group_size', config.teacher.bn_group_size))
   for key, group in groups:
     if group is not None and (group <= 0 or batch % group):
@@ -207,14 +213,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                mesh.devices.size, jax.process_count(), global_batch_size, local_batch_size)
 
   # ---- teacher (a model file; never trained, never checkpointed) ----
-  teacher = load_teacher(config)
-  logging.info('Teacher %s from %s (BatchNorm %s).', teacher.model_config.get('arch'),
-               config.teacher.path, config.teacher.bn_mode)
+  # MoCo pre-training has no teacher file: its keys come from the momentum encoder kept in
+  # the train state, and it needs no bags (the positive is the anchor itself).
+  moco = config.train.get('method', 'bingo') == 'moco'
+  if moco:
+    teacher = None
+    logging.info('MoCo v2 pre-training: key encoder = momentum %g copy of the student.',
+                 config.train.moco_momentum)
+  else:
+    teacher = load_teacher(config)
+    logging.info('Teacher %s from %s (BatchNorm %s).', teacher.model_config.get('arch'),
+                 config.teacher.path, config.teacher.bn_mode)
 
   # ---- data and bags ----
   source = data_sources.make_source(config.data, config.data.train_split)
   num_images = len(source)
-  bags = load_training_bags(config, source, num_images)
+  bags = None if moco else load_training_bags(config, source, num_images)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_images, global_batch_size)
   total_steps = config.train.epochs * steps_per_epoch
   if config.train.max_steps is not None:
@@ -245,14 +259,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('Resumed from %s/%d.', checkpointer.directory, start_step)
 
   # ---- the step ----
-  train_step = train_step_lib.make_train_step(config, student, teacher.model, mesh,
-                                              steps_per_epoch)
-  teacher_variables = parallel.replicate(teacher.variables, mesh)
+  if moco:
+    # The key encoder: the student's architecture with the shuffle's BatchNorm groups.
+    key_model = create_model(**dict(student_config, bn_group_size=config.teacher.bn_group_size),
+                             dtype=config.train.compute_dtype)
+    train_step = train_step_lib.make_train_step(config, student, key_model, mesh,
+                                                steps_per_epoch)
+    teacher_variables = parallel.replicate({}, mesh)
+  else:
+    train_step = train_step_lib.make_train_step(config, student, teacher.model, mesh,
+                                                steps_per_epoch)
+    teacher_variables = parallel.replicate(teacher.variables, mesh)
 
   # ---- the loop ----
   batches = input_pipeline.create_train_iterator(
       config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      views=train_step_lib.MOCO_IMAGE_KEYS if moco else input_pipeline.VIEW_KEYS)
   writer = progress.MetricWriter(workdir)
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
   preemption = PreemptionWatcher(checkpointer)

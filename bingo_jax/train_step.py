@@ -49,6 +49,8 @@ Metrics = dict[str, jax.Array]
 TrainStepFn = Callable[['TrainState', Any, Batch], tuple['TrainState', Metrics]]
 
 IMAGE_KEYS = ('query', 'key', 'pos_q', 'pos_k')
+MOCO_IMAGE_KEYS = ('query', 'key')
+METHODS = ('bingo', 'moco')
 
 
 @flax.struct.dataclass
@@ -64,6 +66,10 @@ class TrainState:
     queue_pointer: int32 scalar, row where the next batch of keys is written.
     rng: raw uint32 PRNG key data ``(2,)`` (``jax.random.key_data``; checkpoint-friendly),
       consumed by CutMix and the teacher's batch shuffle.
+    key_params: MoCo pre-training only (``config.train.method = 'moco'``): the key
+      encoder's parameters, a momentum average of ``params``; None for BINGO.
+    key_batch_stats: MoCo only: the key encoder's own BatchNorm running statistics; None
+      for BINGO (None fields add no leaves, so BINGO checkpoints keep their layout).
   """
   step: jax.Array
   params: Any
@@ -72,6 +78,8 @@ class TrainState:
   negative_queue: jax.Array
   queue_pointer: jax.Array
   rng: jax.Array
+  key_params: Any = None
+  key_batch_stats: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +186,20 @@ def create_train_state(config: ml_collections.ConfigDict, student_model: nn.Modu
                        f'config.student.head_output_dim = {embed_dim}; it returns '
                        f'{None if embeddings is None else embeddings.shape}.')
     queue = losses.l2_normalize(jax.random.normal(queue_rng, (queue_size, embed_dim)))
+    batch_stats = variables.get('batch_stats', {})
+    moco = config.train.get('method', 'bingo') == 'moco'
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables['params'],
-        batch_stats=variables.get('batch_stats', {}),
+        batch_stats=batch_stats,
         opt_state=optimizer.init(variables['params']),
         negative_queue=queue,
         queue_pointer=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(state_rng))
+        rng=jax.random.key_data(state_rng),
+        # MoCo's key encoder starts as a copy of the query encoder (builder.py copies
+        # parameters and buffers alike).
+        key_params=jax.tree.map(jnp.copy, variables['params']) if moco else None,
+        key_batch_stats=jax.tree.map(jnp.copy, batch_stats) if moco else None)
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(_key_data(rng))
 
@@ -203,6 +217,9 @@ def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
   """Clear errors for settings the step cannot honour, before anything is compiled."""
   train = config.train
   batch = train.batch_size
+  method = train.get('method', 'bingo')
+  if method not in METHODS:
+    raise ValueError(f'config.train.method = {method!r}; expected one of {METHODS}.')
   if train.queue_size % batch:
     raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
                      f'config.train.batch_size = {batch} (the queue advances by whole batches).')
@@ -229,7 +246,8 @@ def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
   if train.cutmix == 'group' and train.loss == 'bingo' and not student_group:
     raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
                      f'but config.student.bn_group_size = {student_group}.')
-  if config.teacher.bn_mode == 'shuffle':
+  # MoCo's key encoder always runs with the shuffle, whatever config.teacher.bn_mode says.
+  if config.teacher.bn_mode == 'shuffle' or method == 'moco':
     teacher_group = config.teacher.bn_group_size
     if _bn_group_size(teacher_model) != teacher_group:
       raise ValueError(f'The teacher model was built with bn_group_size='
@@ -267,6 +285,39 @@ def teacher_embeddings(teacher_model: nn.Module, teacher_variables: Any, images:
   return jax.lax.stop_gradient(losses.l2_normalize(embeddings))
 
 
+def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: jax.Array,
+                            rng: jax.Array) -> tuple[jax.Array, Any]:
+  """MoCo's key encoder forward: shuffled training-mode BatchNorm, its own statistics kept.
+
+  The batch is permuted, embedded in groups of the model's ``bn_group_size`` and
+  un-permuted, as ``teacher_embeddings(..., 'shuffle', rng)`` does (same permutation for the
+  same ``rng``); unlike a frozen BINGO teacher, MoCo's ``encoder_k`` runs in training mode
+  and so updates its running statistics with these batch statistics (its buffers are not
+  part of the momentum update, which covers parameters only).
+
+  Args:
+    key_model: the key encoder (student architecture, teacher BatchNorm group size).
+    key_variables: ``{'params', 'batch_stats'}`` of the key encoder.
+    images: ``(batch, height, width, 3)`` normalised images.
+    rng: PRNG key of the permutation.
+  Returns:
+    ``(keys, batch_stats)``: ``(batch, dim)`` L2-normalised float32 keys in the order of
+    ``images`` (no gradient) and the key encoder's updated running statistics.
+  """
+  permutation = jax.random.permutation(rng, images.shape[0])
+  (_, shuffled), updates = key_model.apply(key_variables, images[permutation], train=True,
+                                           mutable=['batch_stats'])
+  keys = jnp.zeros_like(shuffled).at[permutation].set(shuffled)
+  return (jax.lax.stop_gradient(losses.l2_normalize(keys)),
+          jax.lax.stop_gradient(updates['batch_stats']))
+
+
+def momentum_update(key_params: Any, query_params: Any, momentum: float) -> Any:
+  """``k = m * k + (1 - m) * q`` leaf by leaf (MoCo ``_momentum_update_key_encoder``)."""
+  return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params,
+                      query_params)
+
+
 def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
                     teacher_model: nn.Module, mesh: jax.sharding.Mesh,
                     steps_per_epoch: int) -> TrainStepFn:
@@ -291,6 +342,8 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     ``own_weight``, ``epoch`` and the CE terms ``ce_*`` of ``losses.bingo_loss``.
   """
   _check_config(config, student_model, teacher_model, mesh)
+  if config.train.get('method', 'bingo') == 'moco':
+    return _make_moco_train_step(config, student_model, teacher_model, mesh, steps_per_epoch)
   train = config.train
   optimizer = make_optimizer(train, steps_per_epoch)
   schedule = learning_rate_schedule(train, steps_per_epoch)
@@ -373,6 +426,90 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         negative_queue=negative_queue, queue_pointer=queue_pointer,
         rng=jax.random.key_data(rng))
+    return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(replicated, replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
+def _make_moco_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
+                          key_model: nn.Module, mesh: jax.sharding.Mesh,
+                          steps_per_epoch: int) -> TrainStepFn:
+  """MoCo v2 pre-training step (``config.train.method = 'moco'``); see ``make_train_step``.
+
+  Follows the released ``moco/builder.py``: the query encoder (the student) embeds
+  ``query`` in training mode; the key encoder (``state.key_params`` /
+  ``state.key_batch_stats``, built as ``key_model`` = the student's architecture with the
+  teacher's BatchNorm group size) embeds ``key`` with the batch shuffle; the loss is
+  ``CE(q, k)`` against the queue; the queue then receives the keys (FIFO). The key encoder's
+  parameters follow ``k = m * k + (1 - m) * q`` with the updated query parameters: MoCo does
+  this at the start of the next forward, which is the same sequence of values (at step 0 the
+  two encoders are equal, so the update there is the identity).
+
+  Returns:
+    ``train_step(state, unused_variables, batch)``; the second argument is ignored (pass
+    ``{}``), the batch needs ``'query'`` and ``'key'``. Metrics: ``loss``, ``top1``, ``top5``,
+    ``learning_rate``, ``epoch``.
+  """
+  train = config.train
+  optimizer = make_optimizer(train, steps_per_epoch)
+  schedule = learning_rate_schedule(train, steps_per_epoch)
+  compute_dtype = jnp.dtype(train.compute_dtype)
+  temperature = train.temperature
+  momentum = float(train.moco_momentum)
+  if not 0.0 <= momentum <= 1.0:
+    raise ValueError(f'config.train.moco_momentum = {momentum} must lie in [0, 1].')
+
+  def step_fn(state: TrainState, unused_variables: Any, batch: Batch
+              ) -> tuple[TrainState, Metrics]:
+    del unused_variables
+    missing = [name for name in MOCO_IMAGE_KEYS if name not in batch]
+    if missing:
+      raise ValueError(f'train_step (moco): batch lacks {missing}; it has {sorted(batch)}.')
+    if state.key_params is None:
+      raise ValueError('train_step (moco): the state has no key encoder; create it with '
+                       "create_train_state under config.train.method = 'moco'.")
+    batch_size = batch['query'].shape[0]
+    queue_size = state.negative_queue.shape[0]
+    if queue_size % batch_size:
+      raise ValueError(f'train_step: queue size {queue_size} is not divisible by the global '
+                       f'batch size {batch_size}.')
+    epoch = state.step // steps_per_epoch
+    rng, key_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    normalize = lambda x: images_lib.normalize(x, compute_dtype)
+
+    key, key_batch_stats = shuffled_key_embeddings(
+        key_model, {'params': state.key_params, 'batch_stats': state.key_batch_stats},
+        normalize(batch['key']), key_rng)
+
+    def loss_fn(params):
+      (_, embeddings), updates = student_model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, normalize(batch['query']),
+          train=True, mutable=['batch_stats'])
+      query = losses.l2_normalize(embeddings)
+      loss = jnp.mean(losses.info_nce(query, key, state.negative_queue, temperature))
+      top1, top5 = losses.contrastive_accuracy(
+          jax.lax.stop_gradient(query), key, state.negative_queue, temperature, (1, 5))
+      return loss, (updates['batch_stats'], dict(loss=loss, top1=top1, top5=top5))
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    key_params = momentum_update(state.key_params, params, momentum)
+
+    negative_queue = jax.lax.dynamic_update_slice(
+        state.negative_queue, key.astype(state.negative_queue.dtype),
+        (state.queue_pointer, jnp.zeros((), jnp.int32)))
+    queue_pointer = (state.queue_pointer + batch_size) % queue_size
+
+    metrics.update(learning_rate=schedule(state.step), epoch=epoch.astype(jnp.float32))
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+        negative_queue=negative_queue, queue_pointer=queue_pointer,
+        rng=jax.random.key_data(rng), key_params=key_params, key_batch_stats=key_batch_stats)
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
   replicated = parallel.replicated(mesh)

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4
   config.train.temperature = 0.2
   config.train.queue_size = 65536
+  config.train.method = 'bingo'        # 'bingo' (distil a teacher) | 'moco' (MoCo v2
+  #   pre-training: the teacher is the student's momentum encoder; no teacher/bag files)
+  config.train.moco_momentum = 0.999   # moco only: key encoder k = m * k + (1 - m) * q
   config.train.loss = 'bingo'          # 'bingo' (released) | 'paper' (Eq. 8/9: intra + inter)
   config.train.own_only_epochs = 11    # (w_own, w_oth) = (1, 0) for epochs 0..10
   config.train.cutmix = 'batch'        # 'batch' (SPEC: one box) | 'group' (one per BN group,
