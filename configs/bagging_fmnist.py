@@ -18,10 +18,7 @@ from configs import common, eval_fmnist
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
-  config.data.source = 'fashion_mnist'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'test'
-  config.data.image_size = 32
+  eval_fmnist.use_fashion_mnist(config)
 
   config.bags.method = arg or 'random-teacher'
   config.bags.random_teacher.arch = 'resnet18'

@@ -24,12 +24,19 @@ FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 
 
-def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  config = common.base_config()
+def use_fashion_mnist(config: ml_collections.ConfigDict,
+                      train_split: str = 'train') -> ml_collections.ConfigDict:
+  """Points ``config.data`` at Fashion-MNIST (60k train / 10k test, trained at 32 px)."""
   config.data.source = 'fashion_mnist'
-  config.data.train_split = 'train'
+  config.data.train_split = train_split
   config.data.eval_split = 'test'
   config.data.image_size = 32
+  return config
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+  config = common.base_config()
+  use_fashion_mnist(config)
 
   config.student.arch = 'resnet18'
   config.student.base_width = 16

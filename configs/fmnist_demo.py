@@ -23,10 +23,7 @@ from configs import common, eval_fmnist, variants
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = common.base_config()
-  config.data.source = 'fashion_mnist'
-  config.data.train_split = 'train[:12800]'
-  config.data.eval_split = 'test'
-  config.data.image_size = 32
+  eval_fmnist.use_fashion_mnist(config, train_split='train[:12800]')
 
   config.teacher.bn_group_size = 32
 
