@@ -31,20 +31,12 @@ from bingo_jax.torch_checkpoints import CheckpointError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
+from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-  # On the shared 2-core machine, torch's two-thread kernels wait on each other (and on XLA's
-  # threads): one thread runs the reference forwards several times faster.
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 # --- checkpoint layouts, written here from their description (not with the code under test) ---

@@ -22,16 +22,10 @@ from bingo_jax import model_io, torch_checkpoints
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
+from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # see tests/test_convert.py
-  yield
-  torch.set_num_threads(threads)
 
 
 def run_tool(script: str, *args: str) -> int:

@@ -25,14 +25,8 @@ from bingo_jax import torch_mapping
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
+from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # see tests/test_convert.py
-  yield
-  torch.set_num_threads(threads)
 
 
 def _torch_bn(channels: int, ndim: int, rng: np.random.Generator):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -214,3 +215,17 @@ def randomize_(model: nn.Module, calibration_images: torch.Tensor, seed: int = 0
       module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
   model.eval()
   return model
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+  """Module fixture: torch reference forwards on one thread.
+
+  On a 2-core machine torch's two-thread kernels wait on each other (and on XLA's threads):
+  one thread runs the reference forwards several times faster. Import it into a test module
+  to apply it there.
+  """
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
