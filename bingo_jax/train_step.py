@@ -212,6 +212,17 @@ def _bn_group_size(model: nn.Module) -> Any:
   return getattr(getattr(model, 'backbone', None), 'bn_group_size', None)
 
 
+def _check_bn_group(model: nn.Module, section: str, group: Any, batch: int) -> None:
+  """The model's BatchNorm group must be ``config.<section>.bn_group_size`` and divide the batch."""
+  if _bn_group_size(model) != group:
+    raise ValueError(f'The {section} model was built with bn_group_size={_bn_group_size(model)} '
+                     f'but config.{section}.bn_group_size = {group}; create it with '
+                     f'create_model(..., bn_group_size=config.{section}.bn_group_size).')
+  if group and batch % group:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
+                     f'config.{section}.bn_group_size = {group}.')
+
+
 def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
                   teacher_model: nn.Module, mesh: jax.sharding.Mesh) -> None:
   """Clear errors for settings the step cannot honour, before anything is compiled."""
@@ -235,28 +246,13 @@ def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
     raise ValueError(f"config.teacher.bn_mode = {config.teacher.bn_mode!r}; expected "
                      "'shuffle' or 'frozen'.")
   student_group = config.student.bn_group_size
-  if _bn_group_size(student_model) != student_group:
-    raise ValueError(f'The student model was built with bn_group_size='
-                     f'{_bn_group_size(student_model)} but config.student.bn_group_size = '
-                     f'{student_group}; create it with create_model(..., '
-                     f'bn_group_size=config.student.bn_group_size).')
-  if student_group and batch % student_group:
-    raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
-                     f'config.student.bn_group_size = {student_group}.')
+  _check_bn_group(student_model, 'student', student_group, batch)
   if train.cutmix == 'group' and train.loss == 'bingo' and not student_group:
     raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
                      f'but config.student.bn_group_size = {student_group}.')
   # MoCo's key encoder always runs with the shuffle, whatever config.teacher.bn_mode says.
   if config.teacher.bn_mode == 'shuffle' or method == 'moco':
-    teacher_group = config.teacher.bn_group_size
-    if _bn_group_size(teacher_model) != teacher_group:
-      raise ValueError(f'The teacher model was built with bn_group_size='
-                       f'{_bn_group_size(teacher_model)} but config.teacher.bn_group_size = '
-                       f'{teacher_group} (bn_mode shuffle); create it with create_model(..., '
-                       f'bn_group_size=config.teacher.bn_group_size).')
-    if teacher_group and batch % teacher_group:
-      raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
-                       f'config.teacher.bn_group_size = {teacher_group}.')
+    _check_bn_group(teacher_model, 'teacher', config.teacher.bn_group_size, batch)
 
 
 def teacher_embeddings(teacher_model: nn.Module, teacher_variables: Any, images: jax.Array,
