@@ -77,7 +77,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if train.queue_size % batch:
     raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
                      f'config.train.batch_size = {batch} (the queue advances by whole batches).')
-  choices = {'config.train.loss': (train.loss, ('bingo', 'paper')),
+  choices = {'config.train.loss': (train.loss, train_step_lib.LOSSES),
              'config.train.lr_schedule': (train.lr_schedule, ('cosine_epoch', 'cosine_step')),
              'config.train.compute_dtype': (train.compute_dtype, ('float32', 'bfloat16')),
              'config.teacher.bn_mode': (config.teacher.bn_mode, ('shuffle', 'frozen'))}
@@ -228,7 +228,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- data and bags ----
   source = data_sources.make_source(config.data, config.data.train_split)
   num_images = len(source)
-  bags = None if moco else load_training_bags(config, source, num_images)
+  # MoCo and the 'intra' loss use only the anchor's own views, so no bag file is read.
+  if train_step_lib.uses_bag_positive(config):
+    bags = load_training_bags(config, source, num_images)
+  else:
+    bags = None
+    if config.bags.get('path'):
+      logging.info('config.bags.path = %s is unused: this run has no bag positives '
+                   "(config.train.method = %r, config.train.loss = %r).", config.bags.path,
+                   config.train.get('method', 'bingo'), config.train.loss)
   steps_per_epoch = input_pipeline.steps_per_epoch(num_images, global_batch_size)
   total_steps = config.train.epochs * steps_per_epoch
   if config.train.max_steps is not None:
@@ -275,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batches = input_pipeline.create_train_iterator(
       config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      views=train_step_lib.MOCO_IMAGE_KEYS if moco else input_pipeline.VIEW_KEYS)
+      views=train_step_lib.batch_image_keys(config))
   writer = progress.MetricWriter(workdir)
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
   preemption = PreemptionWatcher(checkpointer)

@@ -25,6 +25,9 @@ How the networks are called follows the released ``moco/builder.py``:
   ``'frozen'``: eval mode with the stored running statistics.
 * The loss uses the queue as it was before the step; then the anchors' teacher keys replace
   the oldest queue entries.
+* ``config.train.loss = 'intra'`` (the "w/o bag" ablation, SEED-like distillation): only
+  ``query`` (student) and ``key`` (teacher) are embedded and the loss is the mean
+  ``CE(q, k)`` against the queue; no positive, no bags, no CutMix.
 """
 
 from __future__ import annotations
@@ -51,6 +54,22 @@ TrainStepFn = Callable[['TrainState', Any, Batch], tuple['TrainState', Metrics]]
 IMAGE_KEYS = ('query', 'key', 'pos_q', 'pos_k')
 MOCO_IMAGE_KEYS = ('query', 'key')
 METHODS = ('bingo', 'moco')
+# 'bingo': released loss (SPEC.md 4); 'paper': Eq. 8/9, CE(q, k) + CE(p, k); 'intra': CE(q, k)
+# alone, the anchor's own teacher key (the paper's "w/o bag" ablation, SEED-like).
+LOSSES = ('bingo', 'paper', 'intra')
+
+
+def uses_bag_positive(config: ml_collections.ConfigDict) -> bool:
+  """Whether the step reads a bag positive (``pos_q``/``pos_k`` views), i.e. needs bags.
+
+  MoCo pre-training and the ``'intra'`` loss see only the anchor's ``query`` and ``key``.
+  """
+  return config.train.get('method', 'bingo') != 'moco' and config.train.loss != 'intra'
+
+
+def batch_image_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The image views the step reads from a batch (the views the input pipeline must make)."""
+  return IMAGE_KEYS if uses_bag_positive(config) else MOCO_IMAGE_KEYS
 
 
 @flax.struct.dataclass
@@ -237,8 +256,8 @@ def _check_config(config: ml_collections.ConfigDict, student_model: nn.Module,
   if batch % mesh.devices.size:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the '
                      f'{mesh.devices.size} devices of the mesh.')
-  if train.loss not in ('bingo', 'paper'):
-    raise ValueError(f"config.train.loss = {train.loss!r}; expected 'bingo' or 'paper'.")
+  if train.loss not in LOSSES:
+    raise ValueError(f'config.train.loss = {train.loss!r}; expected one of {LOSSES}.')
   if train.cutmix not in cutmix_lib.MODES:
     raise ValueError(f'config.train.cutmix = {train.cutmix!r}; expected one of '
                      f'{cutmix_lib.MODES}.')
@@ -332,10 +351,12 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     ``train_step(state, teacher_variables, batch)``: ``state`` replicated (donated),
     ``teacher_variables`` replicated, ``batch`` a dict of global arrays sharded on
     ``'data'`` (``parallel.global_batch``) with uint8 ``(B, S, S, 3)`` images under
-    ``'query'``, ``'key'``, ``'pos_q'``, ``'pos_k'`` (other keys are ignored). Metrics
+    ``batch_image_keys(config)``: ``'query'``, ``'key'``, ``'pos_q'``, ``'pos_k'``, or only
+    ``'query'`` and ``'key'`` for ``loss = 'intra'`` (other keys are ignored). Metrics
     (replicated float32 scalars): ``loss``, ``top1``, ``top5`` (percent, q against k),
-    ``learning_rate`` (the one used by this update), ``lam`` (mean over the batch),
-    ``own_weight``, ``epoch`` and the CE terms ``ce_*`` of ``losses.bingo_loss``.
+    ``learning_rate`` (the one used by this update), ``lam`` (mean over the batch; 1 without
+    CutMix), ``own_weight`` (1 for 'paper' and 'intra'), ``epoch`` and the CE terms ``ce_*``
+    of the loss (``losses.bingo_loss``, ``losses.paper_loss``; ``ce_q_k`` alone for 'intra').
   """
   _check_config(config, student_model, teacher_model, mesh)
   if config.train.get('method', 'bingo') == 'moco':
@@ -347,10 +368,11 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
   temperature = train.temperature
   use_cutmix = train.loss == 'bingo' and train.cutmix != 'none'
   bn_mode = config.teacher.bn_mode
+  image_keys = batch_image_keys(config)
 
   def step_fn(state: TrainState, teacher_variables: Any, batch: Batch
               ) -> tuple[TrainState, Metrics]:
-    missing = [name for name in IMAGE_KEYS if name not in batch]
+    missing = [name for name in image_keys if name not in batch]
     if missing:
       raise ValueError(f'train_step: batch lacks {missing}; it has {sorted(batch)}.')
     batch_size = batch['query'].shape[0]
@@ -372,7 +394,7 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     normalize = lambda x: images_lib.normalize(x, compute_dtype)
     key = teacher_embeddings(teacher_model, teacher_variables, normalize(batch['key']),
                              bn_mode, key_rng)
-    # The paper's loss does not look at the positive's teacher view.
+    # The 'paper' and 'intra' losses do not look at the positive's teacher view.
     pos_k = (teacher_embeddings(teacher_model, teacher_variables, normalize(batch['pos_k']),
                                 bn_mode, pos_k_rng) if train.loss == 'bingo' else None)
 
@@ -387,13 +409,18 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
         batch_stats = updates['batch_stats']
         return losses.l2_normalize(embeddings)
 
-      # Three separate passes in the released order (see the module docstring).
+      # Separate passes in the released order, query first (see the module docstring).
       query = student(batch['query'])
-      pos_q = student(batch['pos_q'])
-      if train.loss == 'paper':
+      if train.loss == 'intra':
+        loss = jnp.mean(losses.info_nce(query, key, state.negative_queue, temperature))
+        terms = {'ce_q_k': loss}
+        own_weight = jnp.ones((), jnp.float32)
+      elif train.loss == 'paper':
+        pos_q = student(batch['pos_q'])
         loss, terms = losses.paper_loss(query, pos_q, key, state.negative_queue, temperature)
         own_weight = jnp.ones((), jnp.float32)
       else:
+        pos_q = student(batch['pos_q'])
         mix_q = student(mix_images) if use_cutmix else None
         warm_up = epoch < train.own_only_epochs
         own_weight = jnp.where(warm_up, 1.0, 0.5).astype(jnp.float32)

@@ -20,6 +20,8 @@ def _bags(method: str) -> Callable[[ml_collections.ConfigDict], None]:
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     # The paper's Eq. 8/9 loss: intra + inter terms, no CutMix (SPEC.md 4).
     'paper_loss': lambda c: (c.train.update({'loss': 'paper', 'cutmix': 'none'})),
+    # Table 8 "w/o bag" ablation (SEED-like): CE(q, k) of the anchor alone, no bags or CutMix.
+    'intra_only': lambda c: c.train.update({'loss': 'intra', 'cutmix': 'none'}),
     # One CutMix box per sample instead of the released one box per batch.
     'cutmix_sample': lambda c: c.train.update({'cutmix': 'sample'}),
     # bfloat16 compute, float32 parameters and optimizer state.

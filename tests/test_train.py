@@ -238,6 +238,32 @@ def test_config_variants():
     r18_r50w2.get_config('fp8')
 
 
+def test_intra_only_variant_trains_without_bags(tiny_inputs, tmp_path, monkeypatch):
+  """The 'intra_only' variant (loss 'intra'): no bag file, only the query and key views."""
+  config = tiny_test.get_config('intra_only')
+  assert (config.train.loss, config.train.cutmix) == ('intra', 'none')
+  config.teacher.path, config.data.path = tiny_inputs['teacher'], tiny_inputs['images']
+  config.bags.path, config.train.max_steps = None, 2
+
+  def no_bags(*args, **kwargs):
+    raise AssertionError('the trainer read a bag file')
+  views = []
+
+  def recording_iterator(*args, **kwargs):
+    views.append(tuple(kwargs['views']))
+    return make_iterator(*args, **kwargs)
+  make_iterator = input_pipeline.create_train_iterator
+  monkeypatch.setattr(train, 'load_training_bags', no_bags)
+  monkeypatch.setattr(train.input_pipeline, 'create_train_iterator', recording_iterator)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert views == [('query', 'key')]
+  assert summary['step'] == 2 and not summary['preempted']
+  final = summary['final_metrics']
+  assert {'loss', 'ce_q_k', 'top1', 'top5'} <= set(final) and 'ce_p_k' not in set(final)
+  # 1 + 64 candidates with unit vectors at temperature 0.2: CE lies in [0, ln 65 + 10].
+  assert 0.0 < final['loss'] < np.log(65) + 2 / 0.2
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress: throughput excludes the first (compiling) step and pauses; TensorBoard values.
 

@@ -11,6 +11,7 @@ import multihost_train_worker
 from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
+from bingo_jax import train as train_lib
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
@@ -359,3 +360,61 @@ def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
   # The other pairing gives another value: the test sees which key goes with which view.
   assert not np.isclose(cross_entropy(q, kp) + cross_entropy(p, k),
                         cross_entropy(q, k) + cross_entropy(p, kp), rtol=1e-3)
+
+
+def test_intra_loss_step_is_ce_of_query_against_its_own_teacher_key():
+  """loss = 'intra' (SEED-like, no bags): loss = mean CE(q, k) against the queue, written out in
+  float64 numpy from separately embedded views; one student pass; keys enter the queue."""
+  config, student, teacher, batch = multihost_train_worker.small_setup()
+  config.teacher.bn_mode, config.train.loss = 'frozen', 'intra'
+  config.train.cutmix = 'batch'  # ignored by 'intra', as by 'paper'
+  batch = {name: batch[name] for name in ('query', 'key')}  # no positive views are needed
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  params, batch_stats, queue = jax.device_get(
+      (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
+  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
+                            parallel.global_batch(batch, mesh))
+
+  def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  # Student: training-mode BatchNorm in groups of 4, as the step; teacher: frozen (eval mode).
+  (_, query_embeddings), updates = student.apply(
+      {'params': params, 'batch_stats': batch_stats}, images_lib.normalize(batch['query']),
+      train=True, mutable=['batch_stats'])
+  q = unit(query_embeddings)
+  k = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
+  logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ np.asarray(queue, np.float64).T],
+                          1) / config.train.temperature
+  top = logits.max(1)
+  expected_loss = np.mean(top + np.log(np.exp(logits - top[:, None]).sum(1)) - logits[:, 0])
+
+  assert set(metrics) == {'loss', 'ce_q_k', 'top1', 'top5', 'learning_rate', 'own_weight', 'lam',
+                          'epoch'}
+  np.testing.assert_allclose(float(metrics['loss']), expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['ce_q_k']), expected_loss, rtol=1e-5)
+  assert float(metrics['own_weight']) == float(metrics['lam']) == 1.0
+  # One student pass: the running statistics moved once, by the query batch alone.
+  assert_trees_close(new_state.batch_stats, updates['batch_stats'], 1e-5)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
+                                                   jax.tree.leaves(params)))
+  # The anchors' teacher keys replaced the oldest queue rows.
+  np.testing.assert_allclose(np.asarray(new_state.negative_queue)[:len(k)], k, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_state.negative_queue)[len(k):],
+                             np.asarray(queue)[len(k):])
+
+
+def test_unknown_loss_name_is_a_clear_error():
+  config = small_config()
+  config.train.loss = 'infonce'
+  student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  message = r"config.train.loss = 'infonce'; expected one of \('bingo', 'paper', 'intra'\)"
+  with pytest.raises(ValueError, match=message):
+    train_step_lib.make_train_step(config, student, student, mesh, 1)
+  with pytest.raises(ValueError, match=message):
+    train_lib.check_config(config, 1)
