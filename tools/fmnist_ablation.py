@@ -1,0 +1,236 @@
+"""Runs the Fashion-MNIST ablation (paper Tables 7/8) and writes its table.
+
+  python tools/fmnist_ablation.py --teacher runs/demo/teacher --workdir runs/ablation
+
+For each row of ``configs/fmnist_ablation.py`` (moco, intra, knn, labels, random, paper) and
+each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN and the fast
+linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
+with the teacher (knn), the labels, and a randomly initialised network of the teacher's
+architecture. Every run records its wall times. The seed changes the student's
+initialisation, the data order, the augmentations and CutMix. The bags and the evaluation
+(probe initialisation, batch order) stay fixed.
+
+Outputs in the workdir:
+  bagging_<method>/        bag report (purity, grid) of each bag file;
+  runs/<row>_s<seed>/      the run's training workdir (train/), evaluation (eval/) and
+                           result.json; a finished run is skipped on a rerun;
+  reference/               kNN and fast linear of the teacher and the random student
+                           (not with --skip-references);
+  ablation.json, ablation.md   mean, sample standard deviation and range over the seeds.
+The rows run in one process one after another (an interrupted table resumes at the first
+unfinished run). The XLA compilation cache is kept in the workdir, so the runs after the
+first reuse the compiled programs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROW_ORDER = ('moco', 'intra', 'knn', 'labels', 'random', 'paper')
+METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   epilog=__doc__.split('\n\n', 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--teacher', required=True,
+                      help='converted teacher model file (tools/convert_torch_teacher.py)')
+  parser.add_argument('--workdir', required=True, help='output directory (resumable)')
+  parser.add_argument('--rows', default=','.join(ROW_ORDER),
+                      help=f'comma-separated rows (default: {",".join(ROW_ORDER)})')
+  parser.add_argument('--seeds', default='0,1,2', help='comma-separated training seeds')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='config override for every row, e.g. train.epochs=3 (repeatable)')
+  parser.add_argument('--skip-references', action='store_true',
+                      help='do not evaluate the teacher and the random student')
+  return parser.parse_args(argv)
+
+
+def _override(config, assignment: str) -> None:
+  """Applies ``a.b.c=value`` to ``config`` (the value parsed as JSON when it parses)."""
+  key, sep, text = assignment.partition('=')
+  if not sep:
+    raise ValueError(f'--set {assignment!r}: expected KEY=VALUE.')
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    if part not in node:
+      raise ValueError(f'--set {assignment!r}: config has no section {part!r}.')
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(f'--set {assignment!r}: config has no key {key!r}.')
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    value = text
+  node[leaf] = value
+
+
+def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: list):
+  """The config of one run: ``configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
+  from configs import fmnist_ablation
+  config = fmnist_ablation.get_config(row)
+  for assignment in overrides:
+    _override(config, assignment)
+  config.train.seed = seed
+  config.teacher.path = None if row == 'moco' else teacher
+  method = fmnist_ablation.ROW_BAGS[row]
+  config.bags.path = bag_paths.get(method) if method else None
+  config.bags.class_names = list(config.eval.class_names)
+  return config
+
+
+def make_bags(method: str, teacher: str, workdir: str, overrides: list) -> tuple[str, float]:
+  """Bag file of ``method`` (made once); returns (path, purity)."""
+  from bingo_jax import bagging
+  from configs import fmnist_ablation
+  row = next(r for r, m in fmnist_ablation.ROW_BAGS.items() if m == method)
+  path = os.path.join(workdir, f'bags_{method}.npz')
+  config = row_config(row, 0, teacher, {}, overrides)
+  config.bags.path = path
+  config.bags.method = method
+  report_dir = os.path.join(workdir, f'bagging_{method}')
+  report_path = os.path.join(report_dir, 'bag_report.json')
+  if not (os.path.exists(path) and os.path.exists(report_path)):
+    bagging.compute_bags(config, report_dir)
+  with open(report_path) as f:
+    return path, float(json.load(f)['purity'])
+
+
+def evaluate_both(config, checkpoint: str, out: str) -> dict:
+  """10-NN and fast-linear top-1 of ``checkpoint`` (cached results are reused)."""
+  from bingo_jax import evaluate
+  metrics = {}
+  for key, protocol, _ in METRICS:
+    path = os.path.join(out, f'eval_{protocol}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        record = json.load(f)
+    else:
+      record = evaluate.evaluate(config, checkpoint, protocol, out)
+    metrics[f'{protocol}_top1'] = float(record['metrics'][key])
+  return metrics
+
+
+def run_one(row: str, seed: int, teacher: str, bag_paths: dict, workdir: str,
+            overrides: list) -> dict:
+  """Trains and evaluates one (row, seed); returns (and writes) its result record."""
+  from bingo_jax import fileio, train
+  run_dir = os.path.join(workdir, 'runs', f'{row}_s{seed}')
+  result_path = os.path.join(run_dir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  config = row_config(row, seed, teacher, bag_paths, overrides)
+  started = time.time()
+  summary = train.train_and_evaluate(config, os.path.join(run_dir, 'train'))
+  trained = time.time()
+  metrics = evaluate_both(config, os.path.join(run_dir, 'train'), os.path.join(run_dir, 'eval'))
+  result = {'row': row, 'seed': seed, 'metrics': metrics,
+            'train_seconds': trained - started, 'eval_seconds': time.time() - trained,
+            'images_per_second': summary.get('images_per_second'),
+            'steps': summary.get('step'), 'final_train_metrics': summary.get('final_metrics'),
+            'bags': config.bags.path, 'config': json.loads(config.to_json_best_effort())}
+  fileio.write_json_atomically(result_path, result, default=str)
+  return result
+
+
+def summarise(results: list[dict]) -> dict:
+  """Mean, sample standard deviation, min and max of each metric over a row's seeds."""
+  out = {}
+  for metric in ('knn_top1', 'linear_fast_top1'):
+    values = [r['metrics'][metric] for r in results]
+    out[metric] = {'mean': statistics.fmean(values),
+                   'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+                   'min': min(values), 'max': max(values), 'values': values}
+  out['seeds'] = [r['seed'] for r in results]
+  out['wall_minutes'] = statistics.fmean(
+      (r['train_seconds'] + r['eval_seconds']) / 60 for r in results)
+  return out
+
+
+def format_markdown(table: dict, references: dict, purities: dict, hardware: str) -> str:
+  from configs import fmnist_ablation
+  lines = [f'Hardware: {hardware}.', '',
+           '| row | bag purity | 10-NN top-1 (%) | fast linear top-1 (%) | minutes per run |',
+           '|---|---|---|---|---|']
+  for row, stats in table.items():
+    method = fmnist_ablation.ROW_BAGS[row]
+    purity = f'{purities[method]:.3f}' if method in purities else '-'
+    cells = [f'{stats[m]["mean"]:.2f} ± {stats[m]["std"]:.2f} '
+             f'({stats[m]["min"]:.2f}-{stats[m]["max"]:.2f})'
+             for m in ('knn_top1', 'linear_fast_top1')]
+    lines.append(f'| {fmnist_ablation.ROWS[row]} | {purity} | {cells[0]} | {cells[1]} | '
+                 f'{stats["wall_minutes"]:.1f} |')
+  for name, metrics in references.items():
+    lines.append(f'| {name} | - | {metrics["knn_top1"]:.2f} | {metrics["linear_fast_top1"]:.2f} '
+                 '| - |')
+  seeds = ', '.join(str(seed) for seed in next(iter(table.values()))['seeds'])
+  lines += ['', f'Mean ± sample standard deviation (min-max) over seeds {seeds}.']
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  # Each run builds the same programs again; the persistent cache compiles them once.
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(workdir, 'xla_cache'))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  from absl import logging
+
+  from bingo_jax import fileio, progress
+  from configs import fmnist_ablation
+  logging.set_verbosity(logging.INFO)
+  progress.quiet_library_logs()
+
+  rows = [row.strip() for row in args.rows.split(',') if row.strip()]
+  unknown = [row for row in rows if row not in fmnist_ablation.ROWS]
+  if unknown:
+    raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(ROW_ORDER)}.')
+  seeds = [int(seed) for seed in args.seeds.split(',')]
+  teacher = os.path.abspath(args.teacher)
+
+  methods = sorted({fmnist_ablation.ROW_BAGS[row] for row in rows} - {None})
+  bag_paths, purities = {}, {}
+  for method in methods:
+    bag_paths[method], purities[method] = make_bags(method, teacher, workdir, args.set)
+
+  table = {}
+  for row in rows:
+    results = []
+    for seed in seeds:
+      print(f'\n=== ablation: {fmnist_ablation.ROWS[row]}, seed {seed}', flush=True)
+      results.append(run_one(row, seed, teacher, bag_paths, workdir, args.set))
+    table[row] = summarise(results)
+  references = {}
+  if not args.skip_references:
+    reference_config = row_config('knn', 0, teacher, bag_paths, args.set)
+    references = {
+        'teacher (converted model file)': evaluate_both(
+            reference_config, teacher, os.path.join(workdir, 'reference', 'teacher')),
+        'student architecture, random init (floor)': evaluate_both(
+            reference_config, 'random', os.path.join(workdir, 'reference', 'random')),
+    }
+  hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
+      __import__('jax').devices()[0].device_kind)
+  markdown = format_markdown(table, references, purities, hardware)
+  fileio.write_json_atomically(os.path.join(workdir, 'ablation.json'),
+                               {'rows': table, 'references': references,
+                                'bag_purity': purities, 'overrides': args.set,
+                                'hardware': hardware}, default=str)
+  fileio.write_text_atomically(os.path.join(workdir, 'ablation.md'), markdown + '\n')
+  print('\n' + markdown)
+
+
+if __name__ == '__main__':
+  main()
