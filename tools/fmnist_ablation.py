@@ -14,7 +14,7 @@ Outputs in the workdir:
   bagging_<method>/        bag report (purity, grid) of each bag file;
   runs/<row>_s<seed>/      the run's training workdir (train/), evaluation (eval/) and
                            result.json; a finished run is skipped on a rerun;
-  reference/               kNN and fast linear of the teacher and the random student
+  reference/               kNN and fast linear of the teacher, the random student and the pixels
                            (not with --skip-references);
   ablation.json, ablation.md   mean, sample standard deviation and range over the seeds.
 The rows run in one process one after another (an interrupted table resumes at the first
@@ -220,6 +220,8 @@ def main(argv=None) -> None:
             reference_config, teacher, os.path.join(workdir, 'reference', 'teacher')),
         'student architecture, random init (floor)': evaluate_both(
             reference_config, 'random', os.path.join(workdir, 'reference', 'random')),
+        'raw pixels (floor)': evaluate_both(
+            reference_config, 'pixels', os.path.join(workdir, 'reference', 'pixels')),
     }
   hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
       __import__('jax').devices()[0].device_kind)
