@@ -3,13 +3,15 @@
     python -m bingo_jax.demo --workdir runs/demo
 
 Stages, each through the same public entry point a user would call:
-  1. teacher: a PyTorch MoCo-layout checkpoint (``--teacher``; by default a randomly
-     initialised ResNet-18 written by ``tools/make_random_torch_checkpoint.py``, since no
-     trained weights can be downloaded here) converted by ``tools/convert_torch_teacher.py``;
+  1. teacher: a PyTorch MoCo-layout checkpoint (``--teacher``; by default the committed
+     ``bingo_jax/demo_data/teacher_moco_r18w16_fmnist.pth.tar``, a ResNet-18 of base width 16
+     pre-trained with MoCo v2 on the Fashion-MNIST training images by
+     ``configs/moco_fmnist.py``), converted by ``tools/convert_torch_teacher.py``;
   2. bags: teacher features of the first 12,800 training images + exact kNN (``bingo_jax.bagging``);
-  3. distillation of a ResNet-18 (width 16) student (``bingo_jax.train``);
-  4. kNN evaluation of the teacher, the student before and after distillation and raw pixels,
-     and the t-SNE / bag-distance analysis of the student (``bingo_jax.evaluate``);
+  3. distillation of a ResNet-18 (width 8) student (``bingo_jax.train``);
+  4. kNN and fast linear evaluation of the raw pixels, the teacher, the student before
+     (random initialisation) and after distillation, and the t-SNE / bag-distance analysis of
+     the student (``bingo_jax.evaluate``);
   5. export of the student to the MoCo PyTorch layout (``tools/export_torch.py``).
 It ends with a table. Every stage resumes: a rerun skips what is finished.
 """
@@ -26,6 +28,12 @@ from typing import Optional
 import argparse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEACHER = os.path.join(REPO, 'bingo_jax', 'demo_data',
+                               'teacher_moco_r18w16_fmnist.pth.tar')
+ROWS = (('raw pixels', 'pixels', 'pixels'),
+        ('teacher', 'teacher', None),
+        ('student before distillation (random init)', 'random', 'student_before'),
+        ('student after distillation', 'train', 'student_after'))
 
 
 def _tool(script: str, *args: str) -> None:
@@ -54,10 +62,21 @@ class Stages:
     self.done.append(name)
 
 
-def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
-        max_steps: Optional[int]) -> dict:
+def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional[int] = None,
+        max_steps: Optional[int] = None, train_split: Optional[str] = None,
+        eval_split: Optional[str] = None, quick_eval: bool = False) -> dict:
+  """Runs the stages; returns (and writes ``demo_summary.json``) the results.
+
+  Args:
+    workdir: output directory; a rerun resumes there.
+    teacher_checkpoint: PyTorch teacher checkpoint (default ``DEFAULT_TEACHER``).
+    epochs, max_steps: distillation length (default ``configs/fmnist_demo.py``).
+    train_split, eval_split: Fashion-MNIST splits (TFDS slicing, e.g. ``'train[:1024]'``)
+      for bagging/training/kNN bank and for evaluation; reduced runs use them.
+    quick_eval: shorten the fast linear probe to 2 epochs (smoke runs).
+  """
   from bingo_jax import bagging, evaluate, fileio, model_io, train
-  from configs import fmnist_demo
+  from configs import eval_fmnist, fmnist_demo
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -65,21 +84,25 @@ def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
   if epochs is not None:
     config.train.epochs = epochs
   config.train.max_steps = max_steps
+  if train_split:
+    config.data.train_split = train_split
+  if eval_split:
+    config.data.eval_split = eval_split
+  if quick_eval:
+    config.eval = eval_fmnist.get_config('quick').eval
+  teacher_checkpoint = os.path.abspath(teacher_checkpoint or DEFAULT_TEACHER)
+  if not os.path.isfile(teacher_checkpoint):
+    raise FileNotFoundError(f'--teacher {teacher_checkpoint}: no such file (expected a PyTorch '
+                            'MoCo / SwAV / torchvision checkpoint).')
   teacher_dir = os.path.join(workdir, 'teacher')
   train_dir = os.path.join(workdir, 'train')
   config.teacher.path = teacher_dir
   config.bags.path = os.path.join(workdir, 'bags.npz')
   config.bags.class_names = list(config.eval.class_names)
-  stages = Stages({'teacher': 20, 'bags': 90, 'distil': 360, 'evaluate': 150, 'export': 15})
+  stages = Stages({'teacher': 10, 'bags': 40, 'distil': 240, 'evaluate': 150, 'export': 10})
 
   # 1. Teacher: PyTorch checkpoint -> model file, through the public conversion tool.
   stages.begin('teacher: convert the PyTorch checkpoint')
-  if teacher_checkpoint is None:
-    teacher_checkpoint = os.path.join(workdir, 'teacher_random_r18.pth')
-    if not os.path.exists(teacher_checkpoint):
-      _tool('make_random_torch_checkpoint.py', '--arch', 'resnet18', '--format', 'moco',
-            '--base-width', '16', '--stem', 'cifar', '--head-hidden-dim', '512', '--seed', '0',
-            '--out', teacher_checkpoint)
   if not os.path.exists(os.path.join(teacher_dir, model_io.MODEL_RECORD)):
     _tool('convert_torch_teacher.py', teacher_checkpoint, teacher_dir)
   stages.end('teacher')
@@ -95,21 +118,26 @@ def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
   summary = train.train_and_evaluate(config, train_dir)
   stages.end('distil')
 
-  # 4. Evaluation: kNN of everything, analysis of the distilled student.
-  stages.begin('evaluate: kNN (10-NN and weighted 200-NN), analysis of the student')
-  rows = {}
-  for label, checkpoint in (('raw pixels', 'pixels'), ('teacher', teacher_dir),
-                            ('student before distillation (random init)', 'random'),
-                            ('student after distillation', train_dir)):
-    out = os.path.join(workdir, 'eval', label.split(' ')[0] + ('_after' if 'after' in label else
-                                                                '_before' if 'before' in label
-                                                                else ''))
-    result_path = os.path.join(out, 'eval_knn.json')
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        rows[label] = json.load(f)
-    else:
-      rows[label] = evaluate.evaluate(config, checkpoint, 'knn', out)
+  # 4. Evaluation: kNN and fast linear of everything, analysis of the distilled student.
+  stages.begin('evaluate: kNN (10-NN, weighted 200-NN) and fast linear probe')
+  table = {}
+  checkpoints = {'pixels': 'pixels', 'teacher': teacher_dir, 'random': 'random',
+                 'train': train_dir}
+  for label, what, name in ROWS:
+    out = os.path.join(workdir, 'eval', name or what)
+    metrics = {}
+    for protocol in ('knn', 'linear_fast'):
+      result_path = os.path.join(out, f'eval_{protocol}.json')
+      if os.path.exists(result_path):
+        with open(result_path) as f:
+          record = json.load(f)
+      else:
+        record = evaluate.evaluate(config, checkpoints[what], protocol, out)
+      if protocol == 'knn':
+        metrics.update(record['metrics'])
+      else:
+        metrics['linear_fast_top1'] = record['metrics']['top1']
+    table[label] = metrics
   analysis_dir = os.path.join(workdir, 'eval', 'student_after')
   if not os.path.exists(os.path.join(analysis_dir, 'eval_analysis.json')):
     evaluate.evaluate(config, train_dir, 'analysis', analysis_dir)
@@ -117,14 +145,15 @@ def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
 
   # 5. Export the student to PyTorch (MoCo layout: main_lincls.py, detectron2 conversion).
   stages.begin('export: student -> PyTorch')
-  exported = os.path.join(workdir, 'student_r18_moco.pth.tar')
+  exported = os.path.join(workdir, 'student_r18w8_moco.pth.tar')
   if not os.path.exists(exported):
     _tool('export_torch.py', train_dir, exported, '--format', 'moco')
   stages.end('export')
 
-  table = {label: record['metrics'] for label, record in rows.items()}
-  result = {'knn': table, 'train': summary, 'exported_student': exported,
-            'teacher_checkpoint': teacher_checkpoint, 'wall_seconds': time.time() - stages.started}
+  result = {'table': table, 'train': summary, 'exported_student': exported,
+            'teacher_checkpoint': teacher_checkpoint,
+            'data': {'train': config.data.train_split, 'eval': config.data.eval_split},
+            'wall_seconds': time.time() - stages.started}
   fileio.write_json_atomically(os.path.join(workdir, 'demo_summary.json'), result, default=str)
   print(format_table(table, result['wall_seconds']))
   print(f'\nWorkdir {workdir}: TensorBoard logs in train/ and eval/*/tensorboard, bag grid '
@@ -133,12 +162,12 @@ def run(workdir: str, teacher_checkpoint: Optional[str], epochs: Optional[int],
 
 
 def format_table(table: dict, wall_seconds: float) -> str:
-  lines = ['', 'Fashion-MNIST test, kNN top-1 (%) on centre-crop pooled features',
-           f'{"model":45s} {"10-NN":>8s} {"200-NN (T=0.07)":>16s}']
+  lines = ['', 'Fashion-MNIST test images, top-1 (%) on centre-crop pooled features',
+           f'{"model":45s} {"10-NN":>7s} {"200-NN (T=0.07)":>16s} {"fast linear":>12s}']
   for label, metrics in table.items():
-    top1 = metrics.get('knn10_top1')
-    weighted = metrics.get('weighted_knn200_top1')
-    lines.append(f'{label:45s} {_percent(top1):>8s} {_percent(weighted):>16s}')
+    lines.append(f'{label:45s} {_percent(metrics.get("knn10_top1")):>7s} '
+                 f'{_percent(metrics.get("weighted_knn200_top1")):>16s} '
+                 f'{_percent(metrics.get("linear_fast_top1")):>12s}')
   lines.append(f'(wall time {wall_seconds / 60:.1f} min)')
   return '\n'.join(lines)
 
@@ -153,17 +182,24 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument('--workdir', default='runs/demo', help='output directory (resumable)')
   parser.add_argument('--teacher', default=None,
                       help='PyTorch teacher checkpoint (MoCo / SwAV / torchvision layout); '
-                      'default: a randomly initialised ResNet-18 (base width 16), MoCo layout')
+                      'default: the committed MoCo v2 ResNet-18 (width 16) trained on '
+                      'Fashion-MNIST')
   parser.add_argument('--epochs', type=int, default=None,
                       help='distillation epochs (default: configs/fmnist_demo.py)')
   parser.add_argument('--max_steps', type=int, default=None,
                       help='stop distillation after this many steps')
+  parser.add_argument('--train_split', default=None,
+                      help="training split, TFDS slicing (default 'train[:12800]')")
+  parser.add_argument('--eval_split', default=None, help="evaluation split (default 'test')")
+  parser.add_argument('--quick_eval', action='store_true',
+                      help='2-epoch fast linear probe (smoke runs)')
   args = parser.parse_args(argv)
   from absl import logging
   from bingo_jax import progress
   logging.set_verbosity(logging.INFO)  # the trainer reports progress through absl logging
   progress.quiet_library_logs()
-  run(args.workdir, args.teacher, args.epochs, args.max_steps)
+  run(args.workdir, args.teacher, args.epochs, args.max_steps, args.train_split,
+      args.eval_split, args.quick_eval)
 
 
 if __name__ == '__main__':
