@@ -333,6 +333,16 @@ def momentum_update(key_params: Any, query_params: Any, momentum: float) -> Any:
                       query_params)
 
 
+def _jit_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> TrainStepFn:
+  """``jax.jit`` of ``step_fn(state, teacher_variables, batch)``: state and teacher
+  replicated, the batch sharded on ``'data'``, the old state donated."""
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(replicated, replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
 def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
                     teacher_model: nn.Module, mesh: jax.sharding.Mesh,
                     steps_per_epoch: int) -> TrainStepFn:
@@ -451,11 +461,7 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
         rng=jax.random.key_data(rng))
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
-  replicated = parallel.replicated(mesh)
-  return jax.jit(step_fn,
-                 in_shardings=(replicated, replicated, parallel.data_sharding(mesh)),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  return _jit_step(step_fn, mesh)
 
 
 def _make_moco_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
@@ -535,8 +541,4 @@ def _make_moco_train_step(config: ml_collections.ConfigDict, student_model: nn.M
         rng=jax.random.key_data(rng), key_params=key_params, key_batch_stats=key_batch_stats)
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
-  replicated = parallel.replicated(mesh)
-  return jax.jit(step_fn,
-                 in_shardings=(replicated, replicated, parallel.data_sharding(mesh)),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  return _jit_step(step_fn, mesh)
