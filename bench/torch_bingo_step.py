@@ -1,6 +1,6 @@
-"""A PyTorch eager BINGO step (SPEC.md sections 2 to 5), the baseline of bench/train_step.py.
+"""A PyTorch eager BINGO step (docs/method.md §2 to §7), the baseline of bench/train_step.py.
 
-Written from SPEC.md, in the released code's structure on one device: the student embeds
+Written from docs/method.md, in the released code's structure on one device: the student embeds
 ``query``, ``pos_q`` and their CutMix (three forward passes), the teacher embeds ``key`` and
 ``pos_k`` without gradient on a shuffled batch in training-mode BatchNorm, the six-term loss,
 torch SGD with momentum and weight decay, and the FIFO queue update.
@@ -88,7 +88,7 @@ class ResNetWithHead(nn.Module):
 
 
 def cutmix_batch(query: torch.Tensor, pos_q: torch.Tensor, rng: np.random.Generator):
-  """One box per batch (SPEC.md 2): pos_q's box pasted into query; returns (mix, lam)."""
+  """One box per batch (docs/method.md §3): pos_q's box pasted into query; returns (mix, lam)."""
   size = query.shape[-1]
   lam0 = rng.beta(2.0, 2.0)
   cut = int(size * math.sqrt(1.0 - lam0))
@@ -109,7 +109,7 @@ class TorchBingoStep:
                lr: float = 0.03, seed: int = 0):
     torch.manual_seed(seed)
     self.student = ResNetWithHead(student_arch).train()
-    self.teacher = ResNetWithHead(teacher_arch).train()  # training-mode BN (SPEC.md 3)
+    self.teacher = ResNetWithHead(teacher_arch).train()  # training-mode BN (docs/method.md §5)
     for p in self.teacher.parameters():
       p.requires_grad_(False)
     self.optimizer = torch.optim.SGD(self.student.parameters(), lr=lr * batch_size / 256,

@@ -4,7 +4,7 @@ Every random function here is a pure function of ``(image, seed)`` built on stat
 (``tf.random.stateless_*``), so the example order and the views of a training run are fixed by
 its seed and a resumed run sees exactly what a straight run would (input_pipeline.py).
 
-The released code runs torchvision transforms on PIL images (SPEC.md section 2):
+The released code runs torchvision transforms on PIL images (docs/method.md §2):
 
     RandomResizedCrop(224, scale=(0.2, 1.0))
     RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from bingo_jax import images as images_lib
 
-# MoCo v2 augmentation constants (SPEC.md section 2).
+# MoCo v2 augmentation constants (docs/method.md §2).
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10              # torchvision RandomResizedCrop.get_params
@@ -95,7 +95,7 @@ def resize_shorter_side_size(height, width, target):
 
 
 def center_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Evaluation view (SPEC.md section 1): ``Resize(round(S / CENTER_CROP_FRACTION))`` then
+  """Evaluation view (docs/method.md §1): ``Resize(round(S / CENTER_CROP_FRACTION))`` then
   ``CenterCrop(S)``, as torchvision on PIL images (256/224 for S = 224).
 
   Args:
@@ -303,7 +303,7 @@ def _coin(seed: tf.Tensor, probability: float) -> tf.Tensor:
 
 def moco_v2_view(image: tf.Tensor, seed: tf.Tensor, image_size: int, *,
                  encoded: bool) -> tf.Tensor:
-  """One draw of the MoCo v2 augmentation (SPEC.md section 2), torchvision's order.
+  """One draw of the MoCo v2 augmentation (docs/method.md §2), torchvision's order.
 
   Args:
     image: encoded bytes (scalar tf.string, ``encoded=True``; JPEG decoding is fused with the

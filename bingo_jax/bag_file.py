@@ -1,6 +1,6 @@
 """Bag files: for every image, the set of images the teacher considers similar to it.
 
-One format holds both kinds of bags the offline stage produces (SPEC.md section 1):
+One format holds both kinds of bags the offline stage produces (docs/method.md §1):
 
 * fixed-size bags (``knn``, ``approx``, ``jax``, ``random-teacher``): ``neighbors (N, k) int32``,
   row ``i`` being the k nearest images of anchor ``i`` (never ``i`` itself);
@@ -207,7 +207,7 @@ class Bags:
   def tf_sample_positive(self, anchor_index, seed):
     """Draws a positive for ``anchor_index`` uniformly from its bag, statelessly (tf.data map).
 
-    SPEC.md section 2: the positive is drawn afresh each time the anchor is seen, so callers
+    docs/method.md §2: the positive is drawn afresh each time the anchor is seen, so callers
     pass a seed that changes per epoch and per example (e.g. from ``tf.data`` enumerate).
 
     For group bags a draw ``r`` in ``[0, size - 1)`` skips the anchor's own position, so every

@@ -1,4 +1,4 @@
-"""Offline bagging: teacher features -> bags of similar images (SPEC.md section 1).
+"""Offline bagging: teacher features -> bags of similar images (docs/method.md §1).
 
 ``python -m bingo_jax.bagging --config configs/x.py --workdir DIR`` reads ``config.data`` (the
 training split is bagged), ``config.teacher.path`` and ``config.bags``, and writes::
@@ -12,7 +12,7 @@ Methods (``config.bags.method``):
 
 * ``knn``: exact inner-product search with faiss (cosine on L2-normalised features: the
   released code's flat L2 index ranks identically), k = 5, the anchor's own index excluded
-  wherever it lands among ties (not "drop column 0", SPEC.md section 1);
+  wherever it lands among ties (not "drop column 0", docs/method.md §1);
 * ``approx``: a faiss index built with ``index_factory`` (IVF / HNSW, optional PCA), its
   recall@k against exact search printed on a sample of anchors;
 * ``jax``: exact blockwise similarity + top-k on the accelerators, database rows sharded over

@@ -1,4 +1,4 @@
-"""CutMix of the query view with the positive's student view (SPEC.md section 2).
+"""CutMix of the query view with the positive's student view (docs/method.md §3).
 
 The released ``utils.cutmix`` draws ``lam0 ~ Beta(beta, beta)``, a box whose sides are
 ``int(side * sqrt(1 - lam0))``, an integer centre uniform over the image, and the box
@@ -6,7 +6,7 @@ The released ``utils.cutmix`` draws ``lam0 ~ Beta(beta, beta)``, a box whose sid
 ``pos_q`` is pasted into ``query`` and the loss weight is the part of ``query`` that is left,
 ``lam = 1 - box_area / image_area``.
 
-Boxes are drawn once per batch (``'batch'``, the SPEC.md default), once per example
+Boxes are drawn once per batch (``'batch'``, the default; docs/method.md §3), once per example
 (``'sample'``), or once per group of consecutive examples (``'group'``). The released code
 calls ``cutmix`` inside each GPU's loop on its own 32 images with its own numpy RNG, so
 its boxes are in fact per GPU batch: ``'group'`` with the student's BatchNorm group size

@@ -1,6 +1,6 @@
 """The feature pass: pooled backbone features of every image of a data source.
 
-Used by bagging (teacher features -> bags, SPEC.md section 1) and by evaluation (kNN on
+Used by bagging (teacher features -> bags, docs/method.md §1) and by evaluation (kNN on
 student features). Images get the evaluation preprocessing of the released code: resize the
 shorter side to ``image_size / CENTER_CROP_FRACTION`` (256 for 224), centre crop
 ``image_size``, mean/std normalisation; no augmentation. The model runs in eval mode (stored
@@ -219,7 +219,7 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
       ``image_size / CENTER_CROP_FRACTION``).
     global_batch_size: images per forward over all devices; must divide over the mesh.
     mesh: device mesh (default: all devices, ``parallel.make_mesh()``).
-    normalize_features: L2-normalise every feature vector (bagging does; SPEC.md section 1).
+    normalize_features: L2-normalise every feature vector (bagging does; docs/method.md §1).
     output_dir: if given, stream float16 shards there and resume from finished shards.
     shard_size: images per shard; also the unit of work between progress checkpoints.
     progress: show a tqdm bar on process 0.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# torchvision / MoCo / SwAV normalisation (SPEC.md section 1).
+# torchvision / MoCo / SwAV normalisation (docs/method.md §1).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

@@ -1,7 +1,7 @@
 """tf.data input pipelines: BINGO training batches (4 views of (anchor, positive) pairs) and
 deterministic, padded evaluation batches.
 
-Training (SPEC.md section 2). Epoch ``e`` visits the images in a permutation that is a pure
+Training (docs/method.md §2). Epoch ``e`` visits the images in a permutation that is a pure
 function of ``(seed, e)``; the first ``steps_per_epoch * global_batch`` positions are used
 (the remainder dropped, as ``DistributedSampler`` + ``drop_last``). Global step ``t`` of the
 epoch takes positions ``[t * G, (t + 1) * G)`` and process ``p`` the slice

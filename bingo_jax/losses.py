@@ -1,4 +1,4 @@
-"""The BINGO contrastive loss (SPEC.md section 4) and the (1+K)-way accuracy.
+"""The BINGO contrastive loss (docs/method.md §6) and the (1+K)-way accuracy.
 
 Every term is an InfoNCE cross-entropy ``CE(s, t)``: the logits of a student embedding ``s``
 are ``[s.t, s.queue_1, ..., s.queue_K] / tau`` and the target is index 0. All embeddings are
@@ -66,7 +66,7 @@ def _cross_entropy(positive: jax.Array, negative_log_sum_exp: jax.Array) -> jax.
 
 def info_nce(student: jax.Array, teacher_keys: jax.Array, negative_queue: jax.Array,
              temperature: float) -> jax.Array:
-  """Per-example ``CE(s, t)`` of SPEC.md section 4.
+  """Per-example ``CE(s, t)`` of docs/method.md §6.
 
   Args:
     student: ``(batch, dim)`` L2-normalised student embeddings.
@@ -84,7 +84,7 @@ def bingo_loss(query: jax.Array, pos_q: jax.Array, mix_q: Optional[jax.Array],
                key: jax.Array, pos_k: jax.Array, negative_queue: jax.Array,
                temperature: float, own_weight: Scalar, other_weight: Scalar,
                lam: Optional[Scalar] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The released BINGO loss (SPEC.md section 4)::
+  """The released BINGO loss (docs/method.md §6)::
 
     L = ( w_own CE(q,k) + w_oth CE(q,kp) + w_own CE(p,kp) + w_oth CE(p,k)
           + lam CE(m,k) + (1 - lam) CE(m,kp) ) / 3
@@ -174,7 +174,7 @@ def contrastive_accuracy(student: jax.Array, teacher_keys: jax.Array,
     student: ``(batch, dim)``; teacher_keys: ``(batch, dim)``; negative_queue: ``(K, dim)``;
     temperature: tau; topk: the k values.
   Returns:
-    One float32 scalar per k (released log: q against k, SPEC.md section 4).
+    One float32 scalar per k (released log: q against k, docs/method.md §6).
   """
   logits = jnp.concatenate(
       [positive_logits(student, teacher_keys, temperature)[:, None],

@@ -1,4 +1,4 @@
-"""The data-parallel BINGO distillation step (SPEC.md sections 2 to 5).
+"""The data-parallel BINGO distillation step (docs/method.md §2 to §7).
 
 One ``jax.jit`` over a device ``Mesh``: the global batch is sharded along ``'data'``; the
 student state, the negative queue and the teacher variables are replicated. XLA inserts the
@@ -15,8 +15,8 @@ How the networks are called follows the released ``moco/builder.py``:
   (the groups never straddle two views) but a single running-statistics update. (Released
   DDP broadcasts GPU 0's buffers at every forward, so its stored running statistics follow
   GPU 0's group alone; ``layers.BatchNorm`` averages the groups' statistics instead.)
-* CutMix (``config.train.cutmix``): ``'batch'`` draws one box for the global batch
-  (SPEC.md 2); the released loop draws one per GPU batch, which ``'group'`` reproduces with
+* CutMix (``config.train.cutmix``, docs/method.md §3): ``'batch'`` draws one box for the
+  global batch; the released loop draws one per GPU batch, which ``'group'`` reproduces with
   the student's BatchNorm groups; ``'sample'`` one per example.
 * The teacher embeds ``key`` and ``pos_k`` under ``stop_gradient``. ``bn_mode='shuffle'``
   (released): training-mode BatchNorm on groups of ``config.teacher.bn_group_size`` examples
@@ -54,8 +54,8 @@ TrainStepFn = Callable[['TrainState', Any, Batch], tuple['TrainState', Metrics]]
 IMAGE_KEYS = ('query', 'key', 'pos_q', 'pos_k')
 MOCO_IMAGE_KEYS = ('query', 'key')
 METHODS = ('bingo', 'moco')
-# 'bingo': released loss (SPEC.md 4); 'paper': Eq. 8/9, CE(q, k) + CE(p, k); 'intra': CE(q, k)
-# alone, the anchor's own teacher key (the paper's "w/o bag" ablation, SEED-like).
+# docs/method.md §6. 'bingo': released loss; 'paper': Eq. 8/9, CE(q, k) + CE(p, k); 'intra':
+# CE(q, k) alone, the anchor's own teacher key (the paper's "w/o bag" ablation, SEED-like).
 LOSSES = ('bingo', 'paper', 'intra')
 
 
@@ -102,7 +102,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer (SPEC.md section 5)
+# Optimizer (docs/method.md §7)
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict,
@@ -186,7 +186,8 @@ def create_train_state(config: ml_collections.ConfigDict, student_model: nn.Modu
     mesh: the device mesh.
     steps_per_epoch: only shapes the optimizer's schedule (its state has no such field).
   Returns:
-    ``TrainState`` at step 0. The queue is random normal, then L2-normalised (SPEC.md 4).
+    ``TrainState`` at step 0. The queue is random normal, then L2-normalised
+    (docs/method.md §7).
   """
   embed_dim = config.student.head_output_dim
   queue_size = config.train.queue_size
@@ -447,7 +448,7 @@ def make_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    # FIFO: the anchors' teacher keys replace the oldest entries (SPEC.md section 4).
+    # FIFO: the anchors' teacher keys replace the oldest entries (docs/method.md §7).
     negative_queue = jax.lax.dynamic_update_slice(
         state.negative_queue, key.astype(state.negative_queue.dtype),
         (state.queue_pointer, jnp.zeros((), jnp.int32)))

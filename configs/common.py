@@ -1,7 +1,7 @@
 """The config schema shared by every stage (bagging, training, evaluation).
 
 Each experiment config (``configs/r18_r50w2.py`` ...) starts from ``base_config()`` and changes
-what differs. Values are the released BINGO hyper-parameters (SPEC.md) unless noted.
+what differs. Values are the released BINGO hyper-parameters (docs/method.md) unless noted.
 Override any key on the command line: ``--config.train.batch_size=512``.
 """
 
@@ -86,8 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.loss = 'bingo'          # 'bingo' (released) | 'paper' (Eq. 8/9: intra + inter)
                                        # | 'intra' (CE(q, k) only: no bags, no CutMix)
   config.train.own_only_epochs = 11    # (w_own, w_oth) = (1, 0) for epochs 0..10
-  config.train.cutmix = 'batch'        # 'batch' (SPEC: one box) | 'group' (one per BN group,
-                                       # as each released GPU process draws) | 'sample' | 'none'
+  config.train.cutmix = 'batch'        # docs/method.md §3: 'batch' (one box) | 'group' (one
+                                       # per BN group, as each released GPU process draws) |
+                                       # 'sample' | 'none'
   config.train.cutmix_beta = 2.0
   config.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
   config.train.log_every_steps = 50

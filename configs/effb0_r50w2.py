@@ -1,7 +1,7 @@
-"""EfficientNet-B0 student <- SwAV ResNet-50x2 teacher (SPEC.md 5: tau 0.12, weight decay 4e-5).
+"""EfficientNet-B0 student <- SwAV ResNet-50x2 teacher (tau 0.12, weight decay 4e-5).
 
-Released hyper-parameters (SPEC.md 5): SGD momentum 0.9, batch 256, lr 0.03, cosine over 200
-epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
+Released hyper-parameters (docs/method.md §7): SGD momentum 0.9, batch 256, lr 0.03, cosine
+over 200 epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
 Prepare the teacher with tools/convert_torch_teacher.py and the bags with
 python -m bingo_jax.bagging (same config), then train:
 
@@ -22,7 +22,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.student.arch = 'efficientnet_b0'
   config.teacher.path = 'teachers/r50w2_swav'
   config.bags.path = 'bags/imagenet_r50w2_swav_knn5.npz'
-  # EfficientNet-B0 students use a sharper temperature and lighter weight decay (SPEC.md 5).
+  # EfficientNet-B0 students use a sharper temperature and lighter weight decay
+  # (docs/method.md §6, §7).
   config.train.temperature = 0.12
   config.train.weight_decay = 4e-5
   return variants.apply_variants(config, arg)

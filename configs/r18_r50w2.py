@@ -1,7 +1,7 @@
 """ResNet-18 student <- SwAV ResNet-50x2 teacher (paper: 65.5% linear, 61.0% 10-NN).
 
-Released hyper-parameters (SPEC.md 5): SGD momentum 0.9, batch 256, lr 0.03, cosine over 200
-epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
+Released hyper-parameters (docs/method.md §7): SGD momentum 0.9, batch 256, lr 0.03, cosine
+over 200 epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
 Prepare the teacher with tools/convert_torch_teacher.py and the bags with
 python -m bingo_jax.bagging (same config), then train:
 

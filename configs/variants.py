@@ -18,7 +18,7 @@ def _bags(method: str) -> Callable[[ml_collections.ConfigDict], None]:
 
 
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    # The paper's Eq. 8/9 loss: intra + inter terms, no CutMix (SPEC.md 4).
+    # The paper's Eq. 8/9 loss: intra + inter terms, no CutMix (docs/method.md §6).
     'paper_loss': lambda c: (c.train.update({'loss': 'paper', 'cutmix': 'none'})),
     # Table 8 "w/o bag" ablation (SEED-like): CE(q, k) of the anchor alone, no bags or CutMix.
     'intra_only': lambda c: c.train.update({'loss': 'intra', 'cutmix': 'none'}),

@@ -1,6 +1,6 @@
 """MoCo v2 augmentation ops against references: PIL (ImageEnhance, convert('L'), HSV), scipy's
 Gaussian filter, a numpy transcription of torchvision's RandomResizedCrop.get_params, and the
-rates of SPEC.md section 2 measured on synthetic images that make each op detectable."""
+rates of docs/method.md §2 measured on synthetic images that make each op detectable."""
 
 import io
 import math

@@ -1,4 +1,4 @@
-"""The BINGO loss against a PyTorch transcription of SPEC.md section 4."""
+"""The BINGO loss against a PyTorch transcription of docs/method.md §6."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +27,15 @@ def embeddings():
 
 def torch_ce(s: np.ndarray, t: np.ndarray, queue: np.ndarray,
              reduction: str = 'mean') -> torch.Tensor:
-  """SPEC.md 4: CE of logits [s.t, s.queue_1..K] / tau with target 0 (float64)."""
+  """docs/method.md §6: CE of logits [s.t, s.queue_1..K] / tau with target 0 (float64)."""
   s, t, queue = (torch.from_numpy(x).double() for x in (s, t, queue))
   logits = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / TAU
   return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long), reduction=reduction)
 
 
 def torch_bingo_loss(e: dict, epoch: int, lam: float) -> float:
-  """SPEC.md 4 transcribed: warm-up weights (1, 0) for epochs 0..10, (0.5, 0.5) after."""
+  """docs/method.md §6 and §7 transcribed: warm-up weights (1, 0) for epochs 0..10,
+  (0.5, 0.5) after."""
   w_own, w_oth = (1.0, 0.0) if epoch <= 10 else (0.5, 0.5)
   ce = lambda s, t: torch_ce(e[s], e[t], e['queue'])
   loss = (w_own * ce('q', 'k') + w_oth * ce('q', 'kp') + w_own * ce('p', 'kp')

@@ -1,6 +1,6 @@
 """Networks: BatchNorm semantics against torch, per-group statistics, registry, bf16 option.
 
-The released code runs BatchNorm per GPU (SPEC.md section 3): a batch of 256 on 8 GPUs is
+The released code runs BatchNorm per GPU (docs/method.md §5): a batch of 256 on 8 GPUs is
 normalised in groups of 32, and each replica updates its running statistics from its own
 group. ``BatchNorm(group_size=g)`` must equal torch's BatchNorm applied to each consecutive
 chunk of g examples in training mode; the running statistics equal the average of the

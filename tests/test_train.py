@@ -198,7 +198,7 @@ def test_inconsistent_config_is_named(tiny_inputs, tmp_path, no_compilation, ove
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs: the released hyper-parameters (SPEC.md 5) and the variants.
+# Configs: the released hyper-parameters (docs/method.md §7) and the variants.
 
 EXPERIMENTS = {  # config -> (student, teacher file, tau, weight decay)
     'r18_r50w2': ('resnet18', 'teachers/r50w2_swav', 0.2, 1e-4),

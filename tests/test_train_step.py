@@ -23,11 +23,12 @@ SMALL_MODEL = dict(head='moco', base_width=8, stem='cifar', head_hidden_dim=64,
 
 
 # ---------------------------------------------------------------------------------------------
-# CutMix (SPEC.md 2)
+# CutMix (docs/method.md §3)
 
 
 def reference_box(lam0: float, row_center: int, col_center: int, height: int, width: int):
-  """SPEC.md 2 in numpy: sides int(side * sqrt(1 - lam0)), centred, clipped to the image."""
+  """docs/method.md §3 in numpy: sides int(side * sqrt(1 - lam0)), centred, clipped to the
+  image."""
   cut_rows = int(height * np.sqrt(1.0 - lam0))
   cut_cols = int(width * np.sqrt(1.0 - lam0))
   return (np.clip(row_center - cut_rows // 2, 0, height),
@@ -82,7 +83,7 @@ def test_cutmix_lam0_is_beta_2_2():
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer (SPEC.md 5)
+# Optimizer (docs/method.md §7)
 
 
 @pytest.mark.parametrize('lr_schedule', ['cosine_epoch', 'cosine_step'])
@@ -122,7 +123,7 @@ def test_optimizer_matches_torch_sgd(lr_schedule):
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher shuffle BatchNorm (SPEC.md 3)
+# Teacher shuffle BatchNorm (docs/method.md §5)
 
 
 class TinyTeacher(nn.Module):
@@ -320,8 +321,8 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
-  """Warm-up step, frozen teacher, no CutMix: loss = (CE(q, k) + CE(p, kp)) / 2 (SPEC.md 4),
-  each view embedded on its own and the CE written out in numpy."""
+  """Warm-up step, frozen teacher, no CutMix: loss = (CE(q, k) + CE(p, kp)) / 2
+  (docs/method.md §6), each view embedded on its own and the CE written out in numpy."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
   config.teacher.bn_mode, config.train.cutmix = 'frozen', 'none'
   mesh = parallel.make_mesh(jax.devices()[:2])

@@ -1,6 +1,6 @@
 """Linear probes: a linear classifier on the frozen pooled features of a network.
 
-``train_linear_probe`` is the released protocol (main_lincls.py, SPEC.md section 6): the
+``train_linear_probe`` is the released protocol (main_lincls.py, docs/method.md §8): the
 backbone is frozen with BatchNorm in eval mode (stored statistics), the classifier
 ``Linear(feature_dim, num_classes)`` starts from N(0, 0.01) weights and zero bias, SGD with
 momentum 0.9, no weight decay, lr 30 at batch 256 (scaled linearly with the batch), cosine

@@ -2,7 +2,7 @@
 
 The released BINGO code builds its EfficientNet-B0 student with ``efficientnet_pytorch``
 (``EfficientNet.from_name('efficientnet-b0')``, its ``fc`` replaced by the MoCo MLP head;
-SPEC.md section 3). Three details of that package decide whether PyTorch weights reproduce
+docs/method.md §4). Three details of that package decide whether PyTorch weights reproduce
 their features here:
 
 * Padding. Every convolution is a ``Conv2dStaticSamePadding`` built for a *nominal* image of

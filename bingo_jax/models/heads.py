@@ -1,4 +1,4 @@
-"""Heads on top of the pooled backbone features (SPEC.md section 3).
+"""Heads on top of the pooled backbone features (docs/method.md §4).
 
 Module names mirror the PyTorch indices (``fc.0`` -> ``fc0``, ``projection_head.3`` ->
 ``dense3``) so that the checkpoint mapping is a table lookup.

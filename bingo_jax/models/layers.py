@@ -9,7 +9,7 @@ the PyTorch layers compute. Two details matter:
   unbiased running variance, and epsilon 1e-5.
 
 ``BatchNorm`` here also implements the statistics grouping of the released BINGO code
-(SPEC.md section 3): in training mode the batch is split into consecutive groups of
+(docs/method.md §5): in training mode the batch is split into consecutive groups of
 ``group_size`` examples and each group is normalised with its own statistics, as each GPU of
 an 8 x 32 run does. The grouping is defined on the global batch, so the result does not
 depend on how many devices the batch is sharded over.
