@@ -9,8 +9,9 @@ r"""Evaluation of a network: ``python -m bingo_jax.evaluate``.
 checkpoint, or ``--step N``), or one of two baselines: ``random`` (the config's student
 architecture, randomly initialised with ``config.eval.seed``) and ``pixels`` (the centre-
 cropped, normalised pixels themselves as features). Data: ``config.data`` (any TFDS image
-data set, image folder, file list or Fashion-MNIST), training split ``data.train_split``,
-evaluation split ``data.eval_split``, so transfer to another data set is a config change.
+data set, image folder, file list or Fashion-MNIST), training split ``data.train_split``
+(``eval.train_split`` when set), evaluation split ``data.eval_split``, so transfer to another
+data set is a config change.
 
 Protocols (``bingo_jax/eval/``): ``knn`` (10-NN majority and 200-NN weighted votes),
 ``linear`` (the released linear protocol), ``linear_fast`` (fast linear probe on cached
@@ -136,6 +137,15 @@ def _labelled(source: Any, what: str) -> np.ndarray:
   if source.labels is None:
     raise ValueError(f'{what} ({source.description}) has no labels; evaluation needs them.')
   return np.asarray(source.labels)
+
+
+def eval_train_split(config: ml_collections.ConfigDict) -> str:
+  """The labelled split of the kNN bank and of the probes' training set.
+
+  ``config.eval.train_split`` when set (STL-10: the labelled ``'train'`` split, while bagging
+  and distillation use the unlabelled one), else ``config.data.train_split``.
+  """
+  return config.eval.get('train_split') or config.data.train_split
 
 
 def _num_classes(*sources: Any) -> int:
@@ -302,7 +312,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
   mesh = mesh or parallel.make_mesh()
   os.makedirs(workdir, exist_ok=True)
   network = load_network(checkpoint, config, step)
-  train_source = data_sources.make_source(config.data, config.data.train_split)
+  train_source = data_sources.make_source(config.data, eval_train_split(config))
   eval_source = data_sources.make_source(config.data, config.data.eval_split)
   # TensorBoard for the protocols that train; kNN and analysis have no curves to show.
   writer = (progress.MetricWriter(os.path.join(workdir, 'tensorboard', protocol))

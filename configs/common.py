@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- eval: bingo_jax/evaluate.py ----
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256
+  # The labelled split of the kNN bank / probe's training set; None: data.train_split (STL-10
+  # distils on its unlabelled split and evaluates with its labelled 'train' split).
+  config.eval.train_split = ml_collections.FieldReference(None, field_type=str)
   config.eval.knn_k = 10
   config.eval.knn_weighted_k = 200
   config.eval.knn_temperature = 0.07

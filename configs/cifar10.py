@@ -1,0 +1,26 @@
+"""ResNet-18 student <- ResNet-50 teacher on CIFAR-10.
+
+50k training / 10k test images of 10 classes, 32 px, the CIFAR stem. Paper Table 6:
+86.8 (BINGO) and 77.9 (MoCo v2) top-1 (%). The shared choices and their reasons are in configs/small_data.py::
+
+  python tools/convert_torch_teacher.py r50_cifar10.pth.tar teachers/cifar10_r50
+  python -m bingo_jax.bagging --config configs/cifar10.py --workdir bags/cifar10
+  python -m bingo_jax.train --config configs/cifar10.py --workdir runs/cifar10
+  python -m bingo_jax.evaluate --config configs/cifar10.py --checkpoint runs/cifar10 \
+      --protocol knn --workdir runs/cifar10/eval
+
+The argument selects variants (configs/variants.py), e.g. ``configs/cifar10.py:bf16``.
+"""
+
+from typing import Optional
+
+import ml_collections
+
+from configs import small_data, variants
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+  config = small_data.small_data_config(
+      'cifar10', image_size=32, stem='cifar', train_split='train', eval_bank_split=None,
+      eval_split='test', teacher='teachers/cifar10_r50')
+  return variants.apply_variants(config, arg)
