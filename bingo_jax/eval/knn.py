@@ -149,6 +149,50 @@ def _fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
+def _checked_inputs(train_features: np.ndarray, train_labels: np.ndarray,
+                    query_features: np.ndarray, num_classes: int, k: int, weighted_k: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``knn_classify``'s arguments as float32 / int32 arrays, or a ValueError naming the bad one."""
+  train_features = np.asarray(train_features, np.float32)
+  query_features = np.asarray(query_features, np.float32)
+  train_labels = np.asarray(train_labels, np.int32)
+  if train_features.ndim != 2 or query_features.ndim != 2:
+    raise ValueError(f'features must be 2-D; got train {train_features.shape}, '
+                     f'queries {query_features.shape}.')
+  if train_features.shape[1] != query_features.shape[1]:
+    raise ValueError(f'train features have dimension {train_features.shape[1]}, queries '
+                     f'{query_features.shape[1]}.')
+  if train_labels.shape != (len(train_features),):
+    raise ValueError(f'train_labels has shape {train_labels.shape}, expected '
+                     f'({len(train_features)},).')
+  if train_labels.size and (train_labels.min() < 0 or train_labels.max() >= num_classes):
+    raise ValueError(f'train_labels must lie in [0, {num_classes}); found '
+                     f'[{train_labels.min()}, {train_labels.max()}].')
+  if k < 1 or weighted_k < 1:
+    raise ValueError(f'k ({k}) and weighted_k ({weighted_k}) must be positive.')
+  if max(k, weighted_k) > len(train_features):
+    raise ValueError(f'k={k}, weighted_k={weighted_k}: the training set has only '
+                     f'{len(train_features)} examples.')
+  return train_features, train_labels, query_features
+
+
+def _sharded_bank(train_features: np.ndarray, train_labels: np.ndarray, rows_per_device: int,
+                  mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+  """The bank zero-padded to ``rows_per_device`` rows per device and split by rows over
+  ``mesh``: features ``(padded, dim)`` float32 and labels ``(padded,)`` int32."""
+  padded_rows = rows_per_device * mesh.devices.size
+  bank_padded = np.zeros((padded_rows, train_features.shape[1]), np.float32)
+  bank_padded[:len(train_features)] = train_features
+  labels_padded = np.zeros((padded_rows,), np.int32)
+  labels_padded[:len(train_labels)] = train_labels
+  row_sharding = parallel.data_sharding(mesh)
+  bank = jax.make_array_from_callback(bank_padded.shape, row_sharding,
+                                      lambda index: bank_padded[index])
+  bank_labels = jax.make_array_from_callback(labels_padded.shape, row_sharding,
+                                             lambda index: labels_padded[index])
+  return bank, bank_labels
+
+
 def knn_classify(train_features: np.ndarray, train_labels: np.ndarray,
                  query_features: np.ndarray, *, num_classes: int, k: int = 10,
                  weighted_k: int = 200, temperature: float = 0.07,
@@ -173,45 +217,17 @@ def knn_classify(train_features: np.ndarray, train_labels: np.ndarray,
   Returns:
     ``KnnPredictions``.
   """
-  train_features = np.asarray(train_features, np.float32)
-  query_features = np.asarray(query_features, np.float32)
-  train_labels = np.asarray(train_labels, np.int32)
-  if train_features.ndim != 2 or query_features.ndim != 2:
-    raise ValueError(f'features must be 2-D; got train {train_features.shape}, '
-                     f'queries {query_features.shape}.')
-  if train_features.shape[1] != query_features.shape[1]:
-    raise ValueError(f'train features have dimension {train_features.shape[1]}, queries '
-                     f'{query_features.shape[1]}.')
-  if train_labels.shape != (len(train_features),):
-    raise ValueError(f'train_labels has shape {train_labels.shape}, expected '
-                     f'({len(train_features)},).')
-  if train_labels.size and (train_labels.min() < 0 or train_labels.max() >= num_classes):
-    raise ValueError(f'train_labels must lie in [0, {num_classes}); found '
-                     f'[{train_labels.min()}, {train_labels.max()}].')
+  train_features, train_labels, query_features = _checked_inputs(
+      train_features, train_labels, query_features, num_classes, k, weighted_k)
   num_neighbours = max(k, weighted_k)
-  if k < 1 or weighted_k < 1:
-    raise ValueError(f'k ({k}) and weighted_k ({weighted_k}) must be positive.')
-  if num_neighbours > len(train_features):
-    raise ValueError(f'k={k}, weighted_k={weighted_k}: the training set has only '
-                     f'{len(train_features)} examples.')
   if normalize:
     train_features = l2_normalize(train_features)
     query_features = l2_normalize(query_features)
 
   mesh = mesh or parallel.make_mesh()
-  num_devices = mesh.devices.size
-  rows_per_device = math.ceil(len(train_features) / num_devices)
-  padded_rows = rows_per_device * num_devices
+  rows_per_device = math.ceil(len(train_features) / mesh.devices.size)
+  bank, bank_labels = _sharded_bank(train_features, train_labels, rows_per_device, mesh)
   dim = train_features.shape[1]
-  bank_padded = np.zeros((padded_rows, dim), np.float32)
-  bank_padded[:len(train_features)] = train_features
-  labels_padded = np.zeros((padded_rows,), np.int32)
-  labels_padded[:len(train_labels)] = train_labels
-  row_sharding = parallel.data_sharding(mesh)  # bank rows split over the devices
-  bank = jax.make_array_from_callback(bank_padded.shape, row_sharding,
-                                      lambda index: bank_padded[index])
-  bank_labels = jax.make_array_from_callback(labels_padded.shape, row_sharding,
-                                             lambda index: labels_padded[index])
 
   search = _search_fn(mesh, len(train_features), rows_per_device, num_neighbours)
   classify = _classify_fn(mesh, search, k, weighted_k, num_classes, temperature)
