@@ -12,7 +12,7 @@ set once per epoch. Top-1/top-5 are measured on the centre-cropped evaluation sp
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +111,89 @@ def make_finetune_step(model, optimizer: optax.GradientTransformation, mesh: Mes
                  out_shardings=(replicated, replicated, replicated, replicated))
 
 
+def _evaluate_finetuned(loaded_model: Any, model: Any, params: Any, batch_stats: Any,
+                        eval_source: Any, *, num_classes: int, image_size: int,
+                        batch_size: int, mesh: Mesh, progress: bool,
+                        extract_features) -> tuple[dict, Any]:
+  """Top-1/top-5 of the fine-tuned network on ``eval_source``, and the network itself.
+
+  The backbone embeds the centre-cropped evaluation images (``extract_features``) and the
+  fine-tuned classifier ``params['head']['fc']`` scores them.
+
+  Returns:
+    ``(metrics, finetuned)``: ``{'top1', 'top5'}`` (percent) and a ``LoadedModel`` of the
+    fine-tuned network with its ``linear`` head, on the host.
+  """
+  from bingo_jax import model_io
+  host = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)  # noqa
+  params, batch_stats = host(params), host(batch_stats)
+  backbone_config = dict(loaded_model.model_config, head=None)
+  backbone = model_io.LoadedModel(
+      model=create_model(**backbone_config),
+      variables={'params': {'backbone': params['backbone']},
+                 'batch_stats': {'backbone': batch_stats['backbone']}},
+      model_config=backbone_config,
+      metadata=dict(loaded_model.metadata, finetuned=True))
+  eval_features = extract_features(backbone, eval_source, image_size=image_size,
+                                   global_batch_size=batch_size, mesh=mesh,
+                                   normalize_features=False, progress=progress)
+  metrics = linear.evaluate_classifier(params['head']['fc'], eval_features,
+                                       eval_source.labels, mesh)
+  finetuned_config = dict(loaded_model.model_config, head='linear', num_classes=num_classes)
+  finetuned = model_io.LoadedModel(model=model,
+                                   variables={'params': params, 'batch_stats': batch_stats},
+                                   model_config=finetuned_config,
+                                   metadata=dict(loaded_model.metadata, finetuned=True))
+  return metrics, finetuned
+
+
+def _train_epochs(step_fn: Callable, params: Any, batch_stats: Any, opt_state: Any,
+                  train_source: Any, subset_indices: np.ndarray, subset_labels: np.ndarray, *,
+                  mesh: Mesh, image_size: int, batch_size: int, epochs: int,
+                  steps_per_epoch: int, lr_at: Callable[[int], float],
+                  classifier_lr_multiplier: float, seed: int, writer: Any, progress: bool
+                  ) -> tuple[Any, Any, float, float]:
+  """The fine-tuning epochs: ``step_fn`` over the labelled subset's batches.
+
+  Returns:
+    ``(params, batch_stats, train_loss, train_top1)``: the trained variables (replicated) and
+    the last epoch's mean loss and top-1 (percent).
+  """
+  bar = tqdm(total=epochs * steps_per_epoch, desc='finetune', unit='step',
+             disable=not progress or jax.process_index() != 0)
+  for epoch in range(epochs):
+    epoch_metrics = []
+    for local_batch in pipeline.labelled_batches(
+        train_source, subset_indices, subset_labels, image_size=image_size,
+        global_batch_size=batch_size, seed=seed, epoch=epoch,
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      params, batch_stats, opt_state, step_metrics = step_fn(
+          params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
+      if epoch_metrics:
+        # At most two steps in flight: the host must not queue a whole epoch of batches on
+        # the devices, and the progress bar's ETA then measures finished steps.
+        jax.block_until_ready(epoch_metrics[-1])
+        bar.update(1)
+      epoch_metrics.append(step_metrics)
+    bar.update(1)
+    train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
+    train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
+    lr = lr_at(epoch)
+    bar.set_postfix(loss=f'{train_loss:.3f}', top1=f'{train_top1:.1f}')
+    if writer is not None:
+      writer.write_scalars(epoch + 1, {'finetune/train_loss': train_loss,
+                                       'finetune/train_top1': train_top1,
+                                       'finetune/backbone_lr': lr,
+                                       'finetune/classifier_lr': lr * classifier_lr_multiplier})
+  bar.close()
+  if not np.isfinite(train_loss):
+    logging.warning('finetune: the training loss is %s after %d epochs: the learning rates '
+                    '(backbone %g, classifier %g at batch %d) are too high for this network; '
+                    'lower config.eval.finetune_lr.', train_loss, epochs, lr_at(0),
+                    lr_at(0) * classifier_lr_multiplier, batch_size)
+  return params, batch_stats, train_loss, train_top1
+
+
 def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
              eval_source: Any, *, num_classes: int, image_size: int, epochs: int = 60,
              batch_size: int = 256, base_lr: float = 1.0,
@@ -142,7 +225,6 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
     ``(metrics, loaded)``: top-1/top-5 (percent) on the evaluation split and the settings;
     ``loaded`` is a ``LoadedModel`` of the fine-tuned network (``linear`` head).
   """
-  from bingo_jax import model_io
   if extract_features is None:
     from bingo_jax.features import extract_features
   mesh = mesh or parallel.make_mesh()
@@ -162,61 +244,24 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
       classifier_lr_multiplier=classifier_lr_multiplier, momentum=momentum,
       weight_decay=weight_decay)
   model, variables = finetune_model(loaded_model, num_classes, seed)
-  replicated = parallel.replicated(mesh)
   # device_put copies: the loaded model's own buffers are never donated.
-  params = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), replicated),
-                        variables['params'])
-  batch_stats = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), replicated),
-                             variables['batch_stats'])
+  replicated = parallel.replicated(mesh)
+  params, batch_stats = (
+      jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), replicated), variables[name])
+      for name in ('params', 'batch_stats'))
   opt_state = jax.device_put(optimizer.init(params), replicated)
   step_fn = make_finetune_step(model, optimizer, mesh)
-  bar = tqdm(total=epochs * steps_per_epoch, desc='finetune', unit='step',
-             disable=not progress or jax.process_index() != 0)
-  for epoch in range(epochs):
-    epoch_metrics = []
-    for local_batch in pipeline.labelled_batches(
-        train_source, subset_indices, subset_labels, image_size=image_size,
-        global_batch_size=batch_size, seed=seed, epoch=epoch,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      params, batch_stats, opt_state, step_metrics = step_fn(
-          params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
-      if epoch_metrics:
-        # At most two steps in flight: the host must not queue a whole epoch of batches on
-        # the devices, and the progress bar's ETA then measures finished steps.
-        jax.block_until_ready(epoch_metrics[-1])
-        bar.update(1)
-      epoch_metrics.append(step_metrics)
-    bar.update(1)
-    train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
-    train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
-    lr = float(linear.cosine_epoch_lr(base_lr * scale, epoch, epochs, min_lr * scale))
-    bar.set_postfix(loss=f'{train_loss:.3f}', top1=f'{train_top1:.1f}')
-    if writer is not None:
-      writer.write_scalars(epoch + 1, {'finetune/train_loss': train_loss,
-                                       'finetune/train_top1': train_top1,
-                                       'finetune/backbone_lr': lr,
-                                       'finetune/classifier_lr': lr * classifier_lr_multiplier})
-  bar.close()
-  if not np.isfinite(train_loss):
-    logging.warning('finetune: the training loss is %s after %d epochs: the learning rates '
-                    '(backbone %g, classifier %g at batch %d) are too high for this network; '
-                    'lower config.eval.finetune_lr.', train_loss, epochs, base_lr * scale,
-                    base_lr * scale * classifier_lr_multiplier, batch_size)
-
-  host = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)  # noqa
-  params, batch_stats = host(params), host(batch_stats)
-  backbone_config = dict(loaded_model.model_config, head=None)
-  backbone = model_io.LoadedModel(
-      model=create_model(**backbone_config),
-      variables={'params': {'backbone': params['backbone']},
-                 'batch_stats': {'backbone': batch_stats['backbone']}},
-      model_config=backbone_config,
-      metadata=dict(loaded_model.metadata, finetuned=True))
-  eval_features = extract_features(backbone, eval_source, image_size=image_size,
-                                   global_batch_size=batch_size, mesh=mesh,
-                                   normalize_features=False, progress=progress)
-  metrics = linear.evaluate_classifier(params['head']['fc'], eval_features,
-                                       eval_source.labels, mesh)
+  params, batch_stats, train_loss, train_top1 = _train_epochs(
+      step_fn, params, batch_stats, opt_state, train_source, subset_indices, subset_labels,
+      mesh=mesh, image_size=image_size, batch_size=batch_size, epochs=epochs,
+      steps_per_epoch=steps_per_epoch, lr_at=lambda epoch: float(linear.cosine_epoch_lr(
+          base_lr * scale, epoch, epochs, min_lr * scale)),
+      classifier_lr_multiplier=classifier_lr_multiplier, seed=seed, writer=writer,
+      progress=progress)
+  metrics, finetuned = _evaluate_finetuned(
+      loaded_model, model, params, batch_stats, eval_source, num_classes=num_classes,
+      image_size=image_size, batch_size=batch_size, mesh=mesh, progress=progress,
+      extract_features=extract_features)
   if writer is not None:
     writer.write_scalars(epochs, {'finetune/eval_top1': metrics['top1'],
                                   'finetune/eval_top5': metrics['top5']})
@@ -226,9 +271,4 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
                   'num_labelled': int(len(subset_indices)), 'epochs': epochs,
                   'batch_size': batch_size, 'backbone_lr': base_lr * scale,
                   'classifier_lr': base_lr * scale * classifier_lr_multiplier})
-  finetuned_config = dict(loaded_model.model_config, head='linear', num_classes=num_classes)
-  finetuned = model_io.LoadedModel(model=model,
-                                   variables={'params': params, 'batch_stats': batch_stats},
-                                   model_config=finetuned_config,
-                                   metadata=dict(loaded_model.metadata, finetuned=True))
   return metrics, finetuned
