@@ -125,6 +125,32 @@ def standardizer(train_features: np.ndarray):
   return lambda x: ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
 
 
+def _make_feature_epoch(optimizer: optax.GradientTransformation, mesh: Mesh):
+  """Jitted ``(classifier, opt_state, features, labels, order, lr) -> (classifier, opt_state,
+  mean loss)``: one epoch of SGD on replicated cached features, as one ``lax.scan`` over the
+  ``(steps, batch)`` positions of ``order``, each batch sharded over ``mesh``."""
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.data_sharding(mesh)
+
+  def run_epoch(classifier, opt_state, features, labels, order, lr):
+    opt_state.hyperparams['learning_rate'] = lr
+
+    def step(carry, batch_positions):
+      classifier, opt_state = carry
+      x = jax.lax.with_sharding_constraint(features[batch_positions], batch_sharding)
+      y = jax.lax.with_sharding_constraint(labels[batch_positions], batch_sharding)
+      loss, grads = jax.value_and_grad(
+          lambda c: _cross_entropy(classifier_logits(c, x), y))(classifier)
+      updates, opt_state = optimizer.update(grads, opt_state, classifier)
+      return (optax.apply_updates(classifier, updates), opt_state), loss
+
+    (classifier, opt_state), losses = jax.lax.scan(step, (classifier, opt_state), order)
+    return classifier, opt_state, losses.mean()
+
+  return jax.jit(run_epoch, donate_argnums=(0, 1),
+                 out_shardings=(replicated, replicated, replicated))
+
+
 def train_linear_on_features(train_features: np.ndarray, train_labels: np.ndarray,
                              eval_features: np.ndarray, eval_labels: np.ndarray, *,
                              num_classes: int, epochs: int = 100, batch_size: int = 256,
@@ -171,29 +197,12 @@ def train_linear_on_features(train_features: np.ndarray, train_labels: np.ndarra
 
   optimizer = make_sgd(momentum, weight_decay)
   replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.data_sharding(mesh)
   classifier = init_classifier(train_features.shape[1], num_classes, seed)
   classifier, opt_state = jax.device_put((classifier, optimizer.init(classifier)), replicated)
   features_on_device = jax.device_put(train_features, replicated)
   labels_on_device = jax.device_put(train_labels, replicated)
 
-  def run_epoch(classifier, opt_state, features, labels, order, lr):
-    opt_state.hyperparams['learning_rate'] = lr
-
-    def step(carry, batch_positions):
-      classifier, opt_state = carry
-      x = jax.lax.with_sharding_constraint(features[batch_positions], batch_sharding)
-      y = jax.lax.with_sharding_constraint(labels[batch_positions], batch_sharding)
-      loss, grads = jax.value_and_grad(
-          lambda c: _cross_entropy(classifier_logits(c, x), y))(classifier)
-      updates, opt_state = optimizer.update(grads, opt_state, classifier)
-      return (optax.apply_updates(classifier, updates), opt_state), loss
-
-    (classifier, opt_state), losses = jax.lax.scan(step, (classifier, opt_state), order)
-    return classifier, opt_state, losses.mean()
-
-  run_epoch = jax.jit(run_epoch, donate_argnums=(0, 1),
-                      out_shardings=(replicated, replicated, replicated))
+  run_epoch = _make_feature_epoch(optimizer, mesh)
   loss = float('nan')
   bar = tqdm(range(epochs), desc='fast linear probe', unit='epoch',
              disable=not progress or jax.process_index() != 0)
@@ -295,9 +304,8 @@ def train_linear_probe(loaded_model: Any, train_source: Any, eval_features: np.n
   step_fn = make_linear_train_step(model, optimizer, mesh)
   all_indices = np.arange(len(train_source))
   steps = len(train_source) // batch_size
-  is_main = jax.process_index() == 0
   bar = tqdm(total=epochs * steps, desc='linear probe', unit='step',
-             disable=not progress or not is_main)
+             disable=not progress or jax.process_index() != 0)
   metrics = {}
   for epoch in range(epochs):
     lr = cosine_epoch_lr(learning_rate, epoch, epochs, min_lr)
