@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
   config.train.max_steps = ml_collections.FieldReference(None, field_type=int)  # stop early
+  # kNN monitor (bingo_jax/knn_monitor.py): weighted kNN top-1 of the student's features on
+  # fixed labelled subsets every N epochs, to the log and TensorBoard; 0 or no labels: off.
+  config.train.monitor_every_epochs = 10
+  config.train.monitor_bank_size = 10000   # images of eval.train_split or data.train_split
+  config.train.monitor_eval_size = 2000    # images of data.eval_split
 
   # ---- eval: bingo_jax/evaluate.py ----
   config.eval = ml_collections.ConfigDict()
