@@ -2,7 +2,9 @@
 
 ``Chronometer`` measures the training loop only: compilation (the first step of a run, which
 includes it) and checkpoint writes are excluded, so images/s is the steady-state rate and the
-ETA does not jump after each save. ``MetricWriter`` sends scalars to the console (absl
+ETA does not jump after each save. Elapsed time and core-hours accumulate over the resumes of
+a run: ``Chronometer.record()`` goes into each checkpoint's progress record, and the resumed
+run's chronometer starts from it (``previous=``), as big_vision's chronometer does. ``MetricWriter`` sends scalars to the console (absl
 logging) and to TensorBoard event files in the workdir, from process 0 only.
 """
 
@@ -52,6 +54,10 @@ def format_duration(seconds: float) -> str:
   return f'{secs}s'
 
 
+# Keys of ``Chronometer.record()`` (stored in the checkpoint's progress record).
+RECORD_KEYS = ('elapsed_seconds', 'training_seconds', 'core_hours')
+
+
 class Chronometer:
   """Images/s, ETA and accelerator core-hours of a run that may have been resumed.
 
@@ -66,7 +72,8 @@ class Chronometer:
   """
 
   def __init__(self, first_step: int, total_steps: int, global_batch_size: int,
-               num_devices: Optional[int] = None, clock=time.perf_counter):
+               num_devices: Optional[int] = None, clock=time.perf_counter,
+               previous: Optional[Mapping[str, float]] = None):
     """
     Args:
       first_step: the step the run starts from (0, or the restored checkpoint's step).
@@ -74,6 +81,9 @@ class Chronometer:
       global_batch_size: images per step over all hosts.
       num_devices: accelerator cores used (for core-hours); default ``jax.device_count()``.
       clock: a monotonic clock in seconds (tests pass a fake one).
+      previous: the ``record()`` stored with the checkpoint this run resumes from (earlier
+        runs' elapsed seconds, training seconds and core-hours, which this one adds to);
+        missing keys (checkpoints older than this record) count as 0.
     """
     self.first_step = first_step
     self.total_steps = total_steps
@@ -87,6 +97,8 @@ class Chronometer:
     self._measure_from_time = 0.0
     self._measure_paused = 0.0
     self.step = first_step
+    previous = previous or {}
+    self._previous = {key: float(previous.get(key) or 0.0) for key in RECORD_KEYS}
 
   @contextlib.contextmanager
   def paused(self) -> Iterator[None]:
@@ -131,14 +143,30 @@ class Chronometer:
     rate = self.steps_per_second()
     return None if rate is None else (self.total_steps - self.step) / rate
 
-  def core_hours(self) -> float:
-    """Device-hours spent by this process's run so far (pauses included: devices are held)."""
+  def core_hours_this_run(self) -> float:
+    """Device-hours of this process's run so far (pauses included: devices are held)."""
     return self.wall_seconds * self.num_devices / 3600
 
+  def core_hours(self) -> float:
+    """Device-hours of the whole run: earlier (resumed-from) runs plus this one."""
+    return self._previous['core_hours'] + self.core_hours_this_run()
+
+  @property
+  def elapsed_seconds(self) -> float:
+    """Wall seconds of the whole run: earlier runs plus this one (pauses included)."""
+    return self._previous['elapsed_seconds'] + self.wall_seconds
+
+  def record(self) -> dict[str, float]:
+    """The totals to store with a checkpoint; a resumed run passes them as ``previous``."""
+    return {'elapsed_seconds': self.elapsed_seconds,
+            'training_seconds': self._previous['training_seconds'] + self.training_seconds,
+            'core_hours': self.core_hours()}
+
   def measurements(self) -> dict[str, float]:
-    """Scalars for the logs: images/s, ETA, core-hours, progress fraction."""
+    """Scalars for the logs: images/s, ETA, core-hours, elapsed time, progress fraction."""
     result = {'progress/fraction': self.step / max(self.total_steps, 1),
               'progress/core_hours': self.core_hours(),
+              'progress/elapsed_seconds': self.elapsed_seconds,
               'progress/wall_seconds': self.wall_seconds}
     images_per_second = self.images_per_second()
     if images_per_second is not None:
