@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -308,10 +308,11 @@ def _make_metadata(method: str, num_images: int, fingerprint: str, **extra: Any)
 
 
 def save_bags(path: str, bags: Bags) -> str:
-  """Writes ``bags`` to ``path`` atomically (temporary file + ``os.replace``).
+  """Writes ``bags`` to ``path`` atomically (``fileio.atomic_write``).
 
   Args:
-    path: destination file (conventionally ``*.npz``; the name is used as given).
+    path: destination file (conventionally ``*.npz``; the name is used as given), local or
+      a URL.
     bags: the bags to store.
   Returns:
     The absolute path written.
@@ -327,19 +328,23 @@ def load_bags(path: str) -> Bags:
   """Reads a bag file written by ``save_bags``.
 
   Args:
-    path: the bag file.
+    path: the bag file, local or a URL.
   Returns:
     ``Bags`` with ``.path`` set.
   Raises:
     FileNotFoundError: no such file.
     ValueError: the file is not a bag file, is corrupt or misses arrays (the message names it).
   """
-  path = os.path.abspath(path)
-  if not os.path.isfile(path):
+  path = fileio.absolute(path)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'Bag file {path} does not exist; compute bags with '
                             'python -m bingo_jax.bagging first.')
   try:
-    with np.load(path, allow_pickle=False) as contents:
+    # Read whole, then parsed from memory: np.load needs a seekable file, which a remote
+    # object's stream need not be.
+    with fileio.open_file(path, 'rb') as f:
+      data = io.BytesIO(f.read())
+    with np.load(data, allow_pickle=False) as contents:
       stored = {key: contents[key] for key in contents.files}
   except Exception as e:  # zipfile / format errors come in many types.
     raise ValueError(f'{path} is not a readable bag file (.npz): {type(e).__name__}: {e}') from e
