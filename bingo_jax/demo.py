@@ -62,6 +62,49 @@ class Stages:
     self.done.append(name)
 
 
+def _demo_config(epochs: Optional[int], max_steps: Optional[int], train_split: Optional[str],
+                 eval_split: Optional[str], quick_eval: bool):
+  """``configs/fmnist_demo.py`` with ``run``'s overrides (see its Args)."""
+  from configs import eval_fmnist, fmnist_demo
+  config = fmnist_demo.get_config()
+  if epochs is not None:
+    config.train.epochs = epochs
+  config.train.max_steps = max_steps
+  if train_split:
+    config.data.train_split = train_split
+  if eval_split:
+    config.data.eval_split = eval_split
+  if quick_eval:
+    config.eval = eval_fmnist.get_config('quick').eval
+  return config
+
+
+def _evaluate_rows(config, workdir: str, checkpoints: dict) -> dict:
+  """kNN and fast linear metrics of every row of ``ROWS``, keyed by the row's label.
+
+  ``checkpoints`` maps a row's ``what`` to the ``evaluate.evaluate`` checkpoint argument; a
+  protocol whose ``eval_<protocol>.json`` exists (a rerun) is read, not run again.
+  """
+  from bingo_jax import evaluate
+  table = {}
+  for label, what, name in ROWS:
+    out = os.path.join(workdir, 'eval', name or what)
+    metrics = {}
+    for protocol in ('knn', 'linear_fast'):
+      result_path = os.path.join(out, f'eval_{protocol}.json')
+      if os.path.exists(result_path):
+        with open(result_path) as f:
+          record = json.load(f)
+      else:
+        record = evaluate.evaluate(config, checkpoints[what], protocol, out)
+      if protocol == 'knn':
+        metrics.update(record['metrics'])
+      else:
+        metrics['linear_fast_top1'] = record['metrics']['top1']
+    table[label] = metrics
+  return table
+
+
 def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional[int] = None,
         max_steps: Optional[int] = None, train_split: Optional[str] = None,
         eval_split: Optional[str] = None, quick_eval: bool = False) -> dict:
@@ -76,20 +119,10 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
     quick_eval: shorten the fast linear probe to 2 epochs (smoke runs).
   """
   from bingo_jax import bagging, evaluate, fileio, model_io, train
-  from configs import eval_fmnist, fmnist_demo
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config = fmnist_demo.get_config()
-  if epochs is not None:
-    config.train.epochs = epochs
-  config.train.max_steps = max_steps
-  if train_split:
-    config.data.train_split = train_split
-  if eval_split:
-    config.data.eval_split = eval_split
-  if quick_eval:
-    config.eval = eval_fmnist.get_config('quick').eval
+  config = _demo_config(epochs, max_steps, train_split, eval_split, quick_eval)
   teacher_checkpoint = os.path.abspath(teacher_checkpoint or DEFAULT_TEACHER)
   if not os.path.isfile(teacher_checkpoint):
     raise FileNotFoundError(f'--teacher {teacher_checkpoint}: no such file (expected a PyTorch '
@@ -120,24 +153,8 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
 
   # 4. Evaluation: kNN and fast linear of everything, analysis of the distilled student.
   stages.begin('evaluate: kNN (10-NN, weighted 200-NN) and fast linear probe')
-  table = {}
-  checkpoints = {'pixels': 'pixels', 'teacher': teacher_dir, 'random': 'random',
-                 'train': train_dir}
-  for label, what, name in ROWS:
-    out = os.path.join(workdir, 'eval', name or what)
-    metrics = {}
-    for protocol in ('knn', 'linear_fast'):
-      result_path = os.path.join(out, f'eval_{protocol}.json')
-      if os.path.exists(result_path):
-        with open(result_path) as f:
-          record = json.load(f)
-      else:
-        record = evaluate.evaluate(config, checkpoints[what], protocol, out)
-      if protocol == 'knn':
-        metrics.update(record['metrics'])
-      else:
-        metrics['linear_fast_top1'] = record['metrics']['top1']
-    table[label] = metrics
+  table = _evaluate_rows(config, workdir, {'pixels': 'pixels', 'teacher': teacher_dir,
+                                           'random': 'random', 'train': train_dir})
   analysis_dir = os.path.join(workdir, 'eval', 'student_after')
   if not os.path.exists(os.path.join(analysis_dir, 'eval_analysis.json')):
     evaluate.evaluate(config, train_dir, 'analysis', analysis_dir)
