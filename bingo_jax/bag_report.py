@@ -9,7 +9,6 @@ class) is ``sum_c p_c^2``.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -148,10 +147,10 @@ def write_report(bags: bag_file.Bags, source: Any, directory: str, *, num_anchor
   if source.labels is not None:
     report.update(purity_summary(bags, source.labels, class_names))
     print(format_purity(report))
-  report['grid'] = draw_bag_grid(bags, source, os.path.join(directory, 'bag_report.png'),
+  report['grid'] = draw_bag_grid(bags, source, fileio.join(directory, 'bag_report.png'),
                                  num_anchors=num_anchors, members_shown=members_shown, seed=seed,
                                  class_names=class_names)
-  path = os.path.join(directory, 'bag_report.json')
+  path = fileio.join(directory, 'bag_report.json')
   fileio.write_json_atomically(path, report)
   print(f'bag report: {path}, {report["grid"]}')
   return report

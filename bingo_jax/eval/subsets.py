@@ -65,9 +65,9 @@ def read_split_file(path: str, identifiers: list[str]) -> np.ndarray:
     ValueError: naming the file and the first entries that match no image, or that match more
       than one.
   """
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'finetune split file {path} does not exist (eval.finetune_split_file).')
-  with open(path) as f:
+  with fileio.open_file(path, 'r') as f:
     names = [line.strip() for line in f if line.strip()]
   by_identifier = {identifier: index for index, identifier in enumerate(identifiers)}
   by_basename: dict[str, list[int]] = {}
@@ -127,7 +127,7 @@ def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
   if split_file:
     return read_split_file(split_file, identifiers), split_file
   indices = class_balanced_subset(labels, fraction, seed)
-  path = os.path.join(workdir, f'finetune_subset_{fraction:g}_seed{seed}.txt')
+  path = fileio.join(workdir, f'finetune_subset_{fraction:g}_seed{seed}.txt')
   if write:
     write_split_file(path, indices, identifiers)
   return indices, path
