@@ -11,7 +11,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # ---- data: what images, read how (bingo_jax/data_sources.py) ----
+  # ---- data: what images, read how (bingo_jax/data_sources/) ----
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'          # 'tfds' | 'folder' | 'filelist' | 'fashion_mnist'
   config.data.name = 'imagenet2012'    # TFDS name (source='tfds')

@@ -3,6 +3,9 @@
 
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 
 import ml_collections
 import numpy as np
@@ -40,6 +43,32 @@ def image_folder(tmp_path):
                                 else 'JPEG')
     pixels[relative] = np.asarray(Image.open(path).convert('RGB'))
   return tmp_path, pixels
+
+
+def test_package_and_array_source_work_without_tensorflow(tmp_path):
+  """A host where ``import tensorflow`` fails still reads arrays and the Fashion-MNIST files
+  (references: numpy, hashlib over the identifiers)."""
+  script = tmp_path / 'no_tf.py'
+  script.write_text(textwrap.dedent('''
+      import hashlib, os, sys
+      import numpy as np
+      sys.modules['tensorflow'] = None  # any import of tensorflow now raises ImportError
+      from bingo_jax import data_sources
+      images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+      source = data_sources.ArraySource(images, [1, 0], identifiers=['a', 'b'])
+      assert (source.read(1) == np.repeat(images[1][..., None], 3, axis=-1)).all()
+      assert source.labels.tolist() == [1, 0] and source.num_classes == 2
+      assert source.fingerprint == hashlib.sha256(b'a\\nb\\n').hexdigest()
+      if os.path.isdir(data_sources.FASHION_MNIST_DIR):
+        subset = data_sources.make_source({'source': 'fashion_mnist'}, 'test[1:3]')
+        assert len(subset) == 2 and subset.read(1).shape == (28, 28, 3)
+      print('ok')
+      '''))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': root}, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['ok']
 
 
 def test_array_source_reads_and_replicates_grayscale():
