@@ -35,7 +35,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bingo_jax import fileio
-from bingo_jax import data_sources, features as features_lib, model_io, parallel, progress
+from bingo_jax import data_sources, features as features_lib, input_pipeline, model_io, parallel
+from bingo_jax import progress
 from bingo_jax import images as images_lib
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
 from bingo_jax.models import create_model, init_variables
@@ -86,8 +87,8 @@ def pixel_features(source: Any, image_size: int, batch_size: int = 512) -> np.nd
   (every process computes all of them: this is a cheap baseline)."""
   from tqdm.auto import tqdm
   rows = np.zeros((len(source), image_size * image_size * 3), np.float32)
-  batches = features_lib.eval_batches(source, 0, len(source), image_size=image_size,
-                                      local_batch_size=batch_size)
+  batches = input_pipeline.make_eval_dataset(source, image_size, batch_size, process_index=0,
+                                             process_count=1)
   for batch in tqdm(batches, desc='pixels', unit='batch', total=-(-len(source) // batch_size),
                     disable=jax.process_index() != 0):
     mask = batch['mask']

@@ -35,35 +35,10 @@ from jax.sharding import Mesh
 from bingo_jax import fileio
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
-from bingo_jax.data_sources import ImageSource, SubsetSource
+from bingo_jax.data_sources import ImageSource
 
 FEATURES_RECORD = 'features.json'
 FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Input: this process's slice of a range of images, centre-cropped, in padded batches.
-# ---------------------------------------------------------------------------------------------
-
-def eval_batches(source: ImageSource, start: int, stop: int, *, image_size: int,
-                 local_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
-  """This process's centre-cropped batches of images ``[start, stop)`` of ``source``.
-
-  ``input_pipeline.make_eval_dataset`` (torchvision ``Resize`` + ``CenterCrop`` as TF ops) on
-  the range: every process yields the same number of batches, padding rows masked.
-
-  Yields:
-    ``{'image': uint8 (local_batch_size, image_size, image_size, 3), 'index': int32
-    (local_batch_size,) indices into source, 'mask': bool (local_batch_size,)}``.
-  """
-  from bingo_jax import input_pipeline
-  description = getattr(source, 'description', type(source).__name__)
-  for batch in input_pipeline.make_eval_dataset(
-      SubsetSource(source, start, stop, f'{description}[{start}:{stop}]'), image_size,
-      local_batch_size, process_index=process_index, process_count=process_count):
-    yield {'image': batch['image'], 'mask': batch['mask'],
-           'index': np.where(batch['mask'], batch['index'] + start, start).astype(np.int32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +177,51 @@ def _prepare_directory(directory: str, record: dict) -> dict:
   return stored
 
 
+def _finished_shards(output_dir: str, record: dict,
+                     num_shards: int) -> tuple[dict, np.ndarray]:
+  """``(record, done (num_shards,) bool)`` of ``output_dir``, decided on process 0 for all.
+
+  Every process must stop, or run the same shards, or the collectives would hang.
+  """
+  refusal, done = None, np.zeros(num_shards, bool)
+  if jax.process_index() == 0:
+    try:
+      record = _prepare_directory(output_dir, record)
+    except ValueError as e:
+      refusal = e
+    else:
+      done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
+  refused = bool(multihost_utils.broadcast_one_to_all(np.array(refusal is not None)))
+  if refused:
+    raise refusal or ValueError(f'{output_dir}: process 0 refused the directory (see its log).')
+  return record, np.asarray(multihost_utils.broadcast_one_to_all(done)).astype(bool)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass.
 # ---------------------------------------------------------------------------------------------
+
+def _range_features(forward, variables, batches: Iterator[dict], mesh: Mesh, start: int,
+                    stop: int, bar) -> np.ndarray:
+  """Features ``(stop - start, D)`` float32 of images ``[start, stop)``, from this process's
+  eval batches of the range (every process gets every row: the outputs are replicated)."""
+  range_features, filled = None, np.zeros(stop - start, bool)
+  for local in batches:
+    local = {key: local[key] for key in ('image', 'index', 'mask')}
+    features, index, mask = forward(variables, parallel.global_batch(local, mesh))
+    features, index, mask = np.asarray(features), np.asarray(index), np.asarray(mask)
+    if range_features is None:
+      range_features = np.zeros((stop - start, features.shape[1]), np.float32)
+    rows = index[mask] - start
+    range_features[rows] = features[mask]
+    filled[rows] = True
+    if bar is not None:
+      bar.update(int(mask.sum()))
+  if not filled.all():
+    raise RuntimeError(f'feature pass: images {start + np.nonzero(~filled)[0][:5]} of '
+                       f'[{start}, {stop}) were never produced (input pipeline bug).')
+  return range_features
+
 
 def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
                      global_batch_size: int, mesh: Optional[Mesh] = None,
@@ -227,6 +244,7 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
     Without ``output_dir``: ``(N, feature_dim)`` float32 numpy array (on every process).
     With ``output_dir``: ``FeatureShards`` describing the finished directory.
   """
+  from bingo_jax import input_pipeline  # tf.data, needed by the pass only
   mesh = parallel.make_mesh() if mesh is None else mesh
   num_images = len(source)
   if num_images == 0:
@@ -243,20 +261,7 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
             'model': describe_model(loaded_model), 'feature_dim': None, 'dtype': 'float16'}
   done = np.zeros(num_shards, bool)
   if output_dir:
-    refusal = None
-    if is_writer:
-      try:
-        record = _prepare_directory(output_dir, record)
-      except ValueError as e:
-        refusal = e
-      else:
-        done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
-    # Every process must stop, or run the same shards, or the collectives would hang.
-    refused = bool(multihost_utils.broadcast_one_to_all(np.array(refusal is not None)))
-    if refused:
-      raise refusal or ValueError(f'{output_dir}: process 0 refused the directory (see its '
-                                  'log).')
-    done = np.asarray(multihost_utils.broadcast_one_to_all(done)).astype(bool)
+    record, done = _finished_shards(output_dir, record, num_shards)
 
   forward = make_forward(loaded_model.model, mesh, normalize_features)
   variables = parallel.replicate(loaded_model.variables, mesh)
@@ -273,22 +278,10 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
 
   for shard in todo:
     start, stop = shard * shard_size, min((shard + 1) * shard_size, num_images)
-    shard_features, filled = None, np.zeros(stop - start, bool)
-    for local in eval_batches(source, start, stop, image_size=image_size,
-                              local_batch_size=local_batch, process_index=process_index,
-                              process_count=process_count):
-      features, index, mask = forward(variables, parallel.global_batch(local, mesh))
-      features, index, mask = np.asarray(features), np.asarray(index), np.asarray(mask)
-      if shard_features is None:
-        shard_features = np.zeros((stop - start, features.shape[1]), np.float32)
-      rows = index[mask] - start
-      shard_features[rows] = features[mask]
-      filled[rows] = True
-      if bar is not None:
-        bar.update(int(mask.sum()))
-    if not filled.all():
-      raise RuntimeError(f'feature pass: images {start + np.nonzero(~filled)[0][:5]} of shard '
-                         f'{shard} were never produced (input pipeline bug).')
+    batches = input_pipeline.make_eval_dataset(
+        source, image_size, local_batch, start=start, stop=stop, process_index=process_index,
+        process_count=process_count)
+    shard_features = _range_features(forward, variables, batches, mesh, start, stop, bar)
     if output_dir is None:
       features_all = shard_features
       continue

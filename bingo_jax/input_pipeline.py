@@ -19,7 +19,7 @@ augmented in a parallel, order-preserving map; no Python runs per example.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -71,26 +71,80 @@ def eval_num_batches(num_images: int, local_batch_size: int, process_count: int)
   return max(1, -(-per_process // local_batch_size))
 
 
+def source_batches(source: ImageSource, columns: dict, view: Callable[[dict], dict],
+                   batch_size: int, *, read_size: Optional[int] = None,
+                   with_labels: bool = False, padding_index: int = 0,
+                   num_parallel_calls: int = -1,
+                   options: Optional[tf.data.Options] = None) -> Iterator[dict]:
+  """Batches of one view of listed images: the one reader of every evaluation pipeline.
+
+  Images (and, with ``with_labels``, labels) are read ``read_size`` indices per
+  ``tf_read_batch`` call, ``view`` maps every example in a parallel, order-preserving map,
+  and the examples are regrouped into batches of ``batch_size`` (the remainder dropped).
+
+  Args:
+    source: the images.
+    columns: per-example numpy columns of one length n; ``columns['index']`` int ``(n,)`` are
+      source indices, ``-1`` on padding rows (which read image ``padding_index`` and get
+      label -1).
+    view: example dict (``image``: encoded bytes or uint8 ``(H, W, 3)``, ``label`` if read,
+      the columns) -> output dict, as TF ops.
+    batch_size: examples per output batch.
+    read_size: indices per read (default ``batch_size``).
+    with_labels: read ``label`` (int64) with the images (``tf_read_labeled_batch``).
+    padding_index: a valid source index, read for the padding rows (``make_eval_dataset``
+      uses the range's first, so that no image outside the range is read).
+    num_parallel_calls: read and view parallelism (-1: autotune).
+    options: ``tf.data.Options`` (default: tf.data's).
+  Returns:
+    An iterator of numpy dicts, ``len(columns['index']) // batch_size`` of them.
+  """
+  parallel = _parallelism(num_parallel_calls)
+
+  @tf.autograph.experimental.do_not_convert
+  def read(batch):
+    index = tf.cast(batch['index'], tf.int64)
+    read_index = tf.where(index >= 0, index, tf.constant(padding_index, tf.int64))
+    if with_labels:
+      batch['image'], labels = source.tf_read_labeled_batch(read_index)
+      batch['label'] = tf.cast(tf.where(index >= 0, labels, -1), tf.int64)
+    else:
+      batch['image'] = source.tf_read_batch(read_index)
+    return batch
+
+  dataset = tf.data.Dataset.from_tensor_slices(dict(columns)).batch(read_size or batch_size)
+  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
+  dataset = dataset.map(tf.autograph.experimental.do_not_convert(view),
+                        num_parallel_calls=parallel, deterministic=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(2)
+  if options is not None:
+    dataset = dataset.with_options(options)
+  return dataset.as_numpy_iterator()
+
+
 def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: int, *,
+                      start: int = 0, stop: Optional[int] = None,
                       process_index: Optional[int] = None,
                       process_count: Optional[int] = None,
                       num_parallel_calls: int = -1) -> Iterator[dict]:
-  """Centre-cropped images of a whole source in index order, padded to full batches.
+  """Centre-cropped images ``[start, stop)`` of a source in index order, padded to full batches.
 
-  Process ``p`` reads the contiguous slice ``[p * ceil(N / P), (p + 1) * ceil(N / P))`` of the
-  indices; every process yields ``eval_num_batches(N, B, P)`` batches, the padding rows masked.
+  Process ``p`` reads the contiguous slice ``[start + p * ceil(N / P), start + (p + 1) *
+  ceil(N / P))`` of the indices (``N = stop - start``); every process yields
+  ``eval_num_batches(N, B, P)`` batches, the padding rows masked.
 
   Args:
     source: the images.
     image_size: output side S (resize shorter side to ``S / CENTER_CROP_FRACTION``, centre
       crop S: ``augment.center_crop``).
     local_batch_size: B, this process's rows per batch.
+    start, stop: the range of source indices (default: all of them).
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
     num_parallel_calls: decode/resize parallelism (-1: autotune).
   Returns:
     An iterator of numpy dicts: ``image`` uint8 ``(B, S, S, 3)``, ``index`` int32 ``(B,)``
-    (-1 on padding rows), ``label`` int32 ``(B,)`` (-1 when unlabelled or padding), ``mask``
-    bool ``(B,)``.
+    source indices (-1 on padding rows), ``label`` int32 ``(B,)`` (-1 when unlabelled or
+    padding), ``mask`` bool ``(B,)``.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -98,45 +152,26 @@ def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: in
     raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
   if local_batch_size <= 0:
     raise ValueError(f'local_batch_size must be positive, got {local_batch_size}.')
-  num_images = len(source)
-  if num_images == 0:
-    raise ValueError(f'{source.description} is empty.')
-  per_process = -(-num_images // process_count)
-  num_batches = eval_num_batches(num_images, local_batch_size, process_count)
-  start = min(process_index * per_process, num_images)
-  stop = min(start + per_process, num_images)
+  stop = len(source) if stop is None else stop
+  if not 0 <= start < stop <= len(source):
+    raise ValueError(f'{source.description}: image range [{start}:{stop}] is empty or outside '
+                     f'its {len(source)} images.')
+  per_process = -(-(stop - start) // process_count)
+  num_batches = eval_num_batches(stop - start, local_batch_size, process_count)
+  first = min(start + process_index * per_process, stop)
+  last = min(first + per_process, stop)
   indices = np.full(num_batches * local_batch_size, -1, np.int64)
-  indices[:stop - start] = np.arange(start, stop)
+  indices[:last - first] = np.arange(first, last)
 
-  parallel = _parallelism(num_parallel_calls)
-  dataset = tf.data.Dataset.from_tensor_slices({'index': indices})
-  dataset = dataset.batch(local_batch_size)
-
-  read_labeled = getattr(source, 'tf_read_labeled_batch', None)
-  if read_labeled is None:  # a duck-typed source with tf_read_batch and labels only
-    labels_table = tf.constant(-np.ones(num_images, np.int64) if source.labels is None
-                               else np.asarray(source.labels, np.int64))
-    read_labeled = lambda i: (source.tf_read_batch(i), tf.gather(labels_table, i))  # noqa: E731
-
-  @tf.autograph.experimental.do_not_convert
-  def read(batch):
-    # Padding rows read image 0 (any valid image) and are masked.
-    batch['image'], labels = read_labeled(tf.maximum(batch['index'], 0))
-    batch['label'] = tf.cast(tf.where(batch['index'] >= 0, labels, -1), tf.int64)
-    return batch
-
-  @tf.autograph.experimental.do_not_convert
   def crop(example):
     return {'image': augment.eval_view(example['image'], image_size, encoded=source.encoded),
             'index': tf.cast(example['index'], tf.int32),
             'label': tf.cast(example['label'], tf.int32),
             'mask': example['index'] >= 0}
 
-  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
-  dataset = dataset.map(crop, num_parallel_calls=parallel)
-  dataset = dataset.batch(local_batch_size, drop_remainder=True).prefetch(2)
-  dataset = dataset.with_options(_options())
-  return dataset.as_numpy_iterator()
+  return source_batches(source, {'index': indices}, crop, local_batch_size, with_labels=True,
+                        padding_index=start, num_parallel_calls=num_parallel_calls,
+                        options=_options())
 
 
 # ---------------------------------------------------------------- training

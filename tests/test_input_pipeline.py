@@ -47,6 +47,34 @@ def test_eval_center_crop_matches_pil_reference(height, width, size, content):
   assert difference.max() <= 1 and difference.mean() < 0.3, (difference.max(), difference.mean())
 
 
+def test_eval_range_reads_only_its_images_in_order():
+  """``start``/``stop``: indices of the full source, labels from it, padding inside the range."""
+  num_images, start, stop, batch_size = 20, 7, 16, 4
+  pixels = np.arange(num_images, dtype=np.uint8)[:, None, None, None] * np.ones(
+      (1, 8, 8, 3), np.uint8)
+  labels = np.arange(num_images) % 3
+  source = data_sources.ArraySource(pixels, labels)
+  rows = {}
+  for process in range(2):
+    batches = list(input_pipeline.make_eval_dataset(source, 8, batch_size, start=start,
+                                                    stop=stop, process_index=process,
+                                                    process_count=2))
+    # ceil(9 / 2) = 5 images per process -> 2 batches of 4 on both processes.
+    assert len(batches) == 2
+    for batch in batches:
+      valid = batch['mask']
+      # Constant images: the centre crop of image i is i everywhere, whatever the resize.
+      assert (batch['image'][valid] == batch['index'][valid, None, None, None]).all()
+      np.testing.assert_array_equal(batch['label'][valid], labels[batch['index'][valid]])
+      assert (batch['index'][~valid] == -1).all()
+      rows.update({int(i): process for i in batch['index'][valid]})
+  assert sorted(rows) == list(range(start, stop))
+  assert [rows[i] for i in range(start, stop)] == [0] * 5 + [1] * 4
+  with pytest.raises(ValueError, match=r'\[5:5\]'):
+    input_pipeline.make_eval_dataset(source, 8, 4, start=5, stop=5, process_index=0,
+                                     process_count=1)
+
+
 def test_eval_shards_cover_in_order_with_masked_padding():
   num_images, batch_size, processes = 23, 4, 3
   pixels = np.arange(num_images, dtype=np.uint8)[:, None, None, None] * np.ones(

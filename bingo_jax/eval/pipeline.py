@@ -74,7 +74,7 @@ def labelled_batches(source, indices: np.ndarray, labels: np.ndarray, *, image_s
     ``{'image': uint8 (local, S, S, 3), 'label': int32 (local,)}`` numpy batches,
     ``len(indices) // global_batch_size`` of them.
   """
-  import tensorflow as tf
+  from bingo_jax import input_pipeline  # tf.data: imported by the image protocols only
   if global_batch_size % process_count:
     raise ValueError(f'global batch {global_batch_size} does not divide over '
                      f'{process_count} processes.')
@@ -88,15 +88,11 @@ def labelled_batches(source, indices: np.ndarray, labels: np.ndarray, *, image_s
                     np.asarray(mine, np.int64)], axis=1)
   encoded = bool(getattr(source, 'encoded', True))
 
-  def read(batch_indices, batch_labels, batch_seeds):
-    return source.tf_read_batch(batch_indices), batch_labels, batch_seeds
+  def view(example):
+    return {'image': classification_view(example['image'], example['seed'], image_size,
+                                         encoded=encoded),
+            'label': example['label']}
 
-  def view(image, label, view_seed):
-    return {'image': classification_view(image, view_seed, image_size, encoded=encoded),
-            'label': label}
-
-  dataset = tf.data.Dataset.from_tensor_slices((source_indices, example_labels, seeds))
-  dataset = dataset.batch(64).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  dataset = dataset.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(local, drop_remainder=True).prefetch(2)
-  yield from dataset.as_numpy_iterator()
+  yield from input_pipeline.source_batches(
+      source, {'index': source_indices, 'label': example_labels, 'seed': seeds}, view, local,
+      read_size=64)
