@@ -64,7 +64,7 @@ def run_features_case(arch: str, base_width: int, image_size: int, batch: int,
 
 def run_search_case(backend: str, n: int, d: int, queries: int, k: int = 5) -> dict:
   import numpy as np
-  from bingo_jax import bagging
+  from bingo_jax import knn_backends
   baseline = _rss_mb()
   rng = np.random.default_rng(0)
   features = np.empty((n, d), np.float32)
@@ -76,10 +76,10 @@ def run_search_case(backend: str, n: int, d: int, queries: int, k: int = 5) -> d
   result = {}
   start = time.perf_counter()
   if backend == 'faiss':
-    bagging.exact_knn_faiss(features, k, query_indices=query_indices, progress=False)
+    knn_backends.exact_knn_faiss(features, k, query_indices=query_indices, progress=False)
   elif backend == 'jax':
     # Database placement and compilation once, reported apart; then the timed search.
-    index = bagging.JaxKnnIndex(features, k, query_batch_size=min(1024, queries))
+    index = knn_backends.JaxKnnIndex(features, k, query_batch_size=min(1024, queries))
     index.search(query_indices[:1], progress=False)
     result['setup_s'] = time.perf_counter() - start
     start = time.perf_counter()
@@ -97,12 +97,11 @@ def run_search_case(backend: str, n: int, d: int, queries: int, k: int = 5) -> d
 
 def _approx_case(features, k: int, queries: int) -> dict:
   """IVF-Flat (nlist = 4 sqrt(N), nprobe 32): train + add on all N, search ``queries``."""
-  import faiss
   import numpy as np
-  from bingo_jax import bagging
-  bagging._set_faiss_threads()
+  from bingo_jax import knn_backends
+  faiss = knn_backends.faiss_module()
   n, d = features.shape
-  nlist = 2 ** max(1, round(np.log2(4 * np.sqrt(n))))
+  nlist = knn_backends.ivf_nlist(n)
   start = time.perf_counter()
   index = faiss.index_factory(d, f'IVF{nlist},Flat', faiss.METRIC_INNER_PRODUCT)
   rng = np.random.default_rng(0)
@@ -114,30 +113,30 @@ def _approx_case(features, k: int, queries: int) -> dict:
   _, found = index.search(features[:queries], k + 1)
   search_s = time.perf_counter() - start
   sample = min(queries, 200)
-  exact, _ = bagging.exact_knn_faiss(features, k, query_indices=np.arange(sample), progress=False)
+  exact, _ = knn_backends.exact_knn_faiss(features, k, query_indices=np.arange(sample), progress=False)
   found = np.array([[j for j in row if j != i][:k] for i, row in enumerate(found[:sample])])
   return {'build_s': build_s, 'search_s': search_s, 'nlist': nlist,
-          'recall': bagging.knn_recall(found, exact),
+          'recall': knn_backends.knn_recall(found, exact),
           'approx_total_all_queries': build_s + search_s * n / queries}
 
 
 def run_real_features_case(directory: str, k: int = 5) -> dict:
   """Exact vs approximate search on real features (recall depends on their structure)."""
   import numpy as np
-  from bingo_jax import bagging
+  from bingo_jax import knn_backends
   from bingo_jax import features as features_lib
   shards = features_lib.open_feature_shards(directory)
   features = shards.load()
   start = time.perf_counter()
-  exact, _ = bagging.exact_knn_faiss(features, k, progress=False)
+  exact, _ = knn_backends.exact_knn_faiss(features, k, progress=False)
   exact_s = time.perf_counter() - start
   start = time.perf_counter()
-  found, _ = bagging.approx_knn_faiss(features, k, recall_sample=0, progress=False)
+  found, _ = knn_backends.approx_knn_faiss(features, k, recall_sample=0, progress=False)
   approx_s = time.perf_counter() - start
   n = features.shape[0]
   return {'n': n, 'd': features.shape[1], 'exact_s': exact_s, 'approx_s': approx_s,
-          'nlist': 2 ** max(1, round(np.log2(4 * np.sqrt(n)))),
-          'recall': bagging.knn_recall(found, exact)}
+          'nlist': knn_backends.ivf_nlist(n),
+          'recall': knn_backends.knn_recall(found, exact)}
 
 
 def _child(args: list[str]) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from bingo_jax import bag_file
 from bingo_jax import bag_report
-from bingo_jax import bagging
+from bingo_jax import bagging, knn_backends
 from bingo_jax import data_sources
 from bingo_jax import features as features_lib
 from bingo_jax import parallel
@@ -29,11 +29,11 @@ def _brute_force_knn(x, k):
 def test_faiss_knn_equals_numpy_brute_force():
   x = _random_features(500, 24)
   expected = _brute_force_knn(x, 5)
-  neighbors, scores = bagging.exact_knn_faiss(x, 5, progress=False)
+  neighbors, scores = knn_backends.exact_knn_faiss(x, 5, progress=False)
   np.testing.assert_array_equal(neighbors, expected)
   np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, expected, 1), atol=1e-5)
   # Database in several blocks and queries in several batches: same answer.
-  blocked, _ = bagging.exact_knn_faiss(x, 5, database_block_bytes=24 * 4 * 70,
+  blocked, _ = knn_backends.exact_knn_faiss(x, 5, database_block_bytes=24 * 4 * 70,
                                        query_batch_size=64, progress=False)
   np.testing.assert_array_equal(blocked, expected)
 
@@ -46,7 +46,7 @@ def test_faiss_knn_reads_float16_shards(tmp_path):
     np.save(features_lib.shard_path(str(directory), shard), x[start:start + 128].astype(np.float16))
   shards = features_lib.FeatureShards(str(directory), 300, 16, 128, {})
   x16 = x.astype(np.float16).astype(np.float32)
-  neighbors, _ = bagging.exact_knn_faiss(shards, 5, database_block_bytes=16 * 4 * 100,
+  neighbors, _ = knn_backends.exact_knn_faiss(shards, 5, database_block_bytes=16 * 4 * 100,
                                          progress=False)
   np.testing.assert_array_equal(neighbors, _brute_force_knn(x16, 5))
 
@@ -54,8 +54,8 @@ def test_faiss_knn_reads_float16_shards(tmp_path):
 def test_jax_knn_equals_faiss_and_brute_force():
   x = _random_features(403, 24, seed=2)  # not divisible by 8 devices: padded rows
   expected = _brute_force_knn(x, 5)
-  faiss_neighbors, _ = bagging.exact_knn_faiss(x, 5, progress=False)
-  jax_neighbors, jax_scores = bagging.exact_knn_jax(
+  faiss_neighbors, _ = knn_backends.exact_knn_faiss(x, 5, progress=False)
+  jax_neighbors, jax_scores = knn_backends.exact_knn_jax(
       x, 5, mesh=parallel.make_mesh(), query_batch_size=128, database_chunk_rows=16,
       progress=False)
   np.testing.assert_array_equal(jax_neighbors, faiss_neighbors)
@@ -69,9 +69,9 @@ def test_unsorted_query_indices_get_their_own_neighbours():
   x = _random_features(200, 16, seed=4)
   expected = _brute_force_knn(x, 5)
   queries = np.array([0, 2, 1, 3, 7, 5, 6, 4, 8])
-  faiss_neighbors, _ = bagging.exact_knn_faiss(x, 5, query_indices=queries, progress=False)
+  faiss_neighbors, _ = knn_backends.exact_knn_faiss(x, 5, query_indices=queries, progress=False)
   np.testing.assert_array_equal(faiss_neighbors, expected[queries])
-  jax_neighbors, _ = bagging.exact_knn_jax(x, 5, query_indices=queries, query_batch_size=16,
+  jax_neighbors, _ = knn_backends.exact_knn_jax(x, 5, query_indices=queries, query_batch_size=16,
                                            database_chunk_rows=16, progress=False)
   np.testing.assert_array_equal(jax_neighbors, expected[queries])
 
@@ -82,12 +82,12 @@ def test_anchor_never_in_own_bag_with_duplicates(backend):
   x[10:20] = x[10]   # ten identical images: more ties than k + 1
   x[30] = x[31]      # a pair
   if backend == 'faiss':
-    neighbors, _ = bagging.exact_knn_faiss(x, 5, progress=False)
+    neighbors, _ = knn_backends.exact_knn_faiss(x, 5, progress=False)
   elif backend == 'jax':
-    neighbors, _ = bagging.exact_knn_jax(x, 5, query_batch_size=64, database_chunk_rows=8,
+    neighbors, _ = knn_backends.exact_knn_jax(x, 5, query_batch_size=64, database_chunk_rows=8,
                                          progress=False)
   else:
-    neighbors, recall = bagging.approx_knn_faiss(x, 5, index_factory='IVF4,Flat',
+    neighbors, recall = knn_backends.approx_knn_faiss(x, 5, index_factory='IVF4,Flat',
                                                  search_parameters='nprobe=4', progress=False,
                                                  recall_sample=50)
     assert recall == 1.0  # every list probed: exact
@@ -104,7 +104,7 @@ def test_kmeans_bags_are_nearest_centroid_clusters():
   centres = rng.standard_normal((4, 6)) * 10
   labels = np.repeat(np.arange(4), 50)
   x = (centres[labels] + rng.standard_normal((200, 6))).astype(np.float32)
-  groups = bagging.kmeans_groups(x, 4, iterations=10, verbose=False)
+  groups = knn_backends.kmeans_groups(x, 4, iterations=10, verbose=False)
   # Well-separated blobs: the clustering equals the blob partition (up to renaming).
   for blob in range(4):
     assert len(set(groups[labels == blob])) == 1

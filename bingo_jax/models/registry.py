@@ -7,6 +7,7 @@ small JSON-serialisable dict (``model_config``) that is stored next to every che
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -119,7 +120,14 @@ def create_model(arch: str, head: Optional[str] = None, *, head_hidden_dim: Opti
   return Model(backbone=backbone, head=head_module)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: Model, image_size: int) -> Callable[[jax.Array], Any]:
+  # Cached per (model, size): flax modules compare by value, so initialising the same
+  # architecture again in one process (another seed, a rerun) does not compile again.
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda rng: model.init(rng, images, train=False))
+
+
 def init_variables(model: Model, rng: jax.Array, image_size: int = 224) -> dict:
   """Initial ``{'params', 'batch_stats'}`` for ``model`` (shapes do not depend on image size)."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return dict(jax.jit(lambda r: model.init(r, images, train=False))(rng))
+  return dict(_jitted_init(model, image_size)(rng))
