@@ -31,6 +31,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bingo_jax import model_io, parallel  # noqa: E402
+from bingo_jax import steps, views  # noqa: E402
 from bingo_jax import train_step as train_step_lib  # noqa: E402
 from bingo_jax.models import create_model, init_variables  # noqa: E402
 
@@ -94,12 +95,12 @@ def bench_jax(config, batch_size: int, image_size: int, mesh) -> dict:
   steps_per_epoch = 5000
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh,
                                             steps_per_epoch)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch)
   teacher_variables = parallel.replicate(teacher_variables, mesh)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
       {name: rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
-       for name in train_step_lib.IMAGE_KEYS}, mesh)
+       for name in views.VIEW_KEYS}, mesh)
 
   began = time.perf_counter()
   compiled = step.lower(state, teacher_variables, batch).compile()

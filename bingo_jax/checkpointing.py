@@ -229,7 +229,31 @@ def load_student(workdir: str, step: Optional[int] = None,
   variables = {'params': stored['params'], 'batch_stats': stored.get('batch_stats', {})}
   variables = jax.tree.map(jnp.asarray, variables)
   model = create_model(**{**model_config, **model_overrides})
-  model_io._check_shapes(model, variables, f'{workdir} step {step}')  # pylint: disable=protected-access
+  model_io.check_variable_shapes(model, variables, f'{workdir} step {step}')
   return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
                               metadata={'workdir': workdir, 'step': int(step),
                                         'source_format': 'bingo_jax training checkpoint'})
+
+
+def load_any(path: str, step: Optional[int] = None,
+             **model_overrides) -> model_io.LoadedModel:
+  """Loads a network from a model file or from a training workdir (latest or given step).
+
+  Args:
+    path: a model file (has ``bingo_model.json``) or a ``python -m bingo_jax.train`` workdir.
+    step: training step to load from a workdir (default: the latest checkpoint).
+    **model_overrides: see ``model_io.load_model``.
+  Returns:
+    A ``model_io.LoadedModel``.
+  Raises:
+    FileNotFoundError: ``path`` is neither.
+  """
+  if os.path.isfile(os.path.join(path, model_io.MODEL_RECORD)):
+    if step is not None:
+      raise ValueError(f'{path} is a model file, not a training workdir: it has no step {step}.')
+    return model_io.load_model(path, **model_overrides)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return load_student(path, step=step, **model_overrides)
+  raise FileNotFoundError(
+      f'{path} is neither a bingo_jax model file ({model_io.MODEL_RECORD} missing) nor a '
+      'training workdir (checkpoints/ missing).')

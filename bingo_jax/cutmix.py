@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-MODES = ('batch', 'sample', 'group', 'none')
+# How boxes are drawn (config.train.cutmix also takes 'none': no CutMix view at all).
+MODES = ('batch', 'sample', 'group')
 
 
 class Boxes(NamedTuple):
@@ -125,7 +126,7 @@ def cutmix(rng: jax.Array, query: jax.Array, pos_q: jax.Array, mode: str = 'batc
       raise ValueError(f'cutmix: group_size {group_size} must divide the batch size {batch}.')
     examples_per_box = group_size
   else:
-    raise ValueError(f'Unknown cutmix mode {mode!r}; expected one of {MODES[:3]}.')
+    raise ValueError(f'Unknown cutmix mode {mode!r}; expected one of {MODES}.')
   num_boxes = batch // examples_per_box
   boxes = boxes_from_draws(sample_draws(rng, num_boxes, height, width, beta), height, width)
   masks = jnp.repeat(box_masks(boxes, height, width), examples_per_box, axis=0)

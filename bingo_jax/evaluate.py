@@ -35,8 +35,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bingo_jax import fileio
-from bingo_jax import data_sources, features as features_lib, input_pipeline, model_io, parallel
-from bingo_jax import progress
+from bingo_jax import checkpointing, data_sources, features as features_lib, input_pipeline
+from bingo_jax import model_io, parallel, progress
 from bingo_jax import images as images_lib
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
 from bingo_jax.models import create_model, init_variables
@@ -73,7 +73,7 @@ def load_network(checkpoint: str, config: ml_collections.ConfigDict,
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'--checkpoint {checkpoint} does not exist (expected a model file, '
                             f'a training workdir, or one of {BASELINES}).')
-  return model_io.load_any(checkpoint, step=step)
+  return checkpointing.load_any(checkpoint, step=step)
 
 
 def describe_network(network: Optional[model_io.LoadedModel]) -> dict:

@@ -26,14 +26,14 @@ import numpy as np
 import tensorflow as tf
 
 from bingo_jax import augment
+from bingo_jax import views as views_lib
 from bingo_jax.data_sources import ImageSource
 
 # Independent RNG streams derived from the run seed.
 _PERMUTATION_STREAM = 1
 _EXAMPLE_STREAM = 2
-# Per-example seeds: positive draw, then the four views.
-_POSITIVE, _QUERY, _KEY, _POS_Q, _POS_K = range(5)
-VIEW_KEYS = ('query', 'key', 'pos_q', 'pos_k')
+# Per-example seeds: the positive draw, then one per view in views.VIEW_KEYS order.
+_POSITIVE, _FIRST_VIEW = 0, 1
 
 
 def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
@@ -196,7 +196,8 @@ def example_seeds(seed: int, epoch, position) -> tf.Tensor:
       _stream_seed(seed, _EXAMPLE_STREAM), tf.cast(epoch, tf.int64))
   example_seed = tf.random.experimental.stateless_fold_in(epoch_seed,
                                                           tf.cast(position, tf.int64))
-  return tf.random.experimental.stateless_split(example_seed, num=5)
+  return tf.random.experimental.stateless_split(example_seed,
+                                                 num=_FIRST_VIEW + len(views_lib.VIEW_KEYS))
 
 
 def anchor_stream(seed: int, num_images: int, global_batch_size: int, start_step: int,
@@ -233,7 +234,7 @@ def anchor_stream(seed: int, num_images: int, global_batch_size: int, start_step
 def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                           local_batch_size: int, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
-                          views: Sequence[str] = VIEW_KEYS) -> Iterator[dict]:
+                          views: Sequence[str] = views_lib.VIEW_KEYS) -> Iterator[dict]:
   """Per-process BINGO training batches from global step ``start_step`` on (endless).
 
   Args:
@@ -245,7 +246,7 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     start_step: global step of the first batch (0, or the step a checkpoint resumes at).
     local_batch_size: B, this process's share of the global batch ``B * process_count``.
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-    views: which of ``VIEW_KEYS`` to generate (each view keeps its own augmentation seed,
+    views: which of ``views.VIEW_KEYS`` to generate (each view keeps its own augmentation seed,
       so a subset yields the same images as the full set for those keys).
   Returns:
     An iterator of numpy dicts: the ``views`` (default ``query``, ``key``, ``pos_q``,
@@ -258,16 +259,16 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   views = tuple(views)
-  unknown = [view for view in views if view not in VIEW_KEYS]
+  unknown = [view for view in views if view not in views_lib.VIEW_KEYS]
   if unknown or not views or len(set(views)) != len(views):
-    raise ValueError(f'views = {views}: expected distinct names from {VIEW_KEYS}.')
+    raise ValueError(f'views = {views}: expected distinct names from {views_lib.VIEW_KEYS}.')
   if bags is None:
-    if any(view in ('pos_q', 'pos_k') for view in views):
+    if views_lib.needs_bags(views):
       raise ValueError(f'views = {views} include views of the positive, which need bags.')
   else:
     bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
   num_views = len(views)
-  view_seed_slots = [VIEW_KEYS.index(view) + _QUERY for view in views]
+  view_seed_slots = [views_lib.VIEW_KEYS.index(view) + _FIRST_VIEW for view in views]
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   image_size = int(config.data.image_size)
@@ -293,8 +294,8 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     """One batch of B examples -> B * len(views) view requests, example-major in views order."""
     anchor_images = source.tf_read_batch(batch['anchor_index'])
     positive_images = (source.tf_read_batch(batch['positive_index'])
-                       if any(view.startswith('pos_') for view in views) else None)
-    images = tf.stack([positive_images if view.startswith('pos_') else anchor_images
+                       if views_lib.needs_bags(views) else None)
+    images = tf.stack([positive_images if view in views_lib.POSITIVE_VIEWS else anchor_images
                        for view in views], axis=1)
     seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
     repeat = lambda x: tf.repeat(x, num_views, axis=0)  # noqa: E731

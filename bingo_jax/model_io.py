@@ -150,12 +150,21 @@ def load_model(path: str, **model_overrides) -> LoadedModel:
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(path, VARIABLES_DIR))
   variables = {k: jax.tree.map(jnp.asarray, v) for k, v in restored.items()}
-  _check_shapes(model, variables, path)
+  check_variable_shapes(model, variables, path)
   return LoadedModel(model=model, variables=variables, model_config=model_config,
                      metadata=record.get('metadata', {}))
 
 
-def _check_shapes(model: Model, variables: dict, path: str) -> None:
+def check_variable_shapes(model: Model, variables: dict, path: str) -> None:
+  """Raises unless ``variables`` has exactly the parameter tree and shapes of ``model``.
+
+  Args:
+    model: the network the variables are meant for.
+    variables: ``{'params', 'batch_stats'}`` as stored.
+    path: where they came from, for the message.
+  Raises:
+    ValueError: naming ``path``, the missing and unexpected entries and wrong shapes.
+  """
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jnp.zeros((1, 64, 64, 3)), train=False))
   flat_expected = {jax.tree_util.keystr(k): v.shape
@@ -180,23 +189,3 @@ def _check_shapes(model: Model, variables: dict, path: str) -> None:
 def model_config_str(model: Model) -> str:
   head = type(model.head).__name__ if model.head is not None else 'no head'
   return f'{type(model.backbone).__name__} + {head}'
-
-
-def load_any(path: str, step: Optional[int] = None, **model_overrides) -> LoadedModel:
-  """Loads a network from a model file or from a training workdir (latest or given step).
-
-  Args:
-    path: a model file (has ``bingo_model.json``) or a ``python -m bingo_jax.train`` workdir.
-    step: training step to load from a workdir (default: the latest checkpoint).
-    **model_overrides: see ``load_model``.
-  """
-  if os.path.isfile(os.path.join(path, MODEL_RECORD)):
-    if step is not None:
-      raise ValueError(f'{path} is a model file, not a training workdir: it has no step {step}.')
-    return load_model(path, **model_overrides)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    from bingo_jax import checkpointing  # training-only dependency, imported on demand
-    return checkpointing.load_student(path, step=step, **model_overrides)
-  raise FileNotFoundError(
-      f'{path} is neither a bingo_jax model file ({MODEL_RECORD} missing) nor a training '
-      f'workdir (checkpoints/ missing).')

@@ -342,7 +342,7 @@ def export_torch_checkpoint(loaded: model_io.LoadedModel, path: str, export_form
   """Writes a loaded bingo_jax model (converted teacher or trained student) as a PyTorch file.
 
   Args:
-    loaded: ``model_io.load_model`` / ``model_io.load_any`` result.
+    loaded: ``model_io.load_model`` / ``checkpointing.load_any`` result.
     path: destination ``.pth`` file (written atomically).
     export_format: see ``torch_layout_state_dict``.
     drop_head: write the backbone only.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -28,13 +28,16 @@ from ml_collections import config_flags
 
 from bingo_jax import bag_file
 from bingo_jax import checkpointing
+from bingo_jax import config_checks
 from bingo_jax import data_sources
 from bingo_jax import fileio
 from bingo_jax import input_pipeline
 from bingo_jax import model_io
 from bingo_jax import parallel
 from bingo_jax import progress
+from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
+from bingo_jax import views
 from bingo_jax.models import create_model
 
 # Metrics shown on the console; TensorBoard gets every metric of the step.
@@ -43,50 +46,7 @@ SUMMARY_RECORD = 'train_summary.json'
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks that run before anything is compiled: each error names the key, file or value.
-
-
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Batch, BatchNorm-group, queue and option consistency.
-
-  Args:
-    config: the experiment config.
-    num_devices: devices of the mesh (all processes).
-  Raises:
-    ValueError: naming the offending ``config.*`` keys and values.
-  """
-  train = config.train
-  batch = train.batch_size
-  if batch <= 0 or batch % num_devices:
-    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
-                     f'devices ({num_devices}).')
-  if batch % jax.process_count():
-    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
-                     f'processes ({jax.process_count()}).')
-  method = train.get('method', 'bingo')
-  if method not in train_step_lib.METHODS:
-    raise ValueError(f'config.train.method = {method!r}; expected one of '
-                     f'{train_step_lib.METHODS}.')
-  groups = [('config.student.bn_group_size', config.student.bn_group_size)]
-  if config.teacher.bn_mode == 'shuffle' or method == 'moco':
-    groups.append(('config.teacher.bn_group_size', config.teacher.bn_group_size))
-  for key, group in groups:
-    if group is not None and (group <= 0 or batch % group):
-      raise ValueError(f'config.train.batch_size = {batch} is not divisible by {key} = {group} '
-                       '(BatchNorm statistics are taken over groups of that many images).')
-  if train.queue_size % batch:
-    raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
-                     f'config.train.batch_size = {batch} (the queue advances by whole batches).')
-  choices = {'config.train.loss': (train.loss, train_step_lib.LOSSES),
-             'config.train.lr_schedule': (train.lr_schedule, ('cosine_epoch', 'cosine_step')),
-             'config.train.compute_dtype': (train.compute_dtype, ('float32', 'bfloat16')),
-             'config.teacher.bn_mode': (config.teacher.bn_mode, ('shuffle', 'frozen'))}
-  for key, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f'{key} = {value!r}; expected one of {allowed}.')
-  for key in ('epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if train[key] <= 0:
-      raise ValueError(f'config.train.{key} = {train[key]} must be positive.')
+# Inputs: each error names the key, file or value.
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
@@ -206,42 +166,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ---- config and mesh ----
   mesh = parallel.make_mesh()
-  check_config(config, mesh.devices.size)
+  config_checks.check_config(config, mesh.devices.size)
+  batch_views = steps.batch_views(config)
   global_batch_size = config.train.batch_size
   local_batch_size = parallel.local_batch_size(global_batch_size, mesh)
   logging.info('Mesh: %d devices over %d processes; global batch %d, %d per process.',
                mesh.devices.size, jax.process_count(), global_batch_size, local_batch_size)
 
   # ---- teacher (a model file; never trained, never checkpointed) ----
-  # MoCo pre-training has no teacher file: its keys come from the momentum encoder kept in
-  # the train state, and it needs no bags (the positive is the anchor itself).
-  moco = config.train.get('method', 'bingo') == 'moco'
-  if moco:
-    teacher = None
-    logging.info('MoCo v2 pre-training: key encoder = momentum %g copy of the student.',
-                 config.train.moco_momentum)
-  else:
-    teacher = load_teacher(config)
-    logging.info('Teacher %s from %s (BatchNorm %s).', teacher.model_config.get('arch'),
-                 config.teacher.path, config.teacher.bn_mode)
+  teacher = _load_teacher_unless_moco(config)
 
   # ---- data and bags ----
-  source = data_sources.make_source(config.data, config.data.train_split)
-  num_images = len(source)
-  # MoCo and the 'intra' loss use only the anchor's own views, so no bag file is read.
-  if train_step_lib.uses_bag_positive(config):
-    bags = load_training_bags(config, source, num_images)
-  else:
-    bags = None
-    if config.bags.get('path'):
-      logging.info('config.bags.path = %s is unused: this run has no bag positives '
-                   "(config.train.method = %r, config.train.loss = %r).", config.bags.path,
-                   config.train.get('method', 'bingo'), config.train.loss)
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_images, global_batch_size)
+  source, bags = _training_data(config, batch_views)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(source), global_batch_size)
   total_steps = config.train.epochs * steps_per_epoch
   if config.train.max_steps is not None:
     total_steps = min(total_steps, config.train.max_steps)
-  logging.info('%d training images, %d steps per epoch, training to step %d.', num_images,
+  logging.info('%d training images, %d steps per epoch, training to step %d.', len(source),
                steps_per_epoch, total_steps)
 
   # ---- student, optimizer, negative queue: fresh or restored ----
@@ -254,45 +195,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    try:
-      state, stored_progress = checkpointer.restore(start_step, state)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'{checkpointer.directory}/{start_step} does not fit this config '
-                       f'(student, queue size or optimizer changed?): {e}. Use a new --workdir.'
-                       ) from e
-    _check_resumable(stored_progress, {'global_batch_size': global_batch_size,
-                                       'seed': config.train.seed,
-                                       'steps_per_epoch': steps_per_epoch},
-                     checkpointer.directory, start_step)
-    logging.info('Resumed from %s/%d.', checkpointer.directory, start_step)
+    state = _resume(checkpointer, start_step, state, {
+        'global_batch_size': global_batch_size, 'seed': config.train.seed,
+        'steps_per_epoch': steps_per_epoch})
 
-  # ---- the step ----
-  if moco:
-    # The key encoder: the student's architecture with the shuffle's BatchNorm groups.
-    key_model = create_model(**dict(student_config, bn_group_size=config.teacher.bn_group_size),
-                             dtype=config.train.compute_dtype)
-    train_step = train_step_lib.make_train_step(config, student, key_model, mesh,
-                                                steps_per_epoch)
-    teacher_variables = parallel.replicate({}, mesh)
-  else:
-    train_step = train_step_lib.make_train_step(config, student, teacher.model, mesh,
-                                                steps_per_epoch)
-    teacher_variables = parallel.replicate(teacher.variables, mesh)
+  # ---- the step: the builder of config.train.method ----
+  key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)
+  train_step = steps.step_builder(config)(config, student, key_model, mesh, steps_per_epoch)
 
   # ---- the loop ----
   batches = input_pipeline.create_train_iterator(
       config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      views=train_step_lib.batch_image_keys(config))
-  writer = progress.MetricWriter(workdir)
+      views=batch_views)
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
-  preemption = PreemptionWatcher(checkpointer)
 
   def progress_record(step: int) -> dict:
     # The step alone fixes the data position; the rest makes a wrong resume loud.
     return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
             'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
             'epoch': step // steps_per_epoch}
+
+  def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
+    # The pipeline's anchor_index / positive_index stay on the host: the step reads views.
+    local_batch = next(batches)
+    batch = parallel.global_batch({view: local_batch[view] for view in batch_views}, mesh)
+    return train_step(state, teacher_variables, batch)
+
+  step, preempted, last_metrics = _train_loop(
+      config, workdir, state, run_step, checkpointer, chrono, progress_record,
+      start_step=start_step, total_steps=total_steps,
+      simulate_preemption_at_step=simulate_preemption_at_step)
+  return _write_summary(workdir, {
+      'step': step, 'total_steps': total_steps, 'start_step': start_step,
+      'preempted': preempted, 'wall_seconds': chrono.wall_seconds,
+      'images_per_second': chrono.images_per_second(), 'core_hours': chrono.core_hours(),
+      'global_batch_size': global_batch_size, 'num_devices': int(mesh.devices.size),
+      'final_metrics': last_metrics})
+
+
+def _load_teacher_unless_moco(config: ml_collections.ConfigDict
+                              ) -> Optional[model_io.LoadedModel]:
+  """The teacher model file, or None for MoCo pre-training, whose keys come from the
+  momentum encoder kept in the train state."""
+  if config_checks.method(config) == 'moco':
+    logging.info('MoCo v2 pre-training: key encoder = momentum %g copy of the student.',
+                 config.train.moco_momentum)
+    return None
+  teacher = load_teacher(config)
+  logging.info('Teacher %s from %s (BatchNorm %s).', teacher.model_config.get('arch'),
+               config.teacher.path, config.teacher.bn_mode)
+  return teacher
+
+
+def _training_data(config: ml_collections.ConfigDict,
+                   batch_views: tuple[str, ...]) -> tuple[Any, Optional[bag_file.Bags]]:
+  """The training source, and its bags when the step reads a view of the bag positive."""
+  source = data_sources.make_source(config.data, config.data.train_split)
+  # MoCo and the 'intra' loss use only the anchor's own views, so no bag file is read.
+  if views.needs_bags(batch_views):
+    return source, load_training_bags(config, source, len(source))
+  if config.bags.get('path'):
+    logging.info('config.bags.path = %s is unused: this run has no bag positives '
+                 "(config.train.method = %r, config.train.loss = %r).", config.bags.path,
+                 config_checks.method(config), config.train.loss)
+  return source, None
+
+
+def _resume(checkpointer: checkpointing.TrainCheckpointer, step: int,
+            state: train_step_lib.TrainState, current: dict) -> train_step_lib.TrainState:
+  """The state of checkpoint ``step``, refused when it or the data order would not fit."""
+  try:
+    state, stored_progress = checkpointer.restore(step, state)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{checkpointer.directory}/{step} does not fit this config '
+                     f'(student, queue size or optimizer changed?): {e}. Use a new --workdir.'
+                     ) from e
+  _check_resumable(stored_progress, current, checkpointer.directory, step)
+  logging.info('Resumed from %s/%d.', checkpointer.directory, step)
+  return state
+
+
+def _key_side(config: ml_collections.ConfigDict, student_config: dict,
+              teacher: Optional[model_io.LoadedModel],
+              mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """``(key_model, variables)`` for the step: the teacher and its variables (BINGO), or the
+  key encoder and ``{}`` (MoCo: its variables live in the train state)."""
+  if teacher is not None:
+    return teacher.model, parallel.replicate(teacher.variables, mesh)
+  # The key encoder: the student's architecture with the shuffle's BatchNorm groups.
+  key_model = create_model(**dict(student_config, bn_group_size=config.teacher.bn_group_size),
+                           dtype=config.train.compute_dtype)
+  return key_model, parallel.replicate({}, mesh)
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str,
+                state: train_step_lib.TrainState, run_step: Callable,
+                checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,
+                progress_record: Callable[[int], dict], *, start_step: int, total_steps: int,
+                simulate_preemption_at_step: Optional[int]) -> tuple[int, bool, dict]:
+  """Steps from ``start_step`` to ``total_steps``: logs, checkpoints, preemption.
+
+  Args:
+    run_step: ``state -> (state, metrics)`` on the next batch.
+  Returns:
+    ``(step, preempted, last_metrics)``; the checkpointer is closed.
+  """
+  writer = progress.MetricWriter(workdir)
+  preemption = PreemptionWatcher(checkpointer)
 
   def save(step: int) -> None:
     with chrono.paused():
@@ -303,8 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_metrics: dict[str, float] = {}
   try:
     while step < total_steps:
-      batch = parallel.global_batch(next(batches), mesh)
-      state, metrics = train_step(state, teacher_variables, batch)
+      state, metrics = run_step(state)
       step += 1
       pending_metrics.append(metrics)
       if step == start_step + 1:
@@ -335,17 +344,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     preemption.close()
     checkpointer.close()
     writer.close()
+  return step, preempted, last_metrics
 
-  # ---- summary ----
-  summary = {'step': step, 'total_steps': total_steps, 'start_step': start_step,
-             'preempted': preempted, 'wall_seconds': chrono.wall_seconds,
-             'images_per_second': chrono.images_per_second(),
-             'core_hours': chrono.core_hours(), 'global_batch_size': global_batch_size,
-             'num_devices': int(mesh.devices.size),
-             'final_metrics': last_metrics}
+
+def _write_summary(workdir: str, summary: dict) -> dict:
+  """Logs the run's summary record and writes it to ``WORKDIR/train_summary.json``."""
+  last_metrics = summary['final_metrics']
   logging.info('Training %s at step %d/%d: %.1f s, %s img/s, final %s.',
-               'stopped (preempted)' if preempted else 'done', step, total_steps,
-               chrono.wall_seconds,
+               'stopped (preempted)' if summary['preempted'] else 'done', summary['step'],
+               summary['total_steps'], summary['wall_seconds'],
                'n/a' if summary['images_per_second'] is None
                else f'{summary["images_per_second"]:.1f}',
                ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS

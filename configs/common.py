@@ -25,7 +25,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.image_size = 224         # training crop; evaluation centre-crops 224/256 of resize
   config.data.in_memory = False        # hold a small data set in host memory
-  config.data.shuffle_buffer = 0       # 0: full random access permutation per epoch
   config.data.num_parallel_calls = -1  # tf.data.AUTOTUNE
 
   # ---- teacher: a converted model file (tools/convert_torch_teacher.py) ----

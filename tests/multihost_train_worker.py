@@ -63,6 +63,7 @@ def run(mesh, local_batch: dict) -> dict:
   import jax
 
   from bingo_jax import parallel
+  from bingo_jax import steps
   from bingo_jax import train_step as train_step_lib
   from bingo_jax.models.registry import init_variables
 
@@ -70,7 +71,7 @@ def run(mesh, local_batch: dict) -> dict:
   teacher_variables = parallel.replicate(
       init_variables(teacher, jax.random.key(1), IMAGE_SIZE), mesh)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=1)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=1)
   for _ in range(NUM_STEPS):
     state, _ = step(state, teacher_variables, parallel.global_batch(local_batch, mesh))
   leaves, _ = jax.tree_util.tree_flatten_with_path(

@@ -97,7 +97,7 @@ def test_load_student_returns_the_saved_network(tmp_path, student_variables):
   checkpointer.close()
 
   for step, loaded in ((5, checkpointing.load_student(workdir)),
-                       (2, model_io.load_any(workdir, step=2))):
+                       (2, checkpointing.load_any(workdir, step=2))):
     assert loaded.metadata['step'] == step
     assert loaded.model_config == STUDENT
     for got, want in zip(_host_leaves(loaded.variables['params']),

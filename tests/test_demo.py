@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bingo_jax import bag_file, data_sources, demo, images, model_io
+from bingo_jax import bag_file, checkpointing, data_sources, demo, images, model_io
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
@@ -94,7 +94,7 @@ def test_exported_student_matches_the_trained_student(demo_run):
                                           head_hidden_dim=256)
   reference.load_state_dict(_state_dict(result['exported_student']), strict=True)
   batch = _fmnist_batch('test', 8)
-  student = model_io.load_any(os.path.join(workdir, 'train'))
+  student = checkpointing.load_any(os.path.join(workdir, 'train'))
   features, _ = student.embed(images.normalize(batch))
   expected = _torch_features(reference, batch)
   np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

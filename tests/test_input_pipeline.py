@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bingo_jax import data_sources, images, input_pipeline
+from bingo_jax import data_sources, images, input_pipeline, views as views_lib
 
 
 def _pil_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_steps_per_epoch_drops_the_remainder():
 
 def test_train_batch_shapes_and_dtypes(straight_run):
   batch = straight_run[0]
-  for key in input_pipeline.VIEW_KEYS:
+  for key in views_lib.VIEW_KEYS:
     assert batch[key].shape == (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), key
     assert batch[key].dtype == np.uint8
   for key in ('anchor_index', 'positive_index'):
@@ -275,7 +275,7 @@ def test_four_views_are_independent_draws():
   iterator = input_pipeline.create_train_iterator(config, source, bags, start_step=0,
                                                   local_batch_size=batch, process_index=0,
                                                   process_count=1)
-  grey = {key: [] for key in input_pipeline.VIEW_KEYS}
+  grey = {key: [] for key in views_lib.VIEW_KEYS}
   for _ in range(6):
     views = next(iterator)
     for key in grey:

@@ -18,7 +18,7 @@ from PIL import Image
 
 import multihost_train_worker
 from bingo_jax import checkpointing, data_sources, images as images_lib, input_pipeline
-from bingo_jax import parallel, train, train_step as train_step_lib
+from bingo_jax import config_checks, parallel, steps, train, train_step as train_step_lib
 from configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_moco_step_matches_group_by_group_reference():
   key_stats = jax.tree.map(lambda x: np.abs(perturb(x)), host.key_batch_stats)
   state = parallel.replicate(host.replace(key_params=key_params, key_batch_stats=key_stats),
                              mesh)
-  step = train_step_lib.make_train_step(config, student, key_model, mesh, steps_per_epoch=10)
+  step = steps.make_train_step(config, student, key_model, mesh, steps_per_epoch=10)
   moco_batch = {name: batch[name] for name in ('query', 'key')}
   new_state, metrics = step(state, parallel.replicate({}, mesh),
                             parallel.global_batch(moco_batch, mesh))
@@ -121,9 +121,9 @@ def test_bingo_state_has_no_key_encoder_and_unknown_method_is_named():
   assert state.key_params is None and state.key_batch_stats is None
   config.train.method = 'simclr'
   with pytest.raises(ValueError, match="config.train.method = 'simclr'"):
-    train_step_lib.make_train_step(config, student, teacher, mesh, 1)
+    steps.make_train_step(config, student, teacher, mesh, 1)
   with pytest.raises(ValueError, match="config.train.method = 'simclr'"):
-    train.check_config(config, 1)
+    config_checks.check_config(config, 1)
 
 
 # ---------------------------------------------------------------------------------------------

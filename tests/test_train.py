@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, model_io, progress
-from bingo_jax import train
+from bingo_jax import config_checks, train
 from bingo_jax.models import create_model, init_variables
 from configs import tiny_test
 
@@ -151,7 +151,7 @@ def no_compilation(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('the trainer reached state creation / compilation')
   monkeypatch.setattr(train.train_step_lib, 'create_train_state', fail)
-  monkeypatch.setattr(train.train_step_lib, 'make_train_step', fail)
+  monkeypatch.setattr(train.steps, 'step_builder', fail)
 
 
 def test_missing_or_wrong_teacher_is_named(tiny_inputs, tmp_path, no_compilation):
@@ -224,7 +224,7 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
   assert (config.student.bn_group_size, config.teacher.bn_group_size) == (32, 32)
   assert config.teacher.bn_mode == 'shuffle' and train_config.lr_schedule == 'cosine_epoch'
   assert config.student.head_output_dim == 128 and config.student.head_hidden_dim == 2048
-  train.check_config(config, num_devices=8)
+  config_checks.check_config(config, num_devices=8)
 
 
 def test_config_variants():
@@ -319,3 +319,26 @@ def test_resume_with_another_data_order_is_refused():
                                        'global_batch_size = 256 but this run has 512'):
     train._check_resumable(stored, {'global_batch_size': 512, 'seed': 0,
                                     'steps_per_epoch': 2502}, 'runs/x/checkpoints', 6)
+
+
+def test_step_receives_only_the_views_it_reads(tiny_inputs, tmp_path, monkeypatch):
+  """The pipeline's anchor_index / positive_index stay on the host: the jitted step is
+  handed the four views of the released loss and nothing else."""
+  config = _tiny_config(tiny_inputs, max_steps=1)
+  received = []
+  builder = train.steps.step_builder
+
+  def recording_builder(*args, **kwargs):
+    build = builder(*args, **kwargs)
+
+    def build_and_record(*build_args):
+      step = build(*build_args)
+
+      def recording_step(state, variables, batch):
+        received.append(sorted(batch))
+        return step(state, variables, batch)
+      return recording_step
+    return build_and_record
+  monkeypatch.setattr(train.steps, 'step_builder', recording_builder)
+  train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert received == [['key', 'pos_k', 'pos_q', 'query']]

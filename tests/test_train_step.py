@@ -11,8 +11,10 @@ import multihost_train_worker
 from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
-from bingo_jax import train as train_lib
+from bingo_jax import config_checks
+from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
+from bingo_jax import views
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
 from configs.common import base_config
@@ -208,7 +210,7 @@ def small_config(batch_size: int = 32, queue_size: int = 64):
 def random_batch(batch_size: int, seed: int = 0) -> dict:
   rng = np.random.RandomState(seed)
   batch = {name: rng.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
-           for name in train_step_lib.IMAGE_KEYS}
+           for name in views.VIEW_KEYS}
   batch['anchor_index'] = np.arange(batch_size, dtype=np.int32)
   batch['positive_index'] = np.arange(batch_size, dtype=np.int32)[::-1].copy()
   return batch
@@ -220,7 +222,7 @@ def run_steps(config, mesh, initial_state, teacher_variables, batch, num_steps: 
   teacher = create_model('resnet18', bn_group_size=config.teacher.bn_group_size, **SMALL_MODEL)
   state = parallel.replicate(initial_state, mesh)
   teacher_variables = parallel.replicate(teacher_variables, mesh)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=1)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=1)
   history = []
   for _ in range(num_steps):
     state, metrics = step(state, teacher_variables, parallel.global_batch(batch, mesh))
@@ -289,7 +291,7 @@ def test_frozen_teacher_keys_enter_queue_fifo():
   keys = np.asarray(keys) / np.linalg.norm(np.asarray(keys), axis=1, keepdims=True)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
   initial_queue = np.asarray(state.negative_queue)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
   teacher_variables = parallel.replicate(teacher_variables, mesh)
   for index in range(4):  # 4 batches through a 3-batch queue: wraps around once
     # Step ``index`` sees the anchors rolled by ``index``; frozen keys roll with them.
@@ -308,16 +310,16 @@ def test_bad_settings_are_clear_errors():
   student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
   mesh = parallel.make_mesh(jax.devices()[:1])
   with pytest.raises(ValueError, match='queue_size = 48'):
-    train_step_lib.make_train_step(config, student, student, mesh, 1)
+    steps.make_train_step(config, student, student, mesh, 1)
   config = small_config()
   config.teacher.bn_group_size = 16
   with pytest.raises(ValueError, match='teacher model was built with bn_group_size=8'):
-    train_step_lib.make_train_step(config, student, student, mesh, 1)
+    steps.make_train_step(config, student, student, mesh, 1)
   config = small_config()
   config.student.bn_group_size, config.train.cutmix = None, 'group'
   global_bn_student = create_model('resnet18', bn_group_size=None, **SMALL_MODEL)
   with pytest.raises(ValueError, match="cutmix = 'group'.*config.student.bn_group_size = None"):
-    train_step_lib.make_train_step(config, global_bn_student, student, mesh, 1)
+    steps.make_train_step(config, global_bn_student, student, mesh, 1)
 
 
 def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
@@ -330,7 +332,7 @@ def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
   params, batch_stats, queue = jax.device_get(
       (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
   _, metrics = step(state, parallel.replicate(teacher_variables, mesh),
                     parallel.global_batch(batch, mesh))
 
@@ -375,7 +377,7 @@ def test_intra_loss_step_is_ce_of_query_against_its_own_teacher_key():
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
   params, batch_stats, queue = jax.device_get(
       (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
   new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
                             parallel.global_batch(batch, mesh))
 
@@ -416,6 +418,6 @@ def test_unknown_loss_name_is_a_clear_error():
   mesh = parallel.make_mesh(jax.devices()[:1])
   message = r"config.train.loss = 'infonce'; expected one of \('bingo', 'paper', 'intra'\)"
   with pytest.raises(ValueError, match=message):
-    train_step_lib.make_train_step(config, student, student, mesh, 1)
+    steps.make_train_step(config, student, student, mesh, 1)
   with pytest.raises(ValueError, match=message):
-    train_lib.check_config(config, 1)
+    config_checks.check_config(config, 1)

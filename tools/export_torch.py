@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bingo_jax import model_io, torch_checkpoints  # noqa: E402
+from bingo_jax import checkpointing, torch_checkpoints  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    loaded = model_io.load_any(args.model, step=args.step)
+    loaded = checkpointing.load_any(args.model, step=args.step)
     obj = torch_checkpoints.export_torch_checkpoint(loaded, args.destination, args.format,
                                                     drop_head=args.drop_head,
                                                     overwrite=args.overwrite)

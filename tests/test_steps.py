@@ -1,0 +1,50 @@
+"""The step registry and the view contract, against the table of docs/training.md."""
+
+import pytest
+
+from bingo_jax import config_checks, objectives, steps, views
+from configs.common import base_config
+
+# (method, loss, cutmix) -> the views the step reads, written out from the method's definition:
+# the released loss embeds the anchor and its bag positive on both sides; the paper's Eq. 8/9
+# needs the positive's student view only; the anchor-only loss and MoCo read the anchor alone.
+EXPECTED_VIEWS = {
+    ('bingo', 'bingo', 'batch'): ('query', 'key', 'pos_q', 'pos_k'),
+    ('bingo', 'bingo', 'none'): ('query', 'key', 'pos_q', 'pos_k'),
+    ('bingo', 'paper', 'none'): ('query', 'key', 'pos_q'),
+    ('bingo', 'intra', 'batch'): ('query', 'key'),
+    ('moco', 'bingo', 'batch'): ('query', 'key'),
+}
+
+
+def test_every_method_has_a_step_builder():
+  assert tuple(steps.METHODS) == config_checks.METHODS
+  assert set(objectives.LOSS_NAMES) == {'bingo', 'paper', 'intra'}
+
+
+@pytest.mark.parametrize('method, loss, cutmix', sorted(EXPECTED_VIEWS))
+def test_batch_views_per_method_and_loss(method, loss, cutmix):
+  config = base_config()
+  config.train.update(method=method, loss=loss, cutmix=cutmix)
+  assert steps.batch_views(config) == EXPECTED_VIEWS[method, loss, cutmix]
+  assert views.needs_bags(steps.batch_views(config)) == (
+      'pos_q' in EXPECTED_VIEWS[method, loss, cutmix])
+
+
+def test_cutmix_view_is_embedded_only_by_the_released_loss():
+  train = base_config().train
+  assert objectives.make_objective(train).student_views == ('query', 'pos_q', 'mix_q')
+  train.cutmix = 'none'
+  assert objectives.make_objective(train).student_views == ('query', 'pos_q')
+  train.cutmix = 'batch'
+  assert objectives.make_objective(train, 'paper').student_views == ('query', 'pos_q')
+
+
+def test_unknown_method_or_view_is_named():
+  config = base_config()
+  config.train.method = 'byol'
+  with pytest.raises(ValueError, match=r"config.train.method = 'byol'; expected one of "
+                                       r"\('bingo', 'moco'\)"):
+    steps.step_builder(config)
+  with pytest.raises(ValueError, match=r"Unknown views \['mix_q'\]"):
+    views.ordered(['query', 'mix_q'])
