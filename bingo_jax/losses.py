@@ -80,8 +80,9 @@ def info_nce(student: jax.Array, teacher_keys: jax.Array, negative_queue: jax.Ar
   return _cross_entropy(positive_logits(student, teacher_keys, temperature), negatives_lse)
 
 
-def bingo_loss(query: jax.Array, pos_q: jax.Array, mix_q: Optional[jax.Array],
-               key: jax.Array, pos_k: jax.Array, negative_queue: jax.Array,
+def bingo_loss(anchor_embeddings: jax.Array, positive_embeddings: jax.Array,
+               mixed_embeddings: Optional[jax.Array], anchor_teacher_keys: jax.Array,
+               positive_teacher_keys: jax.Array, negative_queue: jax.Array,
                temperature: float, own_weight: Scalar, other_weight: Scalar,
                lam: Optional[Scalar] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The released BINGO loss (docs/method.md §6)::
@@ -90,39 +91,42 @@ def bingo_loss(query: jax.Array, pos_q: jax.Array, mix_q: Optional[jax.Array],
           + lam CE(m,k) + (1 - lam) CE(m,kp) ) / 3
 
   Args:
-    query: ``(batch, dim)`` q = S(query view of the anchor).
-    pos_q: ``(batch, dim)`` p = S(student view of the bag positive).
-    mix_q: ``(batch, dim)`` m = S(CutMix of query and pos_q), or ``None`` without CutMix:
-      then the mix term is dropped and the sum divided by 2 (the mean of the two pairs).
-    key: ``(batch, dim)`` k = T(key view of the anchor).
-    pos_k: ``(batch, dim)`` kp = T(teacher view of the positive).
+    anchor_embeddings: ``(batch, dim)`` q = S(query view of the anchor).
+    positive_embeddings: ``(batch, dim)`` p = S(student view of the bag positive).
+    mixed_embeddings: ``(batch, dim)`` m = S(CutMix of the two student views), or ``None``
+      without CutMix: then the mix term is dropped and the sum divided by 2 (the mean of the
+      two pairs).
+    anchor_teacher_keys: ``(batch, dim)`` k = T(key view of the anchor).
+    positive_teacher_keys: ``(batch, dim)`` kp = T(teacher view of the bag positive).
     negative_queue: ``(K, dim)``.
     temperature: tau.
-    own_weight, other_weight: ``(w_own, w_oth)``: (1, 0) in the warm-up epochs, then
-      (0.5, 0.5).
-    lam: fraction of ``mix_q`` that comes from ``query``: a scalar (one box per batch) or
-      ``(batch,)`` (one box per sample or per group).
+    own_weight, other_weight: ``(w_own, w_oth)``: (1, 0) in the warm-up epochs
+      (``config.train.own_key_warmup_epochs``), then (0.5, 0.5).
+    lam: fraction of each mixed image that comes from the anchor's query view: a scalar (one
+      box per batch) or ``(batch,)`` (one box per sample or per group).
   Returns:
     ``(loss, terms)``: the scalar loss and each batch-averaged CE term, keyed ``ce_q_k``,
     ``ce_q_kp``, ``ce_p_kp``, ``ce_p_k``, ``ce_m_k``, ``ce_m_kp``.
   """
-  query_lse = jax.nn.logsumexp(negative_logits(query, negative_queue, temperature), -1)
-  pos_q_lse = jax.nn.logsumexp(negative_logits(pos_q, negative_queue, temperature), -1)
+  q, p, m = anchor_embeddings, positive_embeddings, mixed_embeddings
+  k, kp = anchor_teacher_keys, positive_teacher_keys  # the formula's names, for the terms
+  q_lse = jax.nn.logsumexp(negative_logits(q, negative_queue, temperature), -1)
+  p_lse = jax.nn.logsumexp(negative_logits(p, negative_queue, temperature), -1)
   per_example = {
-      'ce_q_k': _cross_entropy(positive_logits(query, key, temperature), query_lse),
-      'ce_q_kp': _cross_entropy(positive_logits(query, pos_k, temperature), query_lse),
-      'ce_p_kp': _cross_entropy(positive_logits(pos_q, pos_k, temperature), pos_q_lse),
-      'ce_p_k': _cross_entropy(positive_logits(pos_q, key, temperature), pos_q_lse),
+      'ce_q_k': _cross_entropy(positive_logits(q, k, temperature), q_lse),
+      'ce_q_kp': _cross_entropy(positive_logits(q, kp, temperature), q_lse),
+      'ce_p_kp': _cross_entropy(positive_logits(p, kp, temperature), p_lse),
+      'ce_p_k': _cross_entropy(positive_logits(p, k, temperature), p_lse),
   }
   pair_loss = (own_weight * (per_example['ce_q_k'] + per_example['ce_p_kp'])
                + other_weight * (per_example['ce_q_kp'] + per_example['ce_p_k']))
   num_groups = 2
-  if mix_q is not None:
+  if m is not None:
     if lam is None:
-      raise ValueError('bingo_loss: mix_q is given but lam is None.')
-    mix_lse = jax.nn.logsumexp(negative_logits(mix_q, negative_queue, temperature), -1)
-    per_example['ce_m_k'] = _cross_entropy(positive_logits(mix_q, key, temperature), mix_lse)
-    per_example['ce_m_kp'] = _cross_entropy(positive_logits(mix_q, pos_k, temperature), mix_lse)
+      raise ValueError('bingo_loss: mixed_embeddings are given but lam is None.')
+    m_lse = jax.nn.logsumexp(negative_logits(m, negative_queue, temperature), -1)
+    per_example['ce_m_k'] = _cross_entropy(positive_logits(m, k, temperature), m_lse)
+    per_example['ce_m_kp'] = _cross_entropy(positive_logits(m, kp, temperature), m_lse)
     lam = jnp.asarray(lam, jnp.float32)
     pair_loss = pair_loss + lam * per_example['ce_m_k'] + (1 - lam) * per_example['ce_m_kp']
     num_groups = 3
@@ -130,18 +134,23 @@ def bingo_loss(query: jax.Array, pos_q: jax.Array, mix_q: Optional[jax.Array],
   return loss, {name: jnp.mean(value) for name, value in per_example.items()}
 
 
-def paper_loss(query: jax.Array, pos_q: jax.Array, key: jax.Array, negative_queue: jax.Array,
-               temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The paper's Eq. 8/9 form: intra ``CE(q, k)`` + inter ``CE(p, k)``, no CutMix.
+def paper_eq8_loss(anchor_embeddings: jax.Array, positive_embeddings: jax.Array,
+                   anchor_teacher_keys: jax.Array, negative_queue: jax.Array,
+                   temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The paper's Eq. 8/9 form: ``CE(q, k) + CE(p, k)``, both student views against the
+  anchor's teacher key; no CutMix, no ``kp``.
 
   Args:
-    query: ``(batch, dim)`` q; pos_q: ``(batch, dim)`` p; key: ``(batch, dim)`` k;
-    negative_queue: ``(K, dim)``; temperature: tau.
+    anchor_embeddings: ``(batch, dim)`` q; positive_embeddings: ``(batch, dim)`` p;
+    anchor_teacher_keys: ``(batch, dim)`` k; negative_queue: ``(K, dim)``;
+    temperature: tau.
   Returns:
     ``(loss, {'ce_q_k', 'ce_p_k'})``, loss = mean CE(q,k) + mean CE(p,k).
   """
-  terms = {'ce_q_k': jnp.mean(info_nce(query, key, negative_queue, temperature)),
-           'ce_p_k': jnp.mean(info_nce(pos_q, key, negative_queue, temperature))}
+  terms = {'ce_q_k': jnp.mean(info_nce(anchor_embeddings, anchor_teacher_keys, negative_queue,
+                                       temperature)),
+           'ce_p_k': jnp.mean(info_nce(positive_embeddings, anchor_teacher_keys,
+                                       negative_queue, temperature))}
   return terms['ce_q_k'] + terms['ce_p_k'], terms
 
 

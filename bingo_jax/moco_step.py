@@ -4,7 +4,7 @@ momentum encoder (docs/training.md, from a MoCo run to a teacher checkpoint).
 Follows the released ``moco/builder.py``: the query encoder (the student) embeds ``query`` in
 training mode; the key encoder (``state.key_params`` / ``state.key_batch_stats``, built as
 the student's architecture with the teacher's BatchNorm group size) embeds ``key`` with the
-batch shuffle; the loss is ``CE(q, k)`` against the queue (the ``'intra'`` objective); the
+batch shuffle; the loss is ``CE(q, k)`` against the queue (the ``'anchor_only'`` objective); the
 queue then receives the keys (FIFO). The key encoder's parameters follow
 ``k = m * k + (1 - m) * q`` with the updated query parameters: MoCo does this at the start of
 the next forward, which is the same sequence of values (at step 0 the two encoders are equal,

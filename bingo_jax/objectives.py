@@ -92,7 +92,7 @@ def _bingo(train_config: ml_collections.ConfigDict) -> Objective:
   """The released loss, ``losses.bingo_loss``: own and cross pairs of the anchor and its bag
   positive, plus the CutMix terms unless ``config.train.cutmix = 'none'``."""
   cutmix = train_config.cutmix != 'none'
-  warmup_epochs = train_config.own_only_epochs
+  warmup_epochs = train_config.own_key_warmup_epochs
 
   def loss(embeddings: Embeddings, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
     # Warm-up: each student view is pulled towards the teacher key of its own image only.
@@ -110,20 +110,20 @@ def _bingo(train_config: ml_collections.ConfigDict) -> Objective:
   return Objective(student_views, (views.KEY, views.POS_K), loss)
 
 
-def _paper(train_config: ml_collections.ConfigDict) -> Objective:
-  """The paper's Eq. 8/9, ``losses.paper_loss``: CE(q, k) + CE(p, k), no CutMix."""
+def _paper_eq8(train_config: ml_collections.ConfigDict) -> Objective:
+  """The paper's Eq. 8/9, ``losses.paper_eq8_loss``: CE(q, k) + CE(p, k), no CutMix."""
   del train_config
 
   def loss(embeddings: Embeddings, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
-    value, terms = losses.paper_loss(embeddings[views.QUERY], embeddings[views.POS_Q],
-                                     embeddings[views.KEY], inputs.negative_queue,
-                                     inputs.temperature)
+    value, terms = losses.paper_eq8_loss(embeddings[views.QUERY], embeddings[views.POS_Q],
+                                         embeddings[views.KEY], inputs.negative_queue,
+                                         inputs.temperature)
     return value, dict(terms, own_weight=_unit_weight())
 
   return Objective((views.QUERY, views.POS_Q), (views.KEY,), loss)
 
 
-def _intra(train_config: ml_collections.ConfigDict) -> Objective:
+def _anchor_only(train_config: ml_collections.ConfigDict) -> Objective:
   """CE(q, k) alone: the anchor against its own teacher key; no bags, no CutMix (the
   paper's "w/o bag" ablation, SEED-like distillation; also MoCo's loss)."""
   del train_config
@@ -139,12 +139,12 @@ def _intra(train_config: ml_collections.ConfigDict) -> Objective:
 # config.train.loss -> the objective's factory.
 OBJECTIVES: dict[str, Callable[[ml_collections.ConfigDict], Objective]] = {
     'bingo': _bingo,
-    'paper': _paper,
-    'intra': _intra,
+    'paper_eq8': _paper_eq8,
+    'anchor_only': _anchor_only,
 }
 LOSS_NAMES = tuple(OBJECTIVES)
 # MoCo pre-training's loss: the query against its own key from the momentum encoder.
-ANCHOR_ONLY = 'intra'
+ANCHOR_ONLY = 'anchor_only'
 
 
 def make_objective(train_config: ml_collections.ConfigDict,

@@ -252,7 +252,7 @@ def _training_data(config: ml_collections.ConfigDict,
                    batch_views: tuple[str, ...]) -> tuple[Any, Optional[bag_file.Bags]]:
   """The training source, and its bags when the step reads a view of the bag positive."""
   source = data_sources.make_source(config.data, config.data.train_split)
-  # MoCo and the 'intra' loss use only the anchor's own views, so no bag file is read.
+  # MoCo and the 'anchor_only' loss use only the anchor's own views, so no bag file is read.
   if views.needs_bags(batch_views):
     return source, load_training_bags(config, source, len(source))
   if config.bags.get('path'):

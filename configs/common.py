@@ -82,9 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.method = 'bingo'        # 'bingo' (distil a teacher) | 'moco' (MoCo v2
   #   pre-training: the teacher is the student's momentum encoder; no teacher/bag files)
   config.train.moco_momentum = 0.999   # moco only: key encoder k = m * k + (1 - m) * q
-  config.train.loss = 'bingo'          # 'bingo' (released) | 'paper' (Eq. 8/9: intra + inter)
-                                       # | 'intra' (CE(q, k) only: no bags, no CutMix)
-  config.train.own_only_epochs = 11    # (w_own, w_oth) = (1, 0) for epochs 0..10
+  config.train.loss = 'bingo'          # docs/method.md §6: 'bingo' (released) | 'paper_eq8'
+                                       # (the paper's Eq. 8/9: CE(q, k) + CE(p, k)) |
+                                       # 'anchor_only' (CE(q, k) only: no bags, no CutMix)
+  config.train.own_key_warmup_epochs = 11  # (w_own, w_oth) = (1, 0) for epochs 0..10
   config.train.cutmix = 'batch'        # docs/method.md §3: 'batch' (one box) | 'group' (one
                                        # per BN group, as each released GPU process draws) |
                                        # 'sample' | 'none'

@@ -4,19 +4,20 @@ Every row trains the demo's student (``configs/fmnist_demo.py``: ResNet-18 at ba
 12,800 images, 2 epochs, batch 128) with the same data, schedule and budget; only the
 training signal changes:
 
-  moco     (a) MoCo v2 alone, no teacher: a momentum key encoder of the student
-               (momentum 0.99, as ``configs/moco_fmnist.py``), temperature 0.2.
-  intra    (b) the teacher's parameters only: CE(q, k) against the teacher's key of the same
-               image, no bags, no CutMix (SEED-like distillation).
-  knn      (c) BINGO, bags = 5 nearest neighbours in the teacher's feature space.
-  labels   (d) BINGO, bags = images of the same ground-truth class (upper bound).
-  random   (e) BINGO, bags = 5 nearest neighbours in a randomly initialised network of the
-               teacher's architecture (lower bound).
-  paper    (f) the paper's Eq. 8/9 loss (intra + inter, no CutMix) with the kNN bags of (c).
+  moco         (a) MoCo v2 alone, no teacher: a momentum key encoder of the student
+                   (momentum 0.99, as ``configs/moco_fmnist.py``), temperature 0.2.
+  anchor_only  (b) the teacher's parameters only: CE(q, k) against the teacher's key of the
+                   same image, no bags, no CutMix (SEED-like distillation).
+  knn          (c) BINGO, bags = 5 nearest neighbours in the teacher's feature space.
+  labels       (d) BINGO, bags = images of the same ground-truth class (upper bound).
+  random       (e) BINGO, bags = 5 nearest neighbours in a randomly initialised network of
+                   the teacher's architecture (lower bound).
+  paper_eq8    (f) the paper's Eq. 8/9 loss (CE(q, k) + CE(p, k), no CutMix) with the kNN
+                   bags of (c).
 
 ``knn`` is the demo's configuration. The bag files come from ``bingo_jax.bagging`` (methods
 ``knn``, ``labels``, ``random-teacher``) and are passed with ``--config.bags.path``; the rows
-without bags (``moco``, ``intra``) need none. ``tools/fmnist_ablation.py`` runs the whole
+without bags (``moco``, ``anchor_only``) need none. ``tools/fmnist_ablation.py`` runs the whole
 table (bags, 3 seeds per row, kNN and fast linear evaluation) and writes the results; one row
 by hand::
 
@@ -34,15 +35,15 @@ from configs import fmnist_demo, variants
 
 ROWS = {
     'moco': '(a) MoCo v2 alone, no teacher',
-    'intra': '(b) teacher parameters only (intra term, no bags, no CutMix)',
+    'anchor_only': '(b) teacher parameters only (intra term, no bags, no CutMix)',
     'knn': '(c) BINGO, kNN bags from the teacher',
     'labels': '(d) BINGO, ground-truth label bags (upper bound)',
     'random': '(e) BINGO, kNN bags from a random network (lower bound)',
-    'paper': "(f) paper's loss (intra + inter, no CutMix), kNN bags",
+    'paper_eq8': "(f) paper's loss (intra + inter, no CutMix), kNN bags",
 }
 # The bagging method whose bag file each row trains with (None: no bags).
-ROW_BAGS = {'moco': None, 'intra': None, 'knn': 'knn', 'labels': 'labels',
-            'random': 'random-teacher', 'paper': 'knn'}
+ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
+            'random': 'random-teacher', 'paper_eq8': 'knn'}
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -56,10 +57,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   if row == 'moco':
     config.train.method = 'moco'
     config.train.moco_momentum = 0.99
-  elif row == 'intra':
-    config.train.loss = 'intra'
-    config.train.cutmix = 'none'
-  elif row == 'paper':
-    config.train.loss = 'paper'
+  elif row in ('anchor_only', 'paper_eq8'):
+    config.train.loss = row
     config.train.cutmix = 'none'
   return variants.apply_variants(config, ','.join(rest))

@@ -7,7 +7,7 @@ python -m bingo_jax.bagging (same config), then train:
 
   python -m bingo_jax.train --config configs/r18_r50.py --workdir WORKDIR
 
-The argument selects variants (configs/variants.py), e.g. ``configs/r18_r50.py:bf16,paper_loss``.
+The argument selects variants (configs/variants.py), e.g. ``configs/r18_r50.py:bf16,paper_eq8``.
 """
 
 from typing import Optional

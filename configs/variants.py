@@ -1,4 +1,4 @@
-"""Named variants selected by a config's argument: ``--config configs/r18_r50w2.py:bf16,paper_loss``.
+"""Named variants selected by a config's argument: ``--config configs/r18_r50w2.py:bf16,paper_eq8``.
 
 Each experiment config calls ``apply_variants(config, arg)`` last, so a variant changes the
 released set-up in one documented way; anything else is ``--config.a.b=value``.
@@ -18,10 +18,10 @@ def _bags(method: str) -> Callable[[ml_collections.ConfigDict], None]:
 
 
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    # The paper's Eq. 8/9 loss: intra + inter terms, no CutMix (docs/method.md §6).
-    'paper_loss': lambda c: (c.train.update({'loss': 'paper', 'cutmix': 'none'})),
+    # The paper's Eq. 8/9 loss: CE(q, k) + CE(p, k), no CutMix (docs/method.md §6).
+    'paper_eq8': lambda c: (c.train.update({'loss': 'paper_eq8', 'cutmix': 'none'})),
     # Table 8 "w/o bag" ablation (SEED-like): CE(q, k) of the anchor alone, no bags or CutMix.
-    'intra_only': lambda c: c.train.update({'loss': 'intra', 'cutmix': 'none'}),
+    'anchor_only': lambda c: c.train.update({'loss': 'anchor_only', 'cutmix': 'none'}),
     # One CutMix box per sample instead of the released one box per batch.
     'cutmix_sample': lambda c: c.train.update({'cutmix': 'sample'}),
     # bfloat16 compute, float32 parameters and optimizer state.

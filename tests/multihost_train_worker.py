@@ -51,7 +51,7 @@ def small_setup():
   config.student.update(head_hidden_dim=16, head_output_dim=8, bn_group_size=4)
   config.teacher.bn_group_size = 4
   config.train.update(batch_size=GLOBAL_BATCH, queue_size=4 * GLOBAL_BATCH, epochs=3,
-                      own_only_epochs=1, base_lr=0.5, weight_decay=1e-3)
+                      own_key_warmup_epochs=1, base_lr=0.5, weight_decay=1e-3)
   rng = np.random.RandomState(0)
   batch = {name: rng.randint(0, 256, (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
            for name in ('query', 'key', 'pos_q', 'pos_k')}

@@ -54,8 +54,8 @@ def test_info_nce_matches_torch_cross_entropy(embeddings):
 @pytest.mark.parametrize('epoch', [0, 10, 11, 150])
 def test_bingo_loss_matches_torch_transcription(embeddings, epoch):
   lam = 0.3671875
-  own_only_epochs = 11  # the released `epoch > 10` switch
-  warm_up = epoch < own_only_epochs
+  own_key_warmup_epochs = 11  # the released `epoch > 10` switch
+  warm_up = epoch < own_key_warmup_epochs
   e = {name: jnp.asarray(value) for name, value in embeddings.items()}
   loss, terms = losses.bingo_loss(e['q'], e['p'], e['m'], e['k'], e['kp'], e['queue'], TAU,
                                   own_weight=1.0 if warm_up else 0.5,
@@ -82,7 +82,7 @@ def test_bingo_loss_per_example_lam(embeddings):
 
 def test_paper_loss_is_intra_plus_inter(embeddings):
   e = {name: jnp.asarray(value) for name, value in embeddings.items()}
-  loss, _ = losses.paper_loss(e['q'], e['p'], e['k'], e['queue'], TAU)
+  loss, _ = losses.paper_eq8_loss(e['q'], e['p'], e['k'], e['queue'], TAU)
   reference = (torch_ce(embeddings['q'], embeddings['k'], embeddings['queue'])
                + torch_ce(embeddings['p'], embeddings['k'], embeddings['queue']))
   np.testing.assert_allclose(float(loss), float(reference), rtol=1e-6, atol=1e-6)

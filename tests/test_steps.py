@@ -11,15 +11,15 @@ from configs.common import base_config
 EXPECTED_VIEWS = {
     ('bingo', 'bingo', 'batch'): ('query', 'key', 'pos_q', 'pos_k'),
     ('bingo', 'bingo', 'none'): ('query', 'key', 'pos_q', 'pos_k'),
-    ('bingo', 'paper', 'none'): ('query', 'key', 'pos_q'),
-    ('bingo', 'intra', 'batch'): ('query', 'key'),
+    ('bingo', 'paper_eq8', 'none'): ('query', 'key', 'pos_q'),
+    ('bingo', 'anchor_only', 'batch'): ('query', 'key'),
     ('moco', 'bingo', 'batch'): ('query', 'key'),
 }
 
 
 def test_every_method_has_a_step_builder():
   assert tuple(steps.METHODS) == config_checks.METHODS
-  assert set(objectives.LOSS_NAMES) == {'bingo', 'paper', 'intra'}
+  assert set(objectives.LOSS_NAMES) == {'bingo', 'paper_eq8', 'anchor_only'}
 
 
 @pytest.mark.parametrize('method, loss, cutmix', sorted(EXPECTED_VIEWS))
@@ -37,7 +37,7 @@ def test_cutmix_view_is_embedded_only_by_the_released_loss():
   train.cutmix = 'none'
   assert objectives.make_objective(train).student_views == ('query', 'pos_q')
   train.cutmix = 'batch'
-  assert objectives.make_objective(train, 'paper').student_views == ('query', 'pos_q')
+  assert objectives.make_objective(train, 'paper_eq8').student_views == ('query', 'pos_q')
 
 
 def test_unknown_method_or_view_is_named():

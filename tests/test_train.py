@@ -219,7 +219,7 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
   assert (train_config.batch_size, train_config.base_lr, train_config.epochs) == (256, 0.03, 200)
   assert (train_config.momentum, train_config.queue_size) == (0.9, 65536)
   assert (train_config.temperature, train_config.weight_decay) == (temperature, weight_decay)
-  assert (train_config.own_only_epochs, train_config.cutmix, train_config.loss) == (11, 'batch',
+  assert (train_config.own_key_warmup_epochs, train_config.cutmix, train_config.loss) == (11, 'batch',
                                                                                      'bingo')
   assert (config.student.bn_group_size, config.teacher.bn_group_size) == (32, 32)
   assert config.teacher.bn_mode == 'shuffle' and train_config.lr_schedule == 'cosine_epoch'
@@ -229,8 +229,8 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
 
 def test_config_variants():
   from configs import r18_r50w2
-  config = r18_r50w2.get_config('paper_loss,bf16,frozen_teacher,labels')
-  assert (config.train.loss, config.train.cutmix) == ('paper', 'none')
+  config = r18_r50w2.get_config('paper_eq8,bf16,frozen_teacher,labels')
+  assert (config.train.loss, config.train.cutmix) == ('paper_eq8', 'none')
   assert config.train.compute_dtype == 'bfloat16' and config.teacher.bn_mode == 'frozen'
   assert config.bags.method == 'labels' and config.bags.path.endswith('_labels.npz')
   assert r18_r50w2.get_config('global_bn').student.bn_group_size is None
@@ -238,10 +238,10 @@ def test_config_variants():
     r18_r50w2.get_config('fp8')
 
 
-def test_intra_only_variant_trains_without_bags(tiny_inputs, tmp_path, monkeypatch):
-  """The 'intra_only' variant (loss 'intra'): no bag file, only the query and key views."""
-  config = tiny_test.get_config('intra_only')
-  assert (config.train.loss, config.train.cutmix) == ('intra', 'none')
+def test_anchor_only_variant_trains_without_bags(tiny_inputs, tmp_path, monkeypatch):
+  """The 'anchor_only' variant (loss 'anchor_only'): no bag file, only the query and key views."""
+  config = tiny_test.get_config('anchor_only')
+  assert (config.train.loss, config.train.cutmix) == ('anchor_only', 'none')
   config.teacher.path, config.data.path = tiny_inputs['teacher'], tiny_inputs['images']
   config.bags.path, config.train.max_steps = None, 2
 

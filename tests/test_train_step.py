@@ -203,7 +203,7 @@ def small_config(batch_size: int = 32, queue_size: int = 64):
   config.teacher.bn_group_size = 8
   config.data.image_size = IMAGE_SIZE
   config.train.update(batch_size=batch_size, queue_size=queue_size, epochs=3,
-                      own_only_epochs=1, base_lr=0.03, weight_decay=1e-3)
+                      own_key_warmup_epochs=1, base_lr=0.03, weight_decay=1e-3)
   return config
 
 
@@ -283,7 +283,7 @@ def test_frozen_teacher_keys_enter_queue_fifo():
   batch_size = len(batch['key'])
   config.train.queue_size = 3 * batch_size
   config.teacher.bn_mode = 'frozen'
-  config.train.loss = 'paper'
+  config.train.loss = 'paper_eq8'
   mesh = parallel.make_mesh(jax.devices()[:2])
   teacher_variables = init_variables(teacher, jax.random.key(1), 8)
   _, keys = jax.jit(lambda v, x: teacher.apply(v, images_lib.normalize(x)))(
@@ -357,7 +357,7 @@ def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
 
   q, p = embed_student(batch['query']), embed_student(batch['pos_q'])
   k, kp = embed_teacher(batch['key']), embed_teacher(batch['pos_k'])
-  assert float(metrics['own_weight']) == 1.0  # epoch 0 < own_only_epochs
+  assert float(metrics['own_weight']) == 1.0  # epoch 0 < own_key_warmup_epochs
   np.testing.assert_allclose(float(metrics['loss']),
                              (cross_entropy(q, k) + cross_entropy(p, kp)) / 2, rtol=1e-5)
   # The other pairing gives another value: the test sees which key goes with which view.
@@ -365,12 +365,12 @@ def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
                         cross_entropy(q, k) + cross_entropy(p, kp), rtol=1e-3)
 
 
-def test_intra_loss_step_is_ce_of_query_against_its_own_teacher_key():
-  """loss = 'intra' (SEED-like, no bags): loss = mean CE(q, k) against the queue, written out in
+def test_anchor_only_loss_step_is_ce_of_query_against_its_own_teacher_key():
+  """loss = 'anchor_only' (SEED-like, no bags): loss = mean CE(q, k) against the queue, written out in
   float64 numpy from separately embedded views; one student pass; keys enter the queue."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
-  config.teacher.bn_mode, config.train.loss = 'frozen', 'intra'
-  config.train.cutmix = 'batch'  # ignored by 'intra', as by 'paper'
+  config.teacher.bn_mode, config.train.loss = 'frozen', 'anchor_only'
+  config.train.cutmix = 'batch'  # ignored by 'anchor_only', as by 'paper_eq8'
   batch = {name: batch[name] for name in ('query', 'key')}  # no positive views are needed
   mesh = parallel.make_mesh(jax.devices()[:2])
   teacher_variables = init_variables(teacher, jax.random.key(1), 8)
@@ -416,7 +416,7 @@ def test_unknown_loss_name_is_a_clear_error():
   config.train.loss = 'infonce'
   student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  message = r"config.train.loss = 'infonce'; expected one of \('bingo', 'paper', 'intra'\)"
+  message = r"config.train.loss = 'infonce'; expected one of \('bingo', 'paper_eq8', 'anchor_only'\)"
   with pytest.raises(ValueError, match=message):
     steps.make_train_step(config, student, student, mesh, 1)
   with pytest.raises(ValueError, match=message):

@@ -2,7 +2,7 @@
 
   python tools/fmnist_ablation.py --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``configs/fmnist_ablation.py`` (moco, intra, knn, labels, random, paper) and
+For each row of ``configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random, paper_eq8) and
 each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN and the fast
 linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
 with the teacher (knn), the labels, and a randomly initialised network of the teacher's
@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROW_ORDER = ('moco', 'intra', 'knn', 'labels', 'random', 'paper')
+ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
 
