@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bingo_jax import data_sources, knn_monitor, parallel
+from bingo_jax import steps as steps_lib
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
 
@@ -49,11 +50,11 @@ def _median_step_seconds(config, mesh, steps: int) -> float:
   size = config.data.image_size
   teacher_variables = parallel.replicate(init_variables(teacher, jax.random.key(1), size), mesh)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh, 100)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, 100)
+  step = steps_lib.make_train_step(config, student, teacher, mesh, 100)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
       {name: rng.integers(0, 256, (train.batch_size, size, size, 3), np.uint8)
-       for name in train_step_lib.batch_image_keys(config)}, mesh)
+       for name in steps_lib.batch_views(config)}, mesh)
   state, metrics = step(state, teacher_variables, batch)  # compilation
   jax.block_until_ready(metrics)
   times = []
