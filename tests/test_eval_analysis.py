@@ -66,15 +66,37 @@ def test_intra_class_distance_equals_pairwise_loop(features):
   assert result['num_pairs'] == len(pair_distances)
 
 
-def test_perplexity_calibration_reaches_target_entropy():
-  points = np.random.default_rng(4).normal(size=(60, 5))
-  squared = ((points[:, None] - points[None]) ** 2).sum(-1)
-  p = analysis.conditional_probabilities(squared, perplexity=10.0)
-  np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-9)
-  assert np.all(np.diag(p) == 0)
-  off_diagonal = p[~np.eye(60, dtype=bool)].reshape(60, 59)
-  entropy = -(off_diagonal * np.log(np.maximum(off_diagonal, 1e-300))).sum(1)
-  np.testing.assert_allclose(np.exp(entropy), 10.0, rtol=1e-3)
+def _trustworthiness(points: np.ndarray, embedding: np.ndarray, k: int) -> float:
+  """Venna & Kaski's trustworthiness, brute force: penalises map neighbours that are far in
+  the input space, by their input-space rank beyond ``k``."""
+  n = len(points)
+  def ranks(x):
+    squared = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(squared, np.inf)
+    order = np.argsort(squared, axis=1, kind='stable')
+    rank = np.empty_like(order)
+    rank[np.arange(n)[:, None], order] = np.arange(1, n + 1)[None]
+    return rank
+  input_rank, map_rank = ranks(points.astype(np.float64)), ranks(embedding.astype(np.float64))
+  penalty = np.where(map_rank <= k, np.maximum(input_rank - k, 0), 0).sum()
+  return 1 - 2 / (n * k * (2 * n - 3 * k - 1)) * penalty
+
+
+def test_tsne_map_is_trustworthy_and_beats_a_random_projection():
+  rng = np.random.default_rng(7)
+  labels = np.repeat(np.arange(5), 40)
+  centres = rng.normal(scale=3.0, size=(5, 32))
+  points = centres[labels] + rng.normal(size=(200, 32))
+  embedding = analysis.tsne(points, perplexity=20, seed=1)
+  assert embedding.shape == (200, 2) and embedding.dtype == np.float32
+  projection = points @ rng.normal(size=(32, 2))
+  trust, trust_projection = (_trustworthiness(points, e, 5) for e in (embedding, projection))
+  # Measured on this data: t-SNE 0.975, a random linear map 0.814.
+  assert trust > 0.93 and trust > trust_projection + 0.1, (trust, trust_projection)
+  again = analysis.tsne(points, perplexity=20, seed=1)
+  np.testing.assert_array_equal(again, embedding)  # same seed, same map
+  with pytest.raises(ValueError, match='perplexity 200'):
+    analysis.tsne(points, perplexity=200)
 
 
 def test_tsne_keeps_separated_clusters_apart_and_png_has_ten_legend_entries(tmp_path):

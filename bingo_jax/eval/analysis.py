@@ -3,7 +3,8 @@
 * ``bag_distance``: paper Eq. 11, ``E_a E_{p in bag(a)} ||f(x_a) - f(x_p)||^2`` (Table 13).
 * ``intra_class_distance``: the mean of ``||f(x_i) - f(x_j)||^2`` over all pairs ``i != j`` of
   the same class (Table 14).
-* ``tsne`` + ``plot_embedding``: the 2-D map of Fig. 4 (10 classes, one colour each).
+* ``tsne`` (scikit-learn's) + ``plot_embedding``: the 2-D map of Fig. 4 (10 classes, one
+  colour each).
 
 Which ``f``: the protocol passes the student's pooled backbone features, L2-normalised by
 default. The paper's numbers (0.32 ... 0.88) are in the range of squared distances between
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
+from sklearn.manifold import TSNE
 
 from bingo_jax import fileio
 from bingo_jax.bag_file import Bags
@@ -115,107 +116,40 @@ def intra_class_distance(features: np.ndarray, labels: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# t-SNE (exact, van der Maaten & Hinton 2008), for the few thousand points of Fig. 4.
+# t-SNE (scikit-learn), for the few thousand points of Fig. 4.
 # ---------------------------------------------------------------------------------------------
-
-def conditional_probabilities(squared_distances: np.ndarray, perplexity: float,
-                              tolerance: float = 1e-5, max_steps: int = 100) -> np.ndarray:
-  """Rows ``p_{j|i}`` of Gaussian kernels whose entropy is ``log(perplexity)``.
-
-  Every row's precision ``beta_i = 1 / (2 sigma_i^2)`` is found by bisection (all rows at once).
-
-  Args:
-    squared_distances: ``(n, n)`` squared distances.
-    perplexity: the effective number of neighbours; must be below ``n``.
-    tolerance: on the entropy, in nats.
-    max_steps: bisection steps.
-  Returns:
-    ``(n, n)`` float64 row-stochastic matrix with a zero diagonal.
-  """
-  n = squared_distances.shape[0]
-  if not 1 <= perplexity < n:
-    raise ValueError(f't-SNE perplexity {perplexity} must be in [1, {n}) for {n} points.')
-  distances = np.asarray(squared_distances, np.float64).copy()
-  np.fill_diagonal(distances, np.inf)
-  # Shifting each row by its smallest distance leaves p_{j|i} unchanged and avoids underflow.
-  distances -= distances.min(axis=1, keepdims=True)
-  target = np.log(perplexity)
-  low, high = np.full(n, -np.inf), np.full(n, np.inf)
-  beta = np.ones(n)
-  for _ in range(max_steps):
-    kernel = np.exp(-distances * beta[:, None])
-    total = kernel.sum(axis=1)
-    probabilities = kernel / total[:, None]
-    entropy = np.log(total) + beta * (probabilities * np.nan_to_num(distances, posinf=0)).sum(1)
-    too_flat = entropy > target  # too many neighbours: sharpen (larger beta)
-    if np.all(np.abs(entropy - target) < tolerance):
-      break
-    low = np.where(too_flat, beta, low)
-    high = np.where(too_flat, high, beta)
-    beta = np.where(np.isinf(high), beta * 2, np.where(np.isinf(low), beta / 2,
-                                                       (low + high) / 2))
-  return probabilities
-
 
 def tsne(features: np.ndarray, *, perplexity: float = 30.0, num_iterations: int = 1000,
          learning_rate: Optional[float] = None, early_exaggeration: float = 12.0,
-         exaggeration_iterations: int = 250, seed: int = 0) -> np.ndarray:
-  """Exact t-SNE embedding in 2-D.
+         seed: int = 0, num_threads: Optional[int] = 1) -> np.ndarray:
+  """2-D t-SNE embedding: ``sklearn.manifold.TSNE`` (Barnes-Hut, PCA initialisation).
 
-  Gradient descent with momentum (0.5, then 0.8 after the exaggeration phase) and per-
-  coordinate adaptive gains, as in the original paper's reference implementation; the step
-  size defaults to ``max(n / early_exaggeration / 4, 50)``.
+  A maintained implementation instead of an own one: its maps are as trustworthy as an exact
+  t-SNE's, in less time (bench/tsne.py, docs/benchmarks.md).
 
   Args:
-    features: ``(n, D)`` points (n up to a few thousand: the cost is ``O(n^2)`` per step).
-    perplexity: effective number of neighbours.
-    num_iterations: gradient steps.
-    learning_rate: step size (default above).
-    early_exaggeration: factor on P during the first ``exaggeration_iterations`` steps.
-    exaggeration_iterations: see above.
-    seed: initialisation.
+    features: ``(n, D)`` points.
+    perplexity: effective number of neighbours; must be below ``n``.
+    num_iterations: gradient steps (at least 250, the early exaggeration phase).
+    learning_rate: step size (default: scikit-learn's ``'auto'``,
+      ``max(n / early_exaggeration / 4, 50)``).
+    early_exaggeration: factor on the affinities during the first 250 steps.
+    seed: ``random_state``.
+    num_threads: OpenMP threads of the gradient (``None``: scikit-learn's default, all
+      cores). One by default: each of the 1000 steps on a few thousand points is too short
+      to share, and on a busy host spinning threads made it 5x slower (bench/tsne.py).
   Returns:
     ``(n, 2)`` float32 embedding.
   """
-  features = np.asarray(features, np.float64)
+  features = np.asarray(features, np.float32)
   n = len(features)
-  squared_norms = (features ** 2).sum(1)
-  squared_distances = np.maximum(
-      squared_norms[:, None] + squared_norms[None, :] - 2 * features @ features.T, 0)
-  conditional = conditional_probabilities(squared_distances, perplexity)
-  joint = (conditional + conditional.T) / (2 * n)
-  joint = np.maximum(joint, 1e-12)
-  np.fill_diagonal(joint, 0)
-  if learning_rate is None:
-    learning_rate = max(n / early_exaggeration / 4, 50.0)
-  initial = np.random.default_rng(seed).normal(scale=1e-4, size=(n, 2))
-
-  def gradient(embedding, p):
-    difference = embedding[:, None, :] - embedding[None, :, :]             # (n, n, 2)
-    kernel = 1.0 / (1.0 + (difference ** 2).sum(-1))                       # Student-t
-    kernel = kernel * (1.0 - jnp.eye(n, dtype=kernel.dtype))
-    q = jnp.maximum(kernel / kernel.sum(), 1e-12)
-    return 4.0 * jnp.einsum('ij,ijd->id', (p - q) * kernel, difference)
-
-  @jax.jit
-  def optimise(embedding, p):
-    def step(iteration, state):
-      embedding, velocity, gains = state
-      exaggerated = iteration < exaggeration_iterations
-      grad = gradient(embedding, jnp.where(exaggerated, early_exaggeration * p, p))
-      momentum = jnp.where(exaggerated, 0.5, 0.8)
-      # Gains grow where the gradient keeps pushing against the current direction of travel.
-      same_sign = jnp.sign(grad) == jnp.sign(velocity)
-      gains = jnp.maximum(jnp.where(same_sign, gains * 0.8, gains + 0.2), 0.01)
-      velocity = momentum * velocity - learning_rate * gains * grad
-      embedding = embedding + velocity
-      return embedding - embedding.mean(0), velocity, gains
-    zeros = jnp.zeros_like(embedding)
-    embedding, _, _ = jax.lax.fori_loop(0, num_iterations, step,
-                                        (embedding, zeros, jnp.ones_like(embedding)))
-    return embedding
-
-  embedding = optimise(jnp.asarray(initial, jnp.float32), jnp.asarray(joint, jnp.float32))
+  if not 1 <= perplexity < n:
+    raise ValueError(f't-SNE perplexity {perplexity} must be in [1, {n}) for {n} points.')
+  model = TSNE(n_components=2, perplexity=perplexity, early_exaggeration=early_exaggeration,
+               learning_rate='auto' if learning_rate is None else learning_rate,
+               max_iter=num_iterations, init='pca', method='barnes_hut', random_state=seed)
+  with threadpoolctl.threadpool_limits(limits=num_threads, user_api='openmp'):
+    embedding = model.fit_transform(features)
   return np.asarray(embedding, np.float32)
 
 
