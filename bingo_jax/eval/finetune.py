@@ -161,23 +161,18 @@ def _train_epochs(step_fn: Callable, params: Any, batch_stats: Any, opt_state: A
   """
   bar = tqdm(total=epochs * steps_per_epoch, desc='finetune', unit='step',
              disable=not progress or jax.process_index() != 0)
+
+  def step(local_batch: dict) -> dict:
+    nonlocal params, batch_stats, opt_state
+    params, batch_stats, opt_state, step_metrics = step_fn(
+        params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
+    return step_metrics
+
   for epoch in range(epochs):
-    epoch_metrics = []
-    for local_batch in pipeline.labelled_batches(
+    train_loss, train_top1 = pipeline.run_epoch(pipeline.labelled_batches(
         train_source, subset_indices, subset_labels, image_size=image_size,
         global_batch_size=batch_size, seed=seed, epoch=epoch,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      params, batch_stats, opt_state, step_metrics = step_fn(
-          params, batch_stats, opt_state, parallel.global_batch(local_batch, mesh))
-      if epoch_metrics:
-        # At most two steps in flight: the host must not queue a whole epoch of batches on
-        # the devices, and the progress bar's ETA then measures finished steps.
-        jax.block_until_ready(epoch_metrics[-1])
-        bar.update(1)
-      epoch_metrics.append(step_metrics)
-    bar.update(1)
-    train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
-    train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
+        process_index=jax.process_index(), process_count=jax.process_count()), step, bar)
     lr = lr_at(epoch)
     bar.set_postfix(loss=f'{train_loss:.3f}', top1=f'{train_top1:.1f}')
     if writer is not None:

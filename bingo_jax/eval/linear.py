@@ -307,25 +307,19 @@ def train_linear_probe(loaded_model: Any, train_source: Any, eval_features: np.n
   bar = tqdm(total=epochs * steps, desc='linear probe', unit='step',
              disable=not progress or jax.process_index() != 0)
   metrics = {}
+
+  def step(local_batch: dict) -> dict:
+    nonlocal classifier, opt_state
+    classifier, opt_state, step_metrics = step_fn(
+        classifier, opt_state, backbone_variables, parallel.global_batch(local_batch, mesh), lr)
+    return step_metrics
+
   for epoch in range(epochs):
     lr = cosine_epoch_lr(learning_rate, epoch, epochs, min_lr)
-    epoch_metrics = []
-    for local_batch in pipeline.labelled_batches(
+    train_loss, train_top1 = pipeline.run_epoch(pipeline.labelled_batches(
         train_source, all_indices, labels, image_size=image_size, global_batch_size=batch_size,
         seed=seed, epoch=epoch, process_index=jax.process_index(),
-        process_count=jax.process_count()):
-      classifier, opt_state, step_metrics = step_fn(
-          classifier, opt_state, backbone_variables,
-          parallel.global_batch(local_batch, mesh), lr)
-      if epoch_metrics:
-        # At most two steps in flight: the host must not queue a whole epoch of batches on
-        # the devices, and the progress bar's ETA then measures finished steps.
-        jax.block_until_ready(epoch_metrics[-1])
-        bar.update(1)
-      epoch_metrics.append(step_metrics)
-    bar.update(1)
-    train_loss = float(np.mean([float(m['loss']) for m in epoch_metrics]))
-    train_top1 = float(np.mean([float(m['top1']) for m in epoch_metrics]))
+        process_count=jax.process_count()), step, bar)
     metrics = evaluate_classifier(classifier, eval_features, eval_labels, mesh)
     bar.set_postfix(loss=f'{train_loss:.3f}', eval_top1=f'{metrics["top1"]:.2f}')
     if writer is not None:

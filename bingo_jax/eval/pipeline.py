@@ -9,8 +9,9 @@ so every process derives the same global batches and reads only its own slice of
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import jax
 import numpy as np
 
 from bingo_jax import augment
@@ -96,3 +97,29 @@ def labelled_batches(source, indices: np.ndarray, labels: np.ndarray, *, image_s
   yield from input_pipeline.source_batches(
       source, {'index': source_indices, 'label': example_labels, 'seed': seeds}, view, local,
       read_size=64)
+
+
+def run_epoch(batches: Iterable[dict], step: Callable[[dict], dict],
+              bar: Any) -> tuple[float, float]:
+  """Runs ``step`` on every batch of an epoch; the epoch's mean loss and top-1.
+
+  Args:
+    batches: this process's numpy batches (``labelled_batches``).
+    step: local batch -> metrics (``loss``, ``top1`` device scalars); it holds the training
+      state and updates it.
+    bar: a tqdm bar, advanced by one per finished step.
+  Returns:
+    ``(mean loss, mean top-1 in percent)`` over the epoch's steps.
+  """
+  metrics = []
+  for batch in batches:
+    step_metrics = step(batch)
+    if metrics:
+      # At most two steps in flight: the host must not queue a whole epoch of batches on
+      # the devices, and the progress bar's ETA then measures finished steps.
+      jax.block_until_ready(metrics[-1])
+      bar.update(1)
+    metrics.append(step_metrics)
+  bar.update(1)
+  return (float(np.mean([float(m['loss']) for m in metrics])),
+          float(np.mean([float(m['top1']) for m in metrics])))
