@@ -231,6 +231,21 @@ def anchor_stream(seed: int, num_images: int, global_batch_size: int, start_step
   return epochs.flat_map(epoch_elements)
 
 
+def _checked_views(views: Sequence[str], source: ImageSource, bags) -> tuple[str, ...]:
+  """``views`` as a tuple, refused unless distinct known names, with bags where they need them
+  and bags that belong to ``source``."""
+  views = tuple(views)
+  unknown = [view for view in views if view not in views_lib.VIEW_KEYS]
+  if unknown or not views or len(set(views)) != len(views):
+    raise ValueError(f'views = {views}: expected distinct names from {views_lib.VIEW_KEYS}.')
+  if bags is None:
+    if views_lib.needs_bags(views):
+      raise ValueError(f'views = {views} include views of the positive, which need bags.')
+  else:
+    bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+  return views
+
+
 def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                           local_batch_size: int, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
@@ -246,27 +261,17 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     start_step: global step of the first batch (0, or the step a checkpoint resumes at).
     local_batch_size: B, this process's share of the global batch ``B * process_count``.
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-    views: which of ``views.VIEW_KEYS`` to generate (each view keeps its own augmentation seed,
-      so a subset yields the same images as the full set for those keys).
+    views: which of ``views.VIEW_KEYS`` to generate (each view keeps its own augmentation
+      seed, so a subset yields the same images as the full set for those keys).
   Returns:
-    An iterator of numpy dicts: the ``views`` (default ``query``, ``key``, ``pos_q``,
-    ``pos_k``) uint8
-    ``(B, S, S, 3)`` (S = ``data.image_size``), ``anchor_index`` and ``positive_index`` int32
-    ``(B,)``.
+    An iterator of numpy dicts: the ``views`` (default all four) uint8 ``(B, S, S, 3)``
+    (S = ``data.image_size``), ``anchor_index`` and ``positive_index`` int32 ``(B,)``.
   Raises:
     ValueError: the bags were made for another image list, or the batch does not fit.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  views = tuple(views)
-  unknown = [view for view in views if view not in views_lib.VIEW_KEYS]
-  if unknown or not views or len(set(views)) != len(views):
-    raise ValueError(f'views = {views}: expected distinct names from {views_lib.VIEW_KEYS}.')
-  if bags is None:
-    if views_lib.needs_bags(views):
-      raise ValueError(f'views = {views} include views of the positive, which need bags.')
-  else:
-    bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+  views = _checked_views(views, source, bags)
   num_views = len(views)
   view_seed_slots = [views_lib.VIEW_KEYS.index(view) + _FIRST_VIEW for view in views]
   if start_step < 0:
@@ -290,21 +295,6 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
             'positive_index': positive_index}
 
   @tf.autograph.experimental.do_not_convert
-  def read_views(batch):
-    """One batch of B examples -> B * len(views) view requests, example-major in views order."""
-    anchor_images = source.tf_read_batch(batch['anchor_index'])
-    positive_images = (source.tf_read_batch(batch['positive_index'])
-                       if views_lib.needs_bags(views) else None)
-    images = tf.stack([positive_images if view in views_lib.POSITIVE_VIEWS else anchor_images
-                       for view in views], axis=1)
-    seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
-    repeat = lambda x: tf.repeat(x, num_views, axis=0)  # noqa: E731
-    return {'image': tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0)),
-            'seed': tf.reshape(seeds, [-1, 2]),
-            'anchor_index': repeat(batch['anchor_index']),
-            'positive_index': repeat(batch['positive_index'])}
-
-  @tf.autograph.experimental.do_not_convert
   def augment_view(request):
     # One traced augmentation serves all four views (four separate traces take seconds).
     request['image'] = augment.moco_v2_view(request['image'], request['seed'], image_size,
@@ -322,9 +312,33 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
 
   dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
+  read_views = _view_reader(source, views, view_seed_slots)
   dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
   dataset = dataset.map(augment_view, num_parallel_calls=parallel)
   dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
   dataset = dataset.map(regroup).prefetch(2)
   dataset = dataset.with_options(_options())
   return dataset.as_numpy_iterator()
+
+
+def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: list[int]):
+  """The tf.data map of ``create_train_iterator`` from a batch of B examples
+  (``anchor_index``, ``positive_index``, ``seeds``) to B * len(views) view requests
+  (``image``, ``seed`` and both indices), example-major in ``views`` order: the anchor's image
+  for its views and the positive's for the positive's, each with its view's seed slot."""
+  num_views = len(views)
+
+  @tf.autograph.experimental.do_not_convert
+  def read_views(batch):
+    anchor_images = source.tf_read_batch(batch['anchor_index'])
+    positive_images = (source.tf_read_batch(batch['positive_index'])
+                       if views_lib.needs_bags(views) else None)
+    images = tf.stack([positive_images if view in views_lib.POSITIVE_VIEWS else anchor_images
+                       for view in views], axis=1)
+    seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
+    repeat = lambda x: tf.repeat(x, num_views, axis=0)  # noqa: E731
+    return {'image': tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0)),
+            'seed': tf.reshape(seeds, [-1, 2]),
+            'anchor_index': repeat(batch['anchor_index']),
+            'positive_index': repeat(batch['positive_index'])}
+  return read_views

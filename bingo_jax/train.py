@@ -173,10 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Mesh: %d devices over %d processes; global batch %d, %d per process.',
                mesh.devices.size, jax.process_count(), global_batch_size, local_batch_size)
 
-  # ---- teacher (a model file; never trained, never checkpointed) ----
+  # ---- teacher (a model file; never trained, never checkpointed), data and bags ----
   teacher = _load_teacher_unless_moco(config)
-
-  # ---- data and bags ----
   source, bags = _training_data(config, batch_views)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(source), global_batch_size)
   total_steps = config.train.epochs * steps_per_epoch
