@@ -22,6 +22,9 @@ CUTMIX_CHOICES = cutmix_lib.MODES + ('none',)
 LR_SCHEDULES = ('cosine_epoch', 'cosine_step')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 TEACHER_BN_MODES = ('shuffle', 'frozen')
+# config.data.augment_on / on_device (bingo_jax/device_data.py, docs/data.md).
+AUGMENT_ON = ('device', 'host')
+ON_DEVICE = ('auto', 'always', 'never')
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -77,7 +80,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
              'config.train.cutmix': (train.cutmix, CUTMIX_CHOICES),
              'config.train.lr_schedule': (train.lr_schedule, LR_SCHEDULES),
              'config.train.compute_dtype': (train.compute_dtype, COMPUTE_DTYPES),
-             'config.teacher.bn_mode': (config.teacher.bn_mode, TEACHER_BN_MODES)}
+             'config.teacher.bn_mode': (config.teacher.bn_mode, TEACHER_BN_MODES),
+             'config.data.augment_on': (config.data.get('augment_on', 'device'), AUGMENT_ON),
+             'config.data.on_device': (config.data.get('on_device', 'auto'), ON_DEVICE)}
   for key, (value, allowed) in choices.items():
     _check_choice(key, value, allowed)
   groups = [('student', config.student.bn_group_size)]

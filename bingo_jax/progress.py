@@ -196,8 +196,11 @@ class MetricWriter:
     self._writer = None
     if logdir is not None and jax.process_index() == 0:
       # Imported here: TensorBoard (through TensorFlow) is only needed when a run logs.
-      from flax.metrics import tensorboard
-      self._writer = tensorboard.SummaryWriter(logdir)
+      try:
+        from flax.metrics import tensorboard
+        self._writer = tensorboard.SummaryWriter(logdir)
+      except ImportError as e:  # a TensorFlow-free run (data held on the devices)
+        logging.warning('No TensorBoard events (%s); metrics go to the console only.', e)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if jax.process_index() != 0:

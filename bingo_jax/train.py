@@ -30,6 +30,7 @@ from bingo_jax import bag_file
 from bingo_jax import checkpointing
 from bingo_jax import config_checks
 from bingo_jax import data_sources
+from bingo_jax import device_data
 from bingo_jax import fileio
 from bingo_jax import input_pipeline
 from bingo_jax import model_io
@@ -201,11 +202,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)
   train_step = steps.step_builder(config)(config, student, key_model, mesh, steps_per_epoch)
 
+  # ---- the data feed: views from the host, canvases from the host, or data on the devices --
+  if device_data.augment_on(config) == 'device' and device_data.use_on_device_source(config,
+                                                                                   source):
+    logging.info('Training images held on the devices; views drawn in the step.')
+    data = device_data.place_on_devices(source, bags, mesh)
+    device_step = device_data.on_device_step(train_step, config, mesh, batch_views,
+                                             steps_per_epoch)
+
+    def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
+      return device_step(state, teacher_variables, data)
+  else:
+    host_views = device_data.augment_on(config) == 'host'
+    batches = input_pipeline.create_train_iterator(
+        config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        views=batch_views, output='views' if host_views else 'canvases')
+    # The pipeline's anchor_index / positive_index stay on the host: the step reads views,
+    # or the canvases, sizes and view keys it draws them from.
+    keys = batch_views if host_views else device_data.canvas_keys(batch_views)
+    if not host_views:
+      train_step = device_data.canvas_step(train_step, config, mesh, batch_views)
+
+    def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
+      local_batch = next(batches)
+      batch = parallel.global_batch({key: local_batch[key] for key in keys}, mesh)
+      return train_step(state, teacher_variables, batch)
+
   # ---- the loop ----
-  batches = input_pipeline.create_train_iterator(
-      config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      views=batch_views)
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
 
   def progress_record(step: int) -> dict:
@@ -213,12 +237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
             'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
             'epoch': step // steps_per_epoch}
-
-  def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
-    # The pipeline's anchor_index / positive_index stay on the host: the step reads views.
-    local_batch = next(batches)
-    batch = parallel.global_batch({view: local_batch[view] for view in batch_views}, mesh)
-    return train_step(state, teacher_variables, batch)
 
   step, preempted, last_metrics = _train_loop(
       config, workdir, state, run_step, checkpointer, chrono, progress_record,
@@ -400,9 +418,13 @@ def main(argv: list[str]) -> None:
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
-  # tf.data runs on the host only; it must not take accelerator memory from JAX.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
+  # tf.data runs on the host only; it must not take accelerator memory from JAX. (Training
+  # from data held on the devices needs no TensorFlow at all.)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except ImportError:
+    pass
   train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                      simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
 

@@ -26,6 +26,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 224         # training crop; evaluation centre-crops 224/256 of resize
   config.data.in_memory = False        # hold a small data set in host memory
   config.data.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  # Where the MoCo v2 views are drawn (docs/data.md): 'device' (in the jitted step, from
+  # images decoded once per anchor/positive) | 'host' (tf.data, the reference path).
+  config.data.augment_on = 'device'
+  config.data.canvas_size = 512        # device mode: host canvas side (ImageNet fits unresized)
+  config.data.on_device = 'auto'       # hold a small decoded data set on the devices:
+                                       # 'auto' (if <= on_device_max_mb) | 'always' | 'never'
+  config.data.on_device_max_mb = 2048
 
   # ---- teacher: a converted model file (tools/convert_torch_teacher.py) ----
   config.teacher = ml_collections.ConfigDict()
