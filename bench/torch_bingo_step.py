@@ -8,7 +8,9 @@ torch SGD with momentum and weight decay, and the FIFO queue update.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -106,39 +108,66 @@ class TorchBingoStep:
 
   def __init__(self, student_arch: str = 'resnet18', teacher_arch: str = 'resnet50',
                batch_size: int = 32, queue_size: int = 65536, temperature: float = 0.2,
-               lr: float = 0.03, seed: int = 0):
+               lr: float = 0.03, seed: int = 0, *, teacher_width: int = 64,
+               device: str = 'cpu', amp_dtype: Optional[torch.dtype] = None,
+               channels_last: bool = False):
+    """
+    Args:
+      teacher_width: the teacher's base width (128 for SwAV's ResNet-50x2).
+      device: where the networks and the queue live (``'cuda'`` for the GPU row).
+      amp_dtype: ``torch.autocast`` compute dtype (``torch.bfloat16`` / ``float16``), or
+        None for float32; parameters, the queue and the loss stay float32.
+      channels_last: NHWC memory format for the networks and the images (faster
+        convolutions with AMP on tensor cores).
+    """
     torch.manual_seed(seed)
-    self.student = ResNetWithHead(student_arch).train()
-    self.teacher = ResNetWithHead(teacher_arch).train()  # training-mode BN (docs/method.md §5)
+    self.device = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    self.memory_format = memory_format
+    self.amp_dtype = amp_dtype
+    self.student = ResNetWithHead(student_arch).train().to(self.device,
+                                                           memory_format=memory_format)
+    # Training-mode BN (docs/method.md §5).
+    self.teacher = ResNetWithHead(teacher_arch, width=teacher_width).train().to(
+        self.device, memory_format=memory_format)
     for p in self.teacher.parameters():
       p.requires_grad_(False)
     self.optimizer = torch.optim.SGD(self.student.parameters(), lr=lr * batch_size / 256,
                                      momentum=0.9, weight_decay=1e-4)
-    self.queue = F.normalize(torch.randn(queue_size, 128), dim=1)
+    self.queue = F.normalize(torch.randn(queue_size, 128, device=self.device), dim=1)
     self.pointer = 0
     self.temperature = temperature
     self.rng = np.random.default_rng(seed)
 
   def _ce(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    s, t = s.float(), t.float()
     positive = (s * t).sum(1, keepdim=True)
     negative = s @ self.queue.t()
     logits = torch.cat([positive, negative], 1) / self.temperature
-    return F.cross_entropy(logits, torch.zeros(s.shape[0], dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(s.shape[0], dtype=torch.long, device=s.device))
 
   @torch.no_grad()
   def _teacher(self, images: torch.Tensor) -> torch.Tensor:
-    permutation = torch.randperm(images.shape[0])
+    permutation = torch.randperm(images.shape[0], device=images.device)
     shuffled = F.normalize(self.teacher(images[permutation]), dim=1)
     out = torch.empty_like(shuffled)
     out[permutation] = shuffled
     return out
 
+  def _autocast(self):
+    if self.amp_dtype is None:
+      return contextlib.nullcontext()
+    return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
   def __call__(self, query, key, pos_q, pos_k, own_weight: float = 0.5) -> float:
+    query, key, pos_q, pos_k = (x.to(self.device, memory_format=self.memory_format)
+                                for x in (query, key, pos_q, pos_k))
     mix_q, lam = cutmix_batch(query, pos_q, self.rng)
-    k, kp = self._teacher(key), self._teacher(pos_k)
-    q = F.normalize(self.student(query), dim=1)
-    p = F.normalize(self.student(pos_q), dim=1)
-    m = F.normalize(self.student(mix_q), dim=1)
+    with self._autocast():
+      k, kp = self._teacher(key).float(), self._teacher(pos_k).float()
+      q = F.normalize(self.student(query).float(), dim=1)
+      p = F.normalize(self.student(pos_q).float(), dim=1)
+      m = F.normalize(self.student(mix_q).float(), dim=1)
     other_weight = 1.0 - own_weight
     loss = (own_weight * self._ce(q, k) + other_weight * self._ce(q, kp)
             + own_weight * self._ce(p, kp) + other_weight * self._ce(p, k)

@@ -154,6 +154,7 @@ def time_interleaved(rows: list[dict], steps: int, warmup: int) -> None:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
+  config.train.compute_dtype = parallel.resolve_compute_dtype(config.train.compute_dtype)
   batch_size = _BATCH.value or config.train.batch_size
   image_size = _SIZE.value or config.data.image_size
   config.train.batch_size = batch_size

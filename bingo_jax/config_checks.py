@@ -20,7 +20,8 @@ from bingo_jax import objectives
 METHODS = ('bingo', 'moco')
 CUTMIX_CHOICES = cutmix_lib.MODES + ('none',)
 LR_SCHEDULES = ('cosine_epoch', 'cosine_step')
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+# 'auto': bfloat16 on GPU/TPU, float32 on CPU (parallel.resolve_compute_dtype).
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'auto')
 TEACHER_BN_MODES = ('shuffle', 'frozen')
 # config.data.augment_on / on_device (bingo_jax/device_data.py, docs/data.md).
 AUGMENT_ON = ('device', 'host')

@@ -292,7 +292,9 @@ def decode_to_canvas(encoded, canvas_size: int):
 
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
-    branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=r)
+    # INTEGER_ACCURATE: libjpeg's islow IDCT, as PIL (the released pipeline) decodes.
+    branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=r,
+                                  dct_method='INTEGER_ACCURATE')
                 for r in DCT_RATIOS]
     return tf.switch_case(fitting_ratio(shape[0], shape[1]), branches), shape[0], shape[1]
 

@@ -50,3 +50,18 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Puts host values on every device of the mesh (identical on all processes)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'auto')  # as config_checks.COMPUTE_DTYPES
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """``config.train.compute_dtype``: ``'auto'`` is bfloat16 on GPU and TPU, float32 on CPU.
+
+  CPUs have no fast bfloat16 convolutions (XLA:CPU emulates them, slower than float32).
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.train.compute_dtype = {name!r}; expected one of {COMPUTE_DTYPES}.')
+  if name != 'auto':
+    return name
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'

@@ -50,6 +50,17 @@ SUMMARY_RECORD = 'train_summary.json'
 # Inputs: each error names the key, file or value.
 
 
+def resolve_compute_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``train.compute_dtype = 'auto'`` made concrete for this backend."""
+  resolved = parallel.resolve_compute_dtype(config.train.compute_dtype)
+  if resolved == config.train.compute_dtype:
+    return config
+  config = config.copy_and_resolve_references()
+  config.train.compute_dtype = resolved
+  logging.info("config.train.compute_dtype = 'auto': %s on %s.", resolved, jax.default_backend())
+  return config
+
+
 def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
   """The teacher model file of ``config.teacher.path``, built for the configured BN mode.
 
@@ -168,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- config and mesh ----
   mesh = parallel.make_mesh()
   config_checks.check_config(config, mesh.devices.size)
+  config = resolve_compute_dtype(config)
   batch_views = steps.batch_views(config)
   global_batch_size = config.train.batch_size
   local_batch_size = parallel.local_batch_size(global_batch_size, mesh)

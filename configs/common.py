@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
                                        # per BN group, as each released GPU process draws) |
                                        # 'sample' | 'none'
   config.train.cutmix_beta = 2.0
-  config.train.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  config.train.compute_dtype = 'float32'  # | 'bfloat16' | 'auto' (bfloat16 on GPU/TPU, float32
+                                          # on CPU); parameters etc. stay float32
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3

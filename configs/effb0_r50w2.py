@@ -26,4 +26,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # (docs/method.md §6, §7).
   config.train.temperature = 0.12
   config.train.weight_decay = 4e-5
+  # bfloat16 compute on GPU/TPU, float32 on CPU (parameters, BatchNorm statistics, loss and
+  # queue stay float32): parallel.resolve_compute_dtype.
+  config.train.compute_dtype = 'auto'
   return variants.apply_variants(config, arg)

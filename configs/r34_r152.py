@@ -22,4 +22,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.student.arch = 'resnet34'
   config.teacher.path = 'teachers/r152_mocov2'
   config.bags.path = 'bags/imagenet_r152_mocov2_knn5.npz'
+  # bfloat16 compute on GPU/TPU, float32 on CPU (parameters, BatchNorm statistics, loss and
+  # queue stay float32): parallel.resolve_compute_dtype.
+  config.train.compute_dtype = 'auto'
   return variants.apply_variants(config, arg)

@@ -101,20 +101,23 @@ def _stored_state(workdir: str, step: int) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
 
-def test_resumed_run_equals_straight_run(tiny_inputs, tmp_path):
+@pytest.mark.parametrize('augment_on', ['device', 'host'])
+def test_resumed_run_equals_straight_run(tiny_inputs, tmp_path, augment_on):
   straight_dir, resumed_dir = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   environment = _environment(tiny_inputs)
+  mode = f'--config.data.augment_on={augment_on}'
+  command = lambda inputs, workdir, *extra: _command(inputs, workdir, mode, *extra)  # noqa: E731
   popen = lambda command: subprocess.Popen(command, cwd=REPO, env=environment, text=True,  # noqa: E731
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   # The straight run and the interrupted run compile the same programs side by side.
-  straight = popen(_command(tiny_inputs, straight_dir))
-  interrupted = popen(_command(tiny_inputs, resumed_dir, '--simulate_preemption_at_step=2'))
+  straight = popen(command(tiny_inputs, straight_dir))
+  interrupted = popen(command(tiny_inputs, resumed_dir, '--simulate_preemption_at_step=2'))
   _wait(straight, 'straight run')
   _wait(interrupted, 'interrupted run')
   assert _summary(resumed_dir)['preempted'] and _summary(resumed_dir)['step'] == 2
   assert checkpointing.TrainCheckpointer(resumed_dir, 1, read_only=True).all_steps() == [2]
 
-  _wait(popen(_command(tiny_inputs, resumed_dir)), 'rerun')  # the straight run's command
+  _wait(popen(command(tiny_inputs, resumed_dir)), 'rerun')  # the straight run's command
   summary = _summary(resumed_dir)
   assert (summary['start_step'], summary['step'], summary['preempted']) == (2, 4, False)
 

@@ -1,0 +1,229 @@
+r"""One command for a GPU or TPU host: the BINGO step's throughput and MFU (under 8 minutes).
+
+  python bench/accelerator.py            # R-18 <- R-50x2, 224 px, fp32 + bf16, batches 32/64/128
+  python bench/accelerator.py --smoke    # a tiny CPU run of the same code (the test suite)
+
+Each row is the whole jitted step as training runs it in ``augment_on = 'device'`` mode: the
+MoCo v2 views drawn from 512 px uint8 canvases (bingo_jax/device_data.py), then the BINGO
+update (student forward/backward on query, pos_q and their CutMix, the teacher on key and
+pos_k with shuffled BatchNorm, the loss against a 65536-key queue, SGD). Canvases are placed
+on the devices once: the host pipeline is measured by bench/input_pipeline.py.
+
+FLOPs come from XLA's cost analysis of the compiled step; MFU is achieved FLOP/s over the
+measured rate of a large matrix product of the row's dtype on the same devices (and over the
+vendor's dense peak when the device is known). With torch and CUDA importable it also times
+the PyTorch step of bench/torch_bingo_step.py (AMP bf16, channels-last, one GPU) on ready
+views, i.e. without its data loading.
+
+Needs only jax (with its accelerator plugin), flax, optax, orbax-checkpoint, numpy, absl-py
+and ml_collections: no TensorFlow, faiss or torchvision, no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bingo_jax import device_data, parallel  # noqa: E402
+from bingo_jax import train_step as train_step_lib  # noqa: E402
+from bingo_jax.models import create_model, init_variables  # noqa: E402
+from configs import r18_r50w2  # noqa: E402
+
+VIEWS = ('query', 'key', 'pos_q', 'pos_k')
+# Dense peaks (FLOP/s) by device kind substring: (bf16, fp32 through TF32 / the MXU).
+NOMINAL_PEAKS = {'H100': (989e12, 494e12), 'H200': (989e12, 494e12), 'A100': (312e12, 156e12),
+                 'TPU v4': (275e12, 275e12), 'TPU v5 lite': (197e12, 197e12),
+                 'TPU v5p': (459e12, 459e12), 'TPU v6': (918e12, 918e12)}
+
+
+def nominal_peak(device_kind: str, dtype: str):
+  for name, (bf16, fp32) in NOMINAL_PEAKS.items():
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else fp32
+  return None
+
+
+def matmul_peak(dtype, size: int, devices) -> float:
+  """FLOP/s of one ``size^2`` matmul per device, summed over ``devices``."""
+  mesh = parallel.make_mesh(devices)
+  sharding = parallel.data_sharding(mesh)
+  n = len(devices)
+  a = jax.device_put(jnp.ones((n, size, size), dtype), sharding)
+  b = jax.device_put(jnp.ones((n, size, size), dtype), sharding)
+  matmul = jax.jit(lambda x, y: jnp.einsum('bij,bjk->bik', x, y))
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(5):
+    began = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - began)
+  return 2 * n * size ** 3 / min(times)
+
+
+def build(smoke: bool, dtype: str, global_batch: int, mesh, canvas_size: int, image_size: int):
+  """The jitted canvas step, its state, teacher variables and a device-resident canvas batch."""
+  config = r18_r50w2.get_config()
+  config.train.compute_dtype = dtype
+  config.train.batch_size = global_batch
+  config.data.image_size = image_size
+  if smoke:
+    config.train.queue_size = 4 * global_batch
+    config.student.update(base_width=8, stem='cifar', head_hidden_dim=32, head_output_dim=16,
+                          bn_group_size=2)
+    config.teacher.bn_group_size = 2
+    teacher = create_model('resnet18', 'moco', base_width=8, stem='cifar', head_hidden_dim=32,
+                           head_output_dim=16, bn_group_size=2, dtype=dtype)
+  else:
+    teacher = create_model('resnet50w2', 'moco', head_output_dim=128,
+                           bn_group_size=config.teacher.bn_group_size, dtype=dtype)
+  student = create_model(config.student.arch, config.student.head,
+                         head_hidden_dim=config.student.head_hidden_dim,
+                         head_output_dim=config.student.head_output_dim,
+                         base_width=config.student.base_width, stem=config.student.stem,
+                         bn_group_size=config.student.bn_group_size, dtype=dtype)
+  teacher_variables = parallel.replicate(
+      init_variables(teacher, jax.random.key(1), image_size), mesh)
+  steps_per_epoch = 5000
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh,
+                                            steps_per_epoch)
+  step = device_data.canvas_step(
+      train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch),
+      config, mesh, VIEWS)
+  rng = np.random.default_rng(0)
+  valid = (min(375, canvas_size), min(500, canvas_size))
+  host = {'anchor_canvas': rng.integers(0, 256, (global_batch, canvas_size, canvas_size, 3),
+                                        np.uint8),
+          'positive_canvas': rng.integers(0, 256, (global_batch, canvas_size, canvas_size, 3),
+                                          np.uint8),
+          'anchor_size': np.tile([*valid, *valid], (global_batch, 1)).astype(np.int32),
+          'positive_size': np.tile([*valid, *valid], (global_batch, 1)).astype(np.int32),
+          'view_keys': rng.integers(0, 2**31, (global_batch, 4, 2)).astype(np.uint32)}
+  batch = jax.device_put(host, parallel.data_sharding(mesh))
+  return step, state, teacher_variables, batch
+
+
+def bench_row(smoke, dtype, per_device, mesh, canvas_size, image_size, steps):
+  global_batch = per_device * mesh.devices.size
+  step, state, teacher_variables, batch = build(smoke, dtype, global_batch, mesh, canvas_size,
+                                                image_size)
+  began = time.perf_counter()
+  compiled = step.lower(state, teacher_variables, batch).compile()
+  compile_seconds = time.perf_counter() - began
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost['flops']) * mesh.devices.size  # cost of one SPMD partition
+  state, metrics = compiled(state, teacher_variables, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    began = time.perf_counter()
+    state, metrics = compiled(state, teacher_variables, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - began)
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'{dtype} batch {per_device}: loss {loss}')
+  return {'seconds': float(np.median(times)), 'flops': flops, 'compile': compile_seconds,
+          'global_batch': global_batch, 'loss': loss}
+
+
+def bench_torch(per_device: int, image_size: int, steps: int):
+  import torch
+  from bench.torch_bingo_step import TorchBingoStep
+  step = TorchBingoStep('resnet18', 'resnet50', per_device, 65536, 0.2, teacher_width=128,
+                        device='cuda', amp_dtype=torch.bfloat16, channels_last=True)
+  views = [torch.randn(per_device, 3, image_size, image_size, device='cuda') for _ in VIEWS]
+  step(*views)
+  times = []
+  for _ in range(steps):
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    step(*views)  # .item() inside synchronises
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))
+
+
+def torch_cuda_available() -> bool:
+  try:
+    import torch
+    return bool(torch.cuda.is_available())
+  except ImportError:
+    return False
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--smoke', action='store_true', help='tiny networks, 32 px, CPU-sized')
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--per_device_batches', default=None, help='default 32,64,128 (smoke: 2)')
+  parser.add_argument('--steps', type=int, default=None, help='timed steps per row')
+  parser.add_argument('--budget_minutes', type=float, default=7.0,
+                      help='skip the remaining rows once this much time has passed')
+  parser.add_argument('--no_torch', action='store_true')
+  args = parser.parse_args(argv)
+  smoke = args.smoke
+  canvas_size, image_size = (48, 32) if smoke else (512, 224)
+  batches = [int(b) for b in (args.per_device_batches or ('2' if smoke else '32,64,128')).split(',')]
+  steps = args.steps or (1 if smoke else 5)
+  devices = jax.devices()
+  mesh = parallel.make_mesh(devices)
+  kind = devices[0].device_kind
+  began = time.perf_counter()
+  print(f'# BINGO step {"(smoke: tiny networks) " if smoke else ""}R-18 <- R-50x2, '
+        f'{image_size} px views from {canvas_size} px canvases, device augmentation included')
+  print(f'# {platform.node()}: {len(devices)} x {kind} ({jax.default_backend()}), JAX '
+        f'{jax.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}')
+  print('| dtype | batch per device | global batch | step (ms) | anchors/s | anchors/s per device '
+        '| GFLOP/step | MFU (measured matmul peak) | MFU (nominal peak) | compile (s) |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  skipped = []
+  for dtype in args.dtypes.split(','):
+    peak = matmul_peak(jnp.dtype(dtype), 256 if smoke else 8192, devices)
+    nominal = nominal_peak(kind, dtype)
+    for per_device in batches:
+      if time.perf_counter() - began > 60 * args.budget_minutes:
+        skipped.append(f'{dtype}/{per_device}')
+        continue
+      try:
+        row = bench_row(smoke, dtype, per_device, mesh, canvas_size, image_size, steps)
+      except Exception as e:  # e.g. out of memory at the largest batch: report, go on
+        print(f'| {dtype} | {per_device} | | failed: {type(e).__name__}: {str(e)[:120]} '
+              '| | | | | | |')
+        continue
+      achieved = row['flops'] / row['seconds']
+      rate = row['global_batch'] / row['seconds']
+      nominal_mfu = 'n/a' if nominal is None else f'{100 * achieved / (nominal * len(devices)):.1f}%'
+      print(f'| {dtype} | {per_device} | {row["global_batch"]} | {1e3 * row["seconds"]:.1f} | '
+            f'{rate:,.0f} | {rate / len(devices):,.0f} | {row["flops"] / 1e9:,.1f} | '
+            f'{100 * achieved / peak:.1f}% | {nominal_mfu} | {row["compile"]:.0f} |', flush=True)
+  if skipped:
+    print(f'# skipped (time budget): {", ".join(skipped)}')
+  if not smoke and not args.no_torch and torch_cuda_available():
+    import torch
+    for per_device in batches:
+      if time.perf_counter() - began > 60 * (args.budget_minutes + 0.5):
+        print(f'# PyTorch batch {per_device} skipped (time budget)')
+        continue
+      try:
+        seconds = bench_torch(per_device, image_size, steps)
+        print(f'# PyTorch {torch.__version__} AMP bf16 channels-last, 1 GPU, batch {per_device}: '
+              f'{1e3 * seconds:.1f} ms/step, {per_device / seconds:,.0f} anchors/s '
+              '(views ready on the GPU, no augmentation)', flush=True)
+      except Exception as e:
+        print(f'# PyTorch batch {per_device} failed: {type(e).__name__}: {str(e)[:200]}')
+  elif not smoke:
+    print('# PyTorch with CUDA not importable: no PyTorch row.')
+  print(f'# done in {time.perf_counter() - began:.0f} s, load average {os.getloadavg()[0]:.2f}')
+
+
+if __name__ == '__main__':
+  main()
