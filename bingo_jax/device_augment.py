@@ -353,14 +353,10 @@ def apply_view(canvas: jax.Array, sizes: jax.Array, draws: dict[str, jax.Array],
   Returns:
     uint8 ``(S, S, 3)``.
   """
-  # The barriers keep XLA from fusing one stage into the next, which on CPU recomputes the
-  # earlier stage (its reductions included) for every element of the later one: 3x slower.
-  barrier = jax.lax.optimization_barrier
-  view = barrier(crop_and_resize(canvas, canvas_window(draws['window'], sizes), image_size))
-  view = barrier(jnp.where(draws['jitter'],
-                           color_jitter(view, draws['order'], draws['factors']), view))
-  view = barrier(jnp.where(draws['gray'], to_grayscale(view), view))
-  view = barrier(jnp.where(draws['blur'], gaussian_blur(view, draws['sigma']), view))
+  view = crop_and_resize(canvas, canvas_window(draws['window'], sizes), image_size)
+  view = jnp.where(draws['jitter'], color_jitter(view, draws['order'], draws['factors']), view)
+  view = jnp.where(draws['gray'], to_grayscale(view), view)
+  view = jnp.where(draws['blur'], gaussian_blur(view, draws['sigma']), view)
   view = jnp.where(draws['flip'], view[:, ::-1], view)
   return view.astype(jnp.uint8)
 
