@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bingo_jax import device_data, parallel  # noqa: E402
+from bingo_jax import steps  # noqa: E402
 from bingo_jax import train_step as train_step_lib  # noqa: E402
 from bingo_jax.models import create_model, init_variables  # noqa: E402
 from configs import r18_r50w2  # noqa: E402
@@ -96,7 +97,7 @@ def build(smoke: bool, dtype: str, global_batch: int, mesh, canvas_size: int, im
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh,
                                             steps_per_epoch)
   step = device_data.canvas_step(
-      train_step_lib.make_train_step(config, student, teacher, mesh, steps_per_epoch),
+      steps.make_train_step(config, student, teacher, mesh, steps_per_epoch),
       config, mesh, VIEWS)
   rng = np.random.default_rng(0)
   valid = (min(375, canvas_size), min(500, canvas_size))

@@ -177,6 +177,7 @@ def device_costs(canvas_size: int, image_size: int, batch: int, time_step: bool)
   import jax
   import jax.numpy as jnp
   from bingo_jax import device_data, parallel
+  from bingo_jax import steps
   from bingo_jax import train_step as train_step_lib
   from bingo_jax.models import create_model, init_variables
   from configs import r18_r50w2
@@ -216,7 +217,7 @@ def device_costs(canvas_size: int, image_size: int, batch: int, time_step: bool)
   teacher = create_model('resnet50w2', 'moco', head_output_dim=128, bn_group_size=2)
   teacher_variables = parallel.replicate(init_variables(teacher, jax.random.key(1)), mesh)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh, 1000)
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, 1000)
+  step = steps.make_train_step(config, student, teacher, mesh, 1000)
   batch_views = parallel.global_batch(
       {view: np.zeros((step_batch, image_size, image_size, 3), np.uint8) for view in views}, mesh)
   step_lowered = step.lower(state, teacher_variables, batch_views)

@@ -20,7 +20,7 @@ host pipeline's but has the same law; resuming at a step reproduces the straight
 since everything is a function of the step held in the train state.
 
 The wrapped step keeps the signature ``(state, teacher_variables, batch)`` of
-``train_step.make_train_step``'s step, which it calls inside its own jit (the inner jit's
+``steps.make_train_step``'s step, which it calls inside its own jit (the inner jit's
 shardings become constraints); ``batch`` is the host canvas batch, or the device-resident
 data set.
 """
@@ -99,10 +99,10 @@ def canvas_step(train_step: Callable, config: ml_collections.ConfigDict,
   """``train_step`` fed with canvas batches: the views are drawn first, in the same jit.
 
   Args:
-    train_step: ``train_step.make_train_step(...)``'s ``(state, teacher_variables, batch)``.
+    train_step: ``steps.make_train_step(...)``'s ``(state, teacher_variables, batch)``.
     config: uses ``data.image_size``.
     mesh: the device mesh (the canvas batch is sharded on ``'data'``).
-    views: the views the step reads (``train_step.batch_image_keys(config)``).
+    views: the views the step reads (``steps.batch_views(config)``).
   Returns:
     ``step(state, teacher_variables, canvas_batch) -> (state, metrics)``, state donated.
   """

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bingo_jax import parallel
+from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
 from configs import tiny_test
@@ -48,7 +49,7 @@ def _step_loss(dtype: str, state_params, batch, teacher_variables):
   teacher = create_model('resnet18', 'moco', **kwargs)
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh, 10)
   state = state.replace(params=state_params) if state_params is not None else state
-  step = train_step_lib.make_train_step(config, student, teacher, mesh, 10)
+  step = steps.make_train_step(config, student, teacher, mesh, 10)
   new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
                             parallel.global_batch(batch, mesh))
   return new_state, float(metrics['loss'])
