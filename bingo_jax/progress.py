@@ -198,7 +198,9 @@ class MetricWriter:
       # Imported here: TensorBoard (through TensorFlow) is only needed when a run logs.
       try:
         from flax.metrics import tensorboard
-        self._writer = tensorboard.SummaryWriter(logdir)
+        from bingo_jax import fileio
+        # TensorFlow opens gs:// itself (fileio.native_path).
+        self._writer = tensorboard.SummaryWriter(fileio.native_path(logdir))
       except ImportError as e:  # a TensorFlow-free run (data held on the devices)
         logging.warning('No TensorBoard events (%s); metrics go to the console only.', e)
 

@@ -33,6 +33,7 @@ from bingo_jax import data_sources
 from bingo_jax import device_data
 from bingo_jax import fileio
 from bingo_jax import input_pipeline
+from bingo_jax import knn_monitor
 from bingo_jax import model_io
 from bingo_jax import parallel
 from bingo_jax import progress
@@ -174,7 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     simulate_preemption_at_step: testing aid: send this process SIGTERM after that step.
   Returns:
     The summary record (also written to ``WORKDIR/train_summary.json``): ``step``,
-    ``total_steps``, ``preempted``, ``wall_seconds``, ``images_per_second``, final metrics.
+    ``total_steps``, ``preempted``, ``wall_seconds`` and ``core_hours_this_run`` (this run),
+    ``elapsed_seconds`` and ``core_hours`` (all runs of the workdir, carried across resumes),
+    ``images_per_second``, final metrics, and the last kNN monitor metrics (``monitor``).
   """
   # ---- config and mesh ----
   mesh = parallel.make_mesh()
@@ -205,8 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                             mesh, steps_per_epoch)
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
+  stored_progress: Optional[dict] = None
   if start_step:
-    state = _resume(checkpointer, start_step, state, {
+    state, stored_progress = _resume(checkpointer, start_step, state, {
         'global_batch_size': global_batch_size, 'seed': config.train.seed,
         'steps_per_epoch': steps_per_epoch})
 
@@ -242,24 +246,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return train_step(state, teacher_variables, batch)
 
   # ---- the loop ----
-  chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size)
+  # Elapsed time and core-hours continue from the checkpoint's record (progress.py).
+  chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
+                                previous=stored_progress)
+  monitor = knn_monitor.KnnMonitor.from_config(config, mesh)
+  monitor_every = config.train.get('monitor_every_epochs', 0) or 0
+
+  def monitor_step(step: int, state: train_step_lib.TrainState) -> Optional[dict]:
+    if monitor is None or not knn_monitor.is_due(step, steps_per_epoch, monitor_every):
+      return None
+    # Not training time: excluded from images/s and the ETA (core-hours include it).
+    with chrono.paused():
+      return monitor.evaluate(student, {'params': state.params,
+                                        'batch_stats': state.batch_stats})
 
   def progress_record(step: int) -> dict:
     # The step alone fixes the data position; the rest makes a wrong resume loud.
     return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
             'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
-            'epoch': step // steps_per_epoch}
+            'epoch': step // steps_per_epoch, **chrono.record()}
 
-  step, preempted, last_metrics = _train_loop(
+  step, preempted, last_metrics, monitor_metrics = _train_loop(
       config, workdir, state, run_step, checkpointer, chrono, progress_record,
       start_step=start_step, total_steps=total_steps,
-      simulate_preemption_at_step=simulate_preemption_at_step)
+      simulate_preemption_at_step=simulate_preemption_at_step, monitor_step=monitor_step)
   return _write_summary(workdir, {
       'step': step, 'total_steps': total_steps, 'start_step': start_step,
       'preempted': preempted, 'wall_seconds': chrono.wall_seconds,
       'images_per_second': chrono.images_per_second(), 'core_hours': chrono.core_hours(),
+      'core_hours_this_run': chrono.core_hours_this_run(),
+      'elapsed_seconds': chrono.elapsed_seconds,
       'global_batch_size': global_batch_size, 'num_devices': int(mesh.devices.size),
-      'final_metrics': last_metrics})
+      'final_metrics': last_metrics, 'monitor': monitor_metrics})
 
 
 def _load_teacher_unless_moco(config: ml_collections.ConfigDict
@@ -291,8 +309,10 @@ def _training_data(config: ml_collections.ConfigDict,
 
 
 def _resume(checkpointer: checkpointing.TrainCheckpointer, step: int,
-            state: train_step_lib.TrainState, current: dict) -> train_step_lib.TrainState:
-  """The state of checkpoint ``step``, refused when it or the data order would not fit."""
+            state: train_step_lib.TrainState,
+            current: dict) -> tuple[train_step_lib.TrainState, dict]:
+  """``(state, progress record)`` of checkpoint ``step``, refused when it or the data order
+  would not fit."""
   try:
     state, stored_progress = checkpointer.restore(step, state)
   except (ValueError, KeyError, TypeError) as e:
@@ -301,7 +321,7 @@ def _resume(checkpointer: checkpointing.TrainCheckpointer, step: int,
                      ) from e
   _check_resumable(stored_progress, current, checkpointer.directory, step)
   logging.info('Resumed from %s/%d.', checkpointer.directory, step)
-  return state
+  return state, stored_progress
 
 
 def _key_side(config: ml_collections.ConfigDict, student_config: dict,
@@ -321,13 +341,16 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
                 state: train_step_lib.TrainState, run_step: Callable,
                 checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,
                 progress_record: Callable[[int], dict], *, start_step: int, total_steps: int,
-                simulate_preemption_at_step: Optional[int]) -> tuple[int, bool, dict]:
+                simulate_preemption_at_step: Optional[int],
+                monitor_step: Optional[Callable] = None) -> tuple[int, bool, dict, dict]:
   """Steps from ``start_step`` to ``total_steps``: logs, checkpoints, preemption.
 
   Args:
     run_step: ``state -> (state, metrics)`` on the next batch.
+    monitor_step: ``(step, state) -> metrics or None`` after each step (the kNN monitor,
+      when due); its metrics are logged.
   Returns:
-    ``(step, preempted, last_metrics)``; the checkpointer is closed.
+    ``(step, preempted, last_metrics, last monitor metrics)``; the checkpointer is closed.
   """
   writer = progress.MetricWriter(workdir)
   preemption = PreemptionWatcher(checkpointer)
@@ -339,6 +362,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
   step, last_saved, preempted = start_step, start_step, False
   pending_metrics: list[dict] = []
   last_metrics: dict[str, float] = {}
+  monitor_metrics: dict[str, float] = {}
   try:
     while step < total_steps:
       state, metrics = run_step(state)
@@ -364,6 +388,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         logging.warning('Preempted: saved step %d; rerun the same command to continue.', step)
         break
+      measured = monitor_step(step, state) if monitor_step is not None else None
+      if measured:
+        monitor_metrics = measured
+        writer.log(step, monitor_metrics, None)
     if step != last_saved:
       save(step)
     if pending_metrics:
@@ -372,7 +400,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
     preemption.close()
     checkpointer.close()
     writer.close()
-  return step, preempted, last_metrics
+  return step, preempted, last_metrics, monitor_metrics
+
 
 
 def _write_summary(workdir: str, summary: dict) -> dict:

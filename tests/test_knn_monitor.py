@@ -122,3 +122,59 @@ def test_monitor_is_off_without_labels_or_when_disabled(tmp_path):
         data_sources.make_source(_config(str(tmp_path / 'unlabelled.txt')).data, 'train'),
         np.arange(3), 'unlabelled queries'), image_size=8, batch_size=8, k=1, weighted_k=1,
         temperature=0.07, mesh=mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the training loop.
+
+NUM_IMAGES = 48
+TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
+               head_output_dim=16)
+
+
+def test_training_logs_the_monitor_and_it_matches_brute_force_on_the_final_student(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  import tensorflow as tf
+  from bingo_jax import bag_file, checkpointing, train
+  from configs import tiny_test
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(NUM_IMAGES):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
+    lines.append(f'{i}.png {i % 4}')
+  (tmp_path / 'images.txt').write_text('\n'.join(lines) + '\n')
+  config = tiny_test.get_config()
+  config.data.update(path=str(tmp_path / 'images.txt'), eval_split='train')
+  source = data_sources.make_source(config.data, 'train')
+  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
+                         for i in range(NUM_IMAGES)])
+  config.bags.path = str(tmp_path / 'bags.npz')
+  bag_file.save_bags(config.bags.path, bag_file.Bags.from_neighbors(
+      neighbours, method='knn', fingerprint=source.fingerprint))
+  config.teacher.path = str(tmp_path / 'teacher')
+  model_io.save_model(config.teacher.path, TEACHER,
+                      init_variables(create_model(**TEACHER), jax.random.key(7), 32))
+  # One epoch of 3 steps, the monitor after it on 40 bank images and 20 queries.
+  config.train.update(epochs=1, monitor_every_epochs=1, monitor_bank_size=40,
+                      monitor_eval_size=20, checkpoint_every_steps=3)
+  config.eval.update(knn_k=5, knn_weighted_k=10, batch_size=16)
+  workdir = str(tmp_path / 'run')
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['step'] == 3
+  monitored = summary['monitor']['monitor/weighted_knn10_top1']
+
+  student = checkpointing.load_student(workdir)
+  bank_indices = knn_monitor.draw_subset(NUM_IMAGES, 40, config.train.seed)
+  query_indices = knn_monitor.draw_subset(NUM_IMAGES, 20, config.train.seed + 1)
+  everything = features.extract_features(student, source, image_size=32, global_batch_size=16,
+                                         normalize_features=False, progress=False)
+  labels = np.arange(NUM_IMAGES) % 4
+  expected = _weighted_knn_top1(everything[bank_indices], labels[bank_indices],
+                                everything[query_indices], labels[query_indices], 10, 0.07, 4)
+  assert monitored == pytest.approx(expected, abs=1e-9)
+
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  events.Reload()
+  logged = [(event.step, float(tf.make_ndarray(event.tensor_proto)))
+            for event in events.Tensors('monitor/weighted_knn10_top1')]
+  assert logged == [(3, pytest.approx(expected, abs=1e-4))]
