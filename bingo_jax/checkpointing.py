@@ -21,7 +21,6 @@ coordinates the hosts); only process 0 writes the JSON records.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import flax.serialization
@@ -98,10 +97,9 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
   Raises:
     ValueError: the workdir already holds checkpoints of a different student.
   """
-  record_path = os.path.join(workdir, STUDENT_RECORD)
-  if os.path.isfile(record_path):
-    with open(record_path) as f:
-      previous = json.load(f)
+  record_path = fileio.join(workdir, STUDENT_RECORD)
+  if fileio.isfile(record_path):
+    previous = fileio.read_json(record_path)
     if previous != student_model_config:
       raise ValueError(
           f'{record_path} describes a different student ({previous}) than this config '
@@ -109,7 +107,7 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
   if jax.process_index() != 0:
     return
   fileio.write_json_atomically(record_path, student_model_config)
-  fileio.write_json_atomically(os.path.join(workdir, CONFIG_RECORD), json.loads(config_json))
+  fileio.write_json_atomically(fileio.join(workdir, CONFIG_RECORD), json.loads(config_json))
 
 
 class TrainCheckpointer:
@@ -126,14 +124,14 @@ class TrainCheckpointer:
       keep: number of most recent checkpoints kept (older ones are deleted).
       read_only: open for restoring only (evaluation, export).
     """
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    self.directory = fileio.join(fileio.absolute(workdir), CHECKPOINTS_DIR)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                              enable_async_checkpointing=False)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
+        fileio.as_path(self.directory), options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _PROGRESS: ocp.JsonCheckpointHandler()})
 
@@ -193,12 +191,11 @@ class TrainCheckpointer:
 
 def read_student_record(workdir: str) -> dict:
   """The student's ``create_model`` keyword arguments stored in a training workdir."""
-  path = os.path.join(workdir, STUDENT_RECORD)
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, STUDENT_RECORD)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'{path} is missing: {workdir} is not a bingo_jax training workdir '
                             f'(python -m bingo_jax.train writes it).')
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(path)
 
 
 def load_student(workdir: str, step: Optional[int] = None,
@@ -213,7 +210,7 @@ def load_student(workdir: str, step: Optional[int] = None,
   Returns:
     A ``model_io.LoadedModel`` whose ``metadata`` holds ``workdir`` and ``step``.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.absolute(workdir)
   model_config = read_student_record(workdir)
   checkpointer = TrainCheckpointer(workdir, keep=1, read_only=True)
   steps = checkpointer.all_steps()
@@ -248,11 +245,11 @@ def load_any(path: str, step: Optional[int] = None,
   Raises:
     FileNotFoundError: ``path`` is neither.
   """
-  if os.path.isfile(os.path.join(path, model_io.MODEL_RECORD)):
+  if fileio.isfile(fileio.join(path, model_io.MODEL_RECORD)):
     if step is not None:
       raise ValueError(f'{path} is a model file, not a training workdir: it has no step {step}.')
     return model_io.load_model(path, **model_overrides)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if fileio.isdir(fileio.join(path, CHECKPOINTS_DIR)):
     return load_student(path, step=step, **model_overrides)
   raise FileNotFoundError(
       f'{path} is neither a bingo_jax model file ({model_io.MODEL_RECORD} missing) nor a '

@@ -24,7 +24,7 @@ training-based protocols log to TensorBoard in ``DIR/tensorboard``.
 
 from __future__ import annotations
 
-import os
+import io
 import time
 from typing import Any, Optional
 
@@ -70,7 +70,7 @@ def load_network(checkpoint: str, config: ml_collections.ConfigDict,
     return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
                                 metadata={'source': f'random initialisation, seed '
                                                     f'{config.eval.seed}'})
-  if not os.path.exists(checkpoint):
+  if not fileio.exists(checkpoint):
     raise FileNotFoundError(f'--checkpoint {checkpoint} does not exist (expected a model file, '
                             f'a training workdir, or one of {BASELINES}).')
   return checkpointing.load_any(checkpoint, step=step)
@@ -108,10 +108,11 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
     return pixel_features(source, image_size)
   key = '-'.join([split, features_lib.describe_model(network)['variables_checksum'],
                   source.fingerprint[:16], str(image_size)])
-  path = os.path.join(workdir, 'features', f'{key}.npy')
+  path = fileio.join(workdir, 'features', f'{key}.npy')
   cached = None
-  if config.eval.cache_features and os.path.isfile(path):
-    cached = np.load(path)
+  if config.eval.cache_features and fileio.isfile(path):
+    with fileio.open_file(path, 'rb') as f:
+      cached = np.load(io.BytesIO(f.read()))
     if cached.shape[0] != len(source):
       logging.warning('%s has %d rows for %d images: recomputing.', path, cached.shape[0],
                       len(source))
@@ -237,7 +238,7 @@ def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> d
   metrics = {'normalized_features': bool(normalize)}
   metrics.update(analysis.intra_class_distance(test, eval_labels))
   bags_path = config.bags.get('path')
-  if bags_path and os.path.exists(bags_path):
+  if bags_path and fileio.exists(bags_path):
     bags = bag_file.load_bags(bags_path)
     bags.check_matches(len(train_source), train_source.fingerprint,
                        f'training split {train_source.description}')
@@ -258,7 +259,7 @@ def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> d
   figure = analysis.plot_embedding(embedding, eval_labels[chosen], names,
                                    title=f't-SNE of {eval_source.description}')
   if jax.process_index() == 0:
-    metrics['tsne_png'] = analysis.save_figure(figure, os.path.join(workdir, 'tsne.png'))
+    metrics['tsne_png'] = analysis.save_figure(figure, fileio.join(workdir, 'tsne.png'))
   return metrics
 
 
@@ -311,12 +312,12 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
     raise ValueError(f'--protocol {protocol!r}; expected one of {PROTOCOLS}.')
   started = time.time()
   mesh = mesh or parallel.make_mesh()
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   network = load_network(checkpoint, config, step)
   train_source = data_sources.make_source(config.data, eval_train_split(config))
   eval_source = data_sources.make_source(config.data, config.data.eval_split)
   # TensorBoard for the protocols that train; kNN and analysis have no curves to show.
-  writer = (progress.MetricWriter(os.path.join(workdir, 'tensorboard', protocol))
+  writer = (progress.MetricWriter(fileio.join(workdir, 'tensorboard', protocol))
             if protocol in ('linear', 'linear_fast', 'finetune') else None)
   try:
     if protocol == 'knn':
@@ -341,7 +342,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
              'devices': jax.device_count(), 'processes': jax.process_count(),
              'metrics': metrics, 'wall_seconds': time.time() - started}
   if jax.process_index() == 0:
-    fileio.write_json_atomically(os.path.join(workdir, f'eval_{protocol}.json'), results,
+    fileio.write_json_atomically(fileio.join(workdir, f'eval_{protocol}.json'), results,
                                  sort_keys=False, default=str)
     print(format_table(results), flush=True)
   return results

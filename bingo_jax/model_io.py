@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bingo_jax import fileio
 from bingo_jax.models import Model, create_model
 
 MODEL_RECORD = 'bingo_model.json'
@@ -74,18 +75,26 @@ def _to_numpy_tree(tree):
 
 def save_model(path: str, model_config: dict, variables: dict,
                metadata: Optional[dict] = None, overwrite: bool = False) -> str:
-  """Writes a model file atomically. Returns the absolute path.
+  """Writes a model file atomically. Returns the absolute path (or the URL).
+
+  Locally the directory is written under a temporary name and renamed into place. A URL
+  (``gs://...``) has no atomic directory rename: the variables are written first and the
+  record ``bingo_model.json`` last, as the commit marker that ``read_record`` requires.
 
   Args:
-    path: destination directory (must not exist unless ``overwrite``).
+    path: destination directory (must not exist unless ``overwrite``), local or a URL.
     model_config: ``create_model`` keyword arguments (JSON-serialisable).
     variables: ``{'params': ..., 'batch_stats': ...}`` matching ``create_model(**model_config)``.
     metadata: extra JSON-serialisable record.
     overwrite: replace an existing model file.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
+  path = fileio.absolute(path)
+  if fileio.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it.')
+  record = {'format_version': FORMAT_VERSION, 'model': model_config, 'metadata': metadata or {}}
+  json.dumps(record)  # fail before writing anything on unserialisable values
+  if fileio.is_url(path):
+    return _save_model_at_url(path, record, variables)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=os.path.basename(path) + '.tmp-', dir=parent)
@@ -94,8 +103,6 @@ def save_model(path: str, model_config: dict, variables: dict,
     variables = {k: _to_numpy_tree(v) for k, v in variables.items()}
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
-    record = {'format_version': FORMAT_VERSION, 'model': model_config,
-              'metadata': metadata or {}}
     with open(os.path.join(staging, MODEL_RECORD), 'w') as f:
       json.dump(record, f, indent=2, sort_keys=True)
     # A directory cannot be renamed over a non-empty one: the old model file is moved aside
@@ -115,14 +122,29 @@ def save_model(path: str, model_config: dict, variables: dict,
   return path
 
 
+def _save_model_at_url(url: str, record: dict, variables: dict) -> str:
+  """``save_model`` on an object store: files first, the record (commit marker) last."""
+  if fileio.exists(url):
+    # The record goes first: from here until the new one is written, readers see no model
+    # file rather than a mix of old and new variables.
+    if fileio.isfile(fileio.join(url, MODEL_RECORD)):
+      fileio.remove(fileio.join(url, MODEL_RECORD))
+    fileio.rmtree(url)
+  variables = {k: _to_numpy_tree(v) for k, v in variables.items()}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(fileio.as_path(fileio.join(url, VARIABLES_DIR)), variables)
+  fileio.write_json_atomically(fileio.join(url, MODEL_RECORD), record)
+  return url
+
+
 def read_record(path: str) -> dict:
   """The ``bingo_model.json`` record of a model file, with a clear error if it is not one."""
-  record_path = os.path.join(path, MODEL_RECORD)
-  if not os.path.isfile(record_path):
+  record_path = fileio.join(path, MODEL_RECORD)
+  if not fileio.isfile(record_path):
     raise FileNotFoundError(
         f'{path} is not a bingo_jax model file: {MODEL_RECORD} is missing. Convert PyTorch '
         f'checkpoints with tools/convert_torch_teacher.py first.')
-  with open(record_path) as f:
+  with fileio.open_file(record_path, 'r') as f:
     try:
       record = json.load(f)
     except json.JSONDecodeError as e:
@@ -143,12 +165,12 @@ def load_model(path: str, **model_overrides) -> LoadedModel:
   Returns:
     A ``LoadedModel``.
   """
-  path = os.path.abspath(path)
+  path = fileio.absolute(path)
   record = read_record(path)
   model_config = dict(record['model'])
   model = create_model(**{**model_config, **model_overrides})
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(path, VARIABLES_DIR))
+    restored = checkpointer.restore(fileio.as_path(fileio.join(path, VARIABLES_DIR)))
   variables = {k: jax.tree.map(jnp.asarray, v) for k, v in restored.items()}
   check_variable_shapes(model, variables, path)
   return LoadedModel(model=model, variables=variables, model_config=model_config,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
+import io
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -80,16 +80,15 @@ def read_checkpoint(path: str) -> Mapping:
     FileNotFoundError, CheckpointError.
   """
   import torch  # PyTorch is only needed at the PyTorch boundary
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f'{path}: no such checkpoint file.')
   try:
-    try:
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError as e:
-      if 'mmap' not in str(e):
-        raise
-      # Files in torch's legacy (pre-1.6) serialisation cannot be memory-mapped.
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if fileio.is_url(path):  # read whole: torch.load needs a seekable file
+      with fileio.open_file(path, 'rb') as f:
+        data = io.BytesIO(f.read())
+      checkpoint = torch.load(data, map_location='cpu', weights_only=True)
+    else:
+      checkpoint = _load_local(torch, path)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
     raise CheckpointError(
         f'{path} is not a PyTorch checkpoint that can be read safely ({type(e).__name__}: '
@@ -100,6 +99,16 @@ def read_checkpoint(path: str) -> Mapping:
     raise CheckpointError(f'{path} is not a checkpoint: torch.load gave a '
                           f'{type(checkpoint).__name__}, expected a dict of tensors.')
   return checkpoint
+
+
+def _load_local(torch, path: str) -> Any:
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+  except RuntimeError as e:
+    if 'mmap' not in str(e):
+      raise
+    # Files in torch's legacy (pre-1.6) serialisation cannot be memory-mapped.
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def _is_tensor(value) -> bool:
@@ -193,7 +202,7 @@ def _detect_format(tensors: Mapping[str, Any]) -> Optional[str]:
 
 def sha256_of(path: str, chunk_bytes: int = 1 << 24) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with fileio.open_file(path, 'rb') as f:
     while chunk := f.read(chunk_bytes):
       digest.update(chunk)
   return digest.hexdigest()
@@ -224,7 +233,7 @@ def convert_torch_checkpoint(path: str, source_format: Optional[str] = None,
   Raises:
     FileNotFoundError, CheckpointError / ValueError naming the file and offending keys.
   """
-  source = os.path.abspath(path)
+  source = fileio.absolute(path)
   state = extract_model_state(read_checkpoint(path), source, source_format, encoder)
   model_config, head_spec = torch_mapping.infer_model_config(state.state_dict, source,
                                                              arch=arch, head=head)
@@ -331,8 +340,8 @@ def save_torch(obj: Any, path: str, overwrite: bool = False) -> str:
   """``torch.save`` of ``obj`` (numpy arrays become tensors), atomically: written to a
   temporary file in the same directory, then renamed over ``path``. Returns the path."""
   import torch
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
+  path = fileio.absolute(path)
+  if fileio.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass --overwrite to replace it.')
   return fileio.atomic_write(path, lambda f: torch.save(_to_torch(obj), f))
 

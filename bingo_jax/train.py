@@ -72,8 +72,8 @@ def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
   if not path:
     raise ValueError('config.teacher.path is not set: give the converted teacher model file '
                      '(tools/convert_torch_teacher.py), e.g. --config.teacher.path=teachers/x.')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'config.teacher.path = {path!r}: {os.path.abspath(path)} does not '
+  if not fileio.exists(path):
+    raise FileNotFoundError(f'config.teacher.path = {path!r}: {fileio.absolute(path)} does not '
                             'exist. Convert the PyTorch teacher with tools/convert_torch_teacher.py.')
   try:
     record = model_io.read_record(path)
@@ -200,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                steps_per_epoch, total_steps)
 
   # ---- student, optimizer, negative queue: fresh or restored ----
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   student_config = student_model_config(config)
   checkpointing.write_workdir_records(workdir, student_config, config.to_json_best_effort())
   student = create_model(**student_config, dtype=config.train.compute_dtype)
@@ -415,7 +415,7 @@ def _write_summary(workdir: str, summary: dict) -> dict:
                ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
                          if k in last_metrics))
   if jax.process_index() == 0:
-    fileio.write_json_atomically(os.path.join(workdir, SUMMARY_RECORD), summary)
+    fileio.write_json_atomically(fileio.join(workdir, SUMMARY_RECORD), summary)
   return summary
 
 

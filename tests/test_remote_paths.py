@@ -5,13 +5,20 @@ whose URLs fail if opened with ``open`` or ``os.path``. Results are compared wit
 operations on local paths.
 """
 
+import io
 import os
 
+import jax
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import fake_remote_fs
-from bingo_jax import bag_file, fileio
+from bingo_jax import (bag_file, checkpointing, data_sources, evaluate, fileio, model_io,
+                       torch_checkpoints, train)
+from bingo_jax.models import create_model, init_variables
+from configs import tiny_test
 
 
 @pytest.fixture()
@@ -63,3 +70,88 @@ def test_bag_file_round_trip_through_a_url_equals_local(remote, tmp_path):
   assert from_url.metadata == from_local.metadata and from_url.path == url
   with pytest.raises(FileNotFoundError, match='fake://bucket/none.npz'):
     bag_file.load_bags(fileio.join(remote, 'none.npz'))
+
+
+# ---------------------------------------------------------------------------------------------
+# The acceptance round trip.
+
+NUM_IMAGES = 32
+TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
+               head_output_dim=16)
+
+
+def _images(root) -> str:
+  rng = np.random.default_rng(0)
+  os.makedirs(root / 'images')
+  lines = []
+  for i in range(NUM_IMAGES):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / 'images' / f'{i:03d}.png')
+    lines.append(f'images/{i:03d}.png {i % 4}')
+  (root / 'images.txt').write_text('\n'.join(lines) + '\n')
+  return str(root / 'images.txt')
+
+
+def _inputs(base: str, images: str) -> dict:
+  """The teacher model file and the bag file under ``base`` (a URL or a local directory)."""
+  config = tiny_test.get_config()
+  config.data.path = images
+  source = data_sources.make_source(config.data, 'train')
+  rng = np.random.default_rng(1)
+  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
+                         for i in range(NUM_IMAGES)])
+  bags = fileio.join(base, 'bags.npz')
+  bag_file.save_bags(bags, bag_file.Bags.from_neighbors(neighbours, method='knn',
+                                                        fingerprint=source.fingerprint))
+  teacher = fileio.join(base, 'teacher')
+  model_io.save_model(teacher, TEACHER, init_variables(create_model(**TEACHER),
+                                                       jax.random.key(7), 32))
+  config.teacher.path, config.bags.path = teacher, bags
+  config.eval.update(knn_k=3, knn_weighted_k=8, batch_size=16)
+  config.data.eval_split = 'train'
+  return config
+
+
+def _round_trip(base: str, images: str) -> dict:
+  """Train 2 steps, resume to 4, evaluate (kNN), export (MoCo layout): every path in base."""
+  config = _inputs(base, images)
+  workdir = fileio.join(base, 'run')
+  config.train.max_steps = 2
+  first = train.train_and_evaluate(config, workdir)
+  config.train.max_steps = 4
+  resumed = train.train_and_evaluate(config, workdir)
+  results = evaluate.evaluate(config, workdir, 'knn', fileio.join(base, 'eval'))
+  exported = fileio.join(base, 'student.pth.tar')
+  torch_checkpoints.export_torch_checkpoint(checkpointing.load_any(workdir), exported, 'moco')
+  with fileio.open_file(exported, 'rb') as f:
+    state = torch.load(io.BytesIO(f.read()), weights_only=True)['state_dict']
+  student = checkpointing.load_student(workdir)
+  return {'first': first, 'resumed': resumed, 'knn': results['metrics'], 'torch': state,
+          'variables': student.variables, 'workdir': workdir}
+
+
+def test_train_resume_evaluate_export_with_urls_equals_local(remote, tmp_path):
+  images = _images(tmp_path)
+  remote_run = _round_trip(remote, images)
+  local_run = _round_trip(str(tmp_path / 'local'), images)
+  assert not os.path.exists('fake:')  # nothing went to a local directory named after the URL
+  for run in (remote_run, local_run):
+    assert (run['first']['step'], run['resumed']['start_step'], run['resumed']['step']) == (2, 2, 4)
+    # Core-hours and elapsed time carry across the resume.
+    assert run['resumed']['core_hours'] > run['first']['core_hours']
+    # The first run's share is what its last checkpoint stored (saved just before its end).
+    this_run = run['resumed']['core_hours_this_run']
+    assert this_run < run['resumed']['core_hours'] <= run['first']['core_hours'] + this_run
+    assert run['resumed']['elapsed_seconds'] > run['resumed']['wall_seconds']
+  assert remote_run['knn'] == local_run['knn']
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
+                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  remote_vars, local_vars = flat(remote_run['variables']), flat(local_run['variables'])
+  assert sorted(remote_vars) == sorted(local_vars)
+  for key, value in local_vars.items():
+    np.testing.assert_array_equal(remote_vars[key], value, err_msg=key)
+  assert sorted(remote_run['torch']) == sorted(local_run['torch'])
+  for key, value in local_run['torch'].items():
+    np.testing.assert_array_equal(remote_run['torch'][key].numpy(), value.numpy(), err_msg=key)
+  stored = fileio.listdir(fileio.join(remote, 'run'))
+  assert {'checkpoints', 'config.json', 'student_model.json', 'train_summary.json'} <= set(stored)
