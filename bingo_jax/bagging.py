@@ -26,7 +26,6 @@ Methods (``config.bags.method``; the search backends are in ``bingo_jax.knn_back
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Optional
 
@@ -40,6 +39,7 @@ from bingo_jax import bag_file
 from bingo_jax import bag_report
 from bingo_jax import data_sources
 from bingo_jax import features as features_lib
+from bingo_jax import fileio
 from bingo_jax import knn_backends
 from bingo_jax import model_io
 from bingo_jax.models import create_model, init_variables
@@ -89,7 +89,7 @@ def _teacher(config, image_size: int):
     raise ValueError(f'bags.method={bags_config.method} needs teacher.path (a converted model '
                      'file, tools/convert_torch_teacher.py).')
   loaded = model_io.load_model(teacher_path)
-  return loaded, {'path': os.path.abspath(teacher_path),
+  return loaded, {'path': fileio.absolute(teacher_path),
                   'description': features_lib.describe_model(loaded)}
 
 
@@ -113,8 +113,8 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     raise ValueError(f'config.bags.method={method!r}; expected one of {METHODS}.')
   if source is None:
     source = data_sources.make_source(config.data, config.data.train_split)
-  os.makedirs(workdir, exist_ok=True)
-  bag_path = bags_config.get('path') or os.path.join(workdir, 'bags.npz')
+  fileio.makedirs(workdir)
+  bag_path = bags_config.get('path') or fileio.join(workdir, 'bags.npz')
   common = dict(fingerprint=source.fingerprint, data=_describe_data(config))
   if method == 'labels':
     if source.labels is None:
@@ -144,7 +144,7 @@ def _feature_bags(config, workdir: str, source, bag_path: str, common: dict, *,
   method, k = bags_config.method, int(bags_config.k)
   image_size = int(bags_config.get('image_size') or config.data.image_size)
   teacher, teacher_record = _teacher(config, image_size)
-  features_dir = bags_config.get('features_dir') or os.path.join(
+  features_dir = bags_config.get('features_dir') or fileio.join(
       workdir, 'features-random' if teacher_record['path'] is None else 'features')
   started = time.perf_counter()
   features = features_lib.extract_features(
@@ -209,7 +209,7 @@ def _search(features: features_lib.FeatureShards, bags_config, common: dict, *,
 
 def _existing_bags(path: str, expected: dict) -> Optional[bag_file.Bags]:
   """The bag file at ``path`` if its metadata has every ``expected`` value, else None."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     return None
   try:
     bags = bag_file.load_bags(path)

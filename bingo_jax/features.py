@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
-import os
 from typing import Any, Iterator, Optional
 
 import jax
@@ -119,9 +119,15 @@ class FeatureShards:
     return start, min(start + self.shard_size, self.num_images)
 
   def iter_shards(self) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields ``(first_row, features (rows, D) float16)`` shard by shard (memory-mapped)."""
+    """Yields ``(first_row, features (rows, D) float16)`` shard by shard (memory-mapped when
+    local; a URL's shard is read whole)."""
     for shard in range(self.num_shards):
-      yield self.shard_range(shard)[0], np.load(self.shard_path(shard), mmap_mode='r')
+      path = self.shard_path(shard)
+      if fileio.is_url(path):
+        with fileio.open_file(path, 'rb') as f:
+          yield self.shard_range(shard)[0], np.load(io.BytesIO(f.read()))
+      else:
+        yield self.shard_range(shard)[0], np.load(path, mmap_mode='r')
 
   def load(self, dtype=np.float32) -> np.ndarray:
     """All features ``(N, D)`` in one array of ``dtype``."""
@@ -132,15 +138,15 @@ class FeatureShards:
 
 
 def shard_path(directory: str, shard: int) -> str:
-  return os.path.join(directory, f'shard-{shard:05d}.npy')
+  return fileio.join(directory, f'shard-{shard:05d}.npy')
 
 
 def open_feature_shards(directory: str) -> FeatureShards:
   """Opens a finished shard directory written by ``extract_features(..., output_dir=...)``."""
-  record_path = os.path.join(directory, FEATURES_RECORD)
-  if not os.path.isfile(record_path):
+  record_path = fileio.join(directory, FEATURES_RECORD)
+  if not fileio.isfile(record_path):
     raise FileNotFoundError(f'{directory} holds no feature shards ({FEATURES_RECORD} missing).')
-  with open(record_path) as f:
+  with fileio.open_file(record_path, 'r') as f:
     try:
       record = json.load(f)
     except json.JSONDecodeError as e:
@@ -151,7 +157,7 @@ def open_feature_shards(directory: str) -> FeatureShards:
   shards = FeatureShards(directory=directory, num_images=record['num_images'],
                          feature_dim=record['feature_dim'], shard_size=record['shard_size'],
                          record=record)
-  missing = [s for s in range(shards.num_shards) if not os.path.isfile(shards.shard_path(s))]
+  missing = [s for s in range(shards.num_shards) if not fileio.isfile(shards.shard_path(s))]
   if missing or record.get('feature_dim') is None:
     raise ValueError(f'{directory}: the feature pass is unfinished (missing shards {missing[:5]}'
                      f'{" ..." if len(missing) > 5 else ""}); rerun it to resume.')
@@ -160,13 +166,12 @@ def open_feature_shards(directory: str) -> FeatureShards:
 
 def _prepare_directory(directory: str, record: dict) -> dict:
   """Creates ``directory`` or checks that its earlier, partial pass is the same pass."""
-  os.makedirs(directory, exist_ok=True)
-  record_path = os.path.join(directory, FEATURES_RECORD)
-  if not os.path.isfile(record_path):
+  fileio.makedirs(directory)
+  record_path = fileio.join(directory, FEATURES_RECORD)
+  if not fileio.isfile(record_path):
     fileio.write_json_atomically(record_path, record)
     return record
-  with open(record_path) as f:
-    stored = json.load(f)
+  stored = fileio.read_json(record_path)
   keys = ('num_images', 'fingerprint', 'shard_size', 'image_size', 'normalized', 'model')
   differing = [k for k in keys if stored.get(k) != record.get(k)]
   if differing:
@@ -190,7 +195,7 @@ def _finished_shards(output_dir: str, record: dict,
     except ValueError as e:
       refusal = e
     else:
-      done = np.array([os.path.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
+      done = np.array([fileio.isfile(shard_path(output_dir, s)) for s in range(num_shards)])
   refused = bool(multihost_utils.broadcast_one_to_all(np.array(refusal is not None)))
   if refused:
     raise refusal or ValueError(f'{output_dir}: process 0 refused the directory (see its log).')
@@ -288,7 +293,7 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
     if is_writer:
       if record.get('feature_dim') is None:
         record['feature_dim'] = int(shard_features.shape[1])
-        fileio.write_json_atomically(os.path.join(output_dir, FEATURES_RECORD), record)
+        fileio.write_json_atomically(fileio.join(output_dir, FEATURES_RECORD), record)
       fileio.atomic_write(shard_path(output_dir, shard),
                           lambda f: np.save(f, shard_features.astype(np.float16)))
   if bar is not None:

@@ -155,3 +155,28 @@ def test_train_resume_evaluate_export_with_urls_equals_local(remote, tmp_path):
     np.testing.assert_array_equal(remote_run['torch'][key].numpy(), value.numpy(), err_msg=key)
   stored = fileio.listdir(fileio.join(remote, 'run'))
   assert {'checkpoints', 'config.json', 'student_model.json', 'train_summary.json'} <= set(stored)
+
+
+def test_bagging_with_url_workdir_and_feature_shards_equals_local(remote, tmp_path):
+  from bingo_jax import bagging, features
+  from configs import common
+  config = common.base_config()
+  config.data.image_size = 16
+  config.bags.update(method='random-teacher', k=3, batch_size=8, shard_size=16)
+  config.bags.random_teacher.update({'arch': 'resnet18', 'base_width': 8, 'stem': 'cifar'})
+  images = np.random.default_rng(5).integers(0, 256, (24, 20, 20, 3), dtype=np.uint8)
+  source = data_sources.ArraySource(images, np.arange(24) % 3)
+  workdir = fileio.join(remote, 'bagging')
+  remote_bags, remote_path = bagging.compute_bags(config, workdir, source=source, progress=False)
+  local_bags, _ = bagging.compute_bags(config, str(tmp_path / 'bagging'), source=source,
+                                       progress=False)
+  assert remote_path == fileio.join(workdir, 'bags.npz')
+  np.testing.assert_array_equal(bag_file.load_bags(remote_path).neighbors, local_bags.neighbors)
+  np.testing.assert_array_equal(remote_bags.neighbors, local_bags.neighbors)
+  shards = features.open_feature_shards(fileio.join(workdir, 'features-random'))
+  assert shards.num_shards == 2
+  np.testing.assert_array_equal(
+      shards.load(), features.open_feature_shards(str(tmp_path / 'bagging' / 'features-random')
+                                                  ).load())
+  assert {'bag_report.json', 'bag_report.png', 'bags.npz'} <= set(fileio.listdir(workdir))
+  assert not os.path.exists('fake:')
