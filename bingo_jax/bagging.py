@@ -233,8 +233,14 @@ def _describe_data(config) -> dict:
 def main(argv) -> None:
   from absl import flags
   del argv
+  from bingo_jax import bad_images  # pylint: disable=g-import-not-at-top
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  _, path = compute_bags(config, workdir)
+  try:
+    _, path = compute_bags(config, workdir)
+  except bad_images.BadImageError as e:
+    # The undecodable images by name (config.data.on_bad_image='error'), not a TF traceback.
+    logging.error('%s', e)
+    raise SystemExit(1) from None
   logging.info('done: %s', path)
 
 

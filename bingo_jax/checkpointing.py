@@ -16,11 +16,23 @@ not checkpointed: it never changes and is reloaded from its model file.
 Orbax writes each step under a temporary name and renames it when complete, so an interrupted
 save never shadows the previous checkpoint. Every process calls ``save``/``restore`` (orbax
 coordinates the hosts); only process 0 writes the JSON records.
+
+Integrity (docs/reliability.md): ``save`` refuses a state with NaN or Inf values and stores a
+CRC-32 of every array in the progress record; a restore checks the orbax metadata against the
+target, reads the arrays, and verifies finiteness and the checksums. ``restore_latest`` falls
+back to the newest step that passes, moving damaged steps to ``WORKDIR/damaged_checkpoints``.
+A failed asynchronous save is raised by ``check_saves`` (called once per step) instead of being
+only logged by orbax's background thread.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import os
+import shutil
+import time
+import zlib
 from typing import Any, Optional
 
 import flax.serialization
@@ -28,16 +40,90 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from bingo_jax import fileio
+from bingo_jax import finite
 from bingo_jax import model_io
 from bingo_jax.models import create_model
 
 CHECKPOINTS_DIR = 'checkpoints'
 STUDENT_RECORD = 'student_model.json'
 CONFIG_RECORD = 'config.json'
+DAMAGED_DIR = 'damaged_checkpoints'
 _STATE = 'state'
 _PROGRESS = 'progress'
+_CHECKSUMS = 'checksums'  # progress record key: {array path: CRC-32 hex} of the saved state
+# Keys of config.json that a resume may change without config.train.allow_config_change: they
+# change how often the run logs, saves and where it stops, never what it computes.
+RESUME_SAFE_KEYS = ('train.allow_config_change', 'train.log_every_steps',
+                    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.max_steps')
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint step that cannot be used: damaged files, non-finite values, a failed save."""
+
+
+class ConfigChangedError(ValueError):
+  """A resume with another config than the recorded one (without allow_config_change)."""
+
+
+class NonFiniteStateError(CheckpointError):
+  """A state holding NaN or Inf values (never written as a checkpoint)."""
+
+
+def root_cause(error: BaseException) -> str:
+  """The innermost cause of ``error`` as one line ``Type: message``.
+
+  Orbax wraps a TensorStore error (the useful part: which file, what was wrong) in several
+  layers of asyncio and future exceptions; the innermost one says what happened.
+  """
+  seen, inner = set(), error
+  while id(inner) not in seen:
+    seen.add(id(inner))
+    nxt = inner.__cause__ or inner.__context__
+    if nxt is None:
+      break
+    inner = nxt
+  lines = str(inner).strip().splitlines()
+  return f'{type(inner).__name__}: {lines[0] if lines else "(no message)"}'
+
+
+_named_leaves = finite.named_leaves
+_host_array = finite.host_array
+non_finite_arrays = finite.non_finite_paths
+describe_non_finite = finite.describe
+
+
+def _checksums(tree: Any) -> dict[str, str]:
+  """CRC-32 of every host-addressable leaf's bytes (a damaged data file changes it)."""
+  sums = {}
+  for name, leaf in _named_leaves(tree):
+    array = _host_array(leaf)
+    if array is not None:
+      sums[name] = f'{zlib.crc32(np.ascontiguousarray(array).tobytes()) & 0xffffffff:08x}'
+  return sums
+
+
+class _OrbaxErrorCapture(std_logging.Filter):
+  """Keeps the first exception orbax's background threads log, and shortens their output.
+
+  Orbax logs a failed asynchronous save with a full traceback per thread and carries on; the
+  exception itself may never reach the caller. This filter (on absl's logger) remembers it so
+  ``check_saves`` can name the cause, and drops the repeated tracebacks (the message stays).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.first_error: Optional[str] = None
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if 'orbax' in record.pathname and record.levelno >= std_logging.ERROR:
+      if record.exc_info and record.exc_info[1] is not None:
+        if self.first_error is None:
+          self.first_error = root_cause(record.exc_info[1])
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _is_prng_key(x: Any) -> bool:
@@ -87,15 +173,54 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def write_workdir_records(workdir: str, student_model_config: dict, config_json: str) -> None:
+def _flatten(record: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(record, dict):
+    flat = {}
+    for key, value in record.items():
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    return flat
+  return {prefix[:-1]: record}
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+  """The keys whose values differ between two config records, as ``config.k: old -> new``.
+
+  Args:
+    previous, current: configs as JSON dicts (``config.json`` and this run's config).
+  Returns:
+    One line per changed, added or removed key, except ``RESUME_SAFE_KEYS``.
+  """
+  old, new = _flatten(previous), _flatten(current)
+  missing = object()
+  lines = []
+  for key in sorted(set(old) | set(new)):
+    if key in RESUME_SAFE_KEYS:
+      continue
+    before, after = old.get(key, missing), new.get(key, missing)
+    if before != after:
+      lines.append(f'config.{key}: {"(absent)" if before is missing else repr(before)} -> '
+                   f'{"(absent)" if after is missing else repr(after)}')
+  return lines
+
+
+def write_workdir_records(workdir: str, student_model_config: dict, config_json: str,
+                          resuming: bool = False, allow_config_change: bool = False
+                          ) -> list[str]:
   """Writes ``student_model.json`` and ``config.json`` (process 0 only; others return).
 
   Args:
     workdir: the training workdir.
     student_model_config: ``create_model`` keyword arguments of the student (JSON values).
     config_json: the run's config as JSON text (``config.to_json_best_effort()``).
+    resuming: the workdir holds checkpoints this run continues from; its ``config.json`` is
+      then compared with this run's config.
+    allow_config_change: accept (and log) a resume with a different config.
+  Returns:
+    The config changes of a resume (``config_changes`` lines; empty for a fresh run).
   Raises:
     ValueError: the workdir already holds checkpoints of a different student.
+    ConfigChangedError: when resuming, the recorded config differs and
+      ``allow_config_change`` is False.
   """
   record_path = fileio.join(workdir, STUDENT_RECORD)
   if fileio.isfile(record_path):
@@ -104,17 +229,33 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
       raise ValueError(
           f'{record_path} describes a different student ({previous}) than this config '
           f'({student_model_config}); its checkpoints cannot be resumed. Use a new --workdir.')
+  config_path = fileio.join(workdir, CONFIG_RECORD)
+  current = json.loads(config_json)
+  changes = []
+  if resuming and fileio.isfile(config_path):
+    changes = config_changes(fileio.read_json(config_path), current)
+    if changes and not allow_config_change:
+      raise ConfigChangedError(
+          f'{workdir} holds checkpoints of a run with another config ({config_path}); this '
+          f'run changes {len(changes)} key(s):\n  ' + '\n  '.join(changes) +
+          '\nRerun with the recorded config, use a new --workdir, or pass '
+          '--config.train.allow_config_change=true to resume with the change (it is logged '
+          'and kept in train_summary.json).')
+    for line in changes:
+      logging.warning('Resuming with a changed config (allow_config_change): %s', line)
   if jax.process_index() != 0:
-    return
+    return changes
   fileio.write_json_atomically(record_path, student_model_config)
-  fileio.write_json_atomically(fileio.join(workdir, CONFIG_RECORD), json.loads(config_json))
+  fileio.write_json_atomically(config_path, current)
+  return changes
 
 
 class TrainCheckpointer:
   """Saves and restores a ``TrainState`` in ``WORKDIR/checkpoints`` with orbax.
 
   Saves are asynchronous (the arrays are copied to the host before ``save`` returns, so the
-  next step may donate them); ``close`` waits for the last write.
+  next step may donate them); ``check_saves`` raises the failure of an earlier save, and
+  ``close`` waits for the last write.
   """
 
   def __init__(self, workdir: str, keep: int, read_only: bool = False):
@@ -122,9 +263,16 @@ class TrainCheckpointer:
     Args:
       workdir: the training workdir.
       keep: number of most recent checkpoints kept (older ones are deleted).
-      read_only: open for restoring only (evaluation, export).
+      read_only: open for restoring only (evaluation, export); damaged steps are skipped,
+        never moved.
     """
-    self.directory = fileio.join(fileio.absolute(workdir), CHECKPOINTS_DIR)
+    self.workdir = fileio.absolute(workdir)
+    self.directory = fileio.join(self.workdir, CHECKPOINTS_DIR)
+    self._read_only = read_only
+    self._pending: Optional[int] = None   # the step of the save not yet known to be complete
+    self._save_broken = False              # a save failed: orbax may hang if waited on
+    self._capture = _OrbaxErrorCapture()
+    std_logging.getLogger('absl').addFilter(self._capture)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                              enable_async_checkpointing=False)
@@ -141,14 +289,113 @@ class TrainCheckpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  # ---- saving ----
+
   def save(self, step: int, state: Any, progress: dict) -> None:
-    """Saves ``state`` (any pytree of the train state) and a JSON ``progress`` record."""
+    """Saves ``state`` (any pytree of the train state) and a JSON ``progress`` record.
+
+    Raises:
+      NonFiniteStateError: the state holds NaN or Inf; nothing is written, so the last good
+        checkpoints stay (a bad state never rotates them out).
+      CheckpointError: the previous save failed.
+    """
+    self.check_saves(wait=True)
+    storable = jax.tree.map(_host_copy, _to_storable(state))
+    bad = non_finite_arrays(storable)
+    if bad:
+      raise NonFiniteStateError(
+          f'Refusing to save step {step} to {self.directory}: '
+          f'{describe_non_finite(bad, len(jax.tree.leaves(storable)))}. The last checkpoint '
+          f'(step {self.latest_step()}) is kept.')
+    record = dict(progress, **{_CHECKSUMS: _checksums(storable)})
     self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(jax.tree.map(_host_copy, _to_storable(state))),
-        _PROGRESS: ocp.args.JsonSave(progress)}), force=True)
+        _STATE: ocp.args.StandardSave(storable),
+        _PROGRESS: ocp.args.JsonSave(record)}), force=True)
+    self._pending = step
+
+  def check_saves(self, wait: bool = False) -> None:
+    """Raises if an earlier asynchronous save failed (cheap: call it every step).
+
+    Args:
+      wait: wait for a save in progress first (otherwise only a finished one is checked).
+    Raises:
+      CheckpointError: naming the step and orbax's cause.
+    """
+    if self._pending is None:
+      return
+    if wait:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self._save_failed(root_cause(e))
+    elif self._manager.is_saving_in_progress():
+      return
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(root_cause(e))
+    if not fileio.isdir(fileio.join(self.directory, str(self._pending))):
+      self._save_failed(self._capture.first_error or 'orbax did not finalise the step '
+                        '(see its log above)')
+    self._pending = None
+
+  def _save_failed(self, cause: str) -> None:
+    step, self._pending = self._pending, None
+    self._save_broken = True
+    latest = [s for s in self._existing_steps() if s != step]
+    raise CheckpointError(
+        f'Saving step {step} to {self.directory} failed: {cause}. The run stops here; the '
+        f'last complete checkpoint is ' + (f'step {max(latest)}' if latest else 'none') +
+        ' (full disk or read-only directory? Free space and rerun the same command).')
+
+  def _existing_steps(self) -> list[int]:
+    if not fileio.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in fileio.listdir(self.directory) if n.isdigit())
+
+  # ---- restoring ----
+
+  def _check_fits(self, step: int, abstract: Any) -> None:
+    """Compares the step's orbax metadata with the restore target.
+
+    Raises:
+      CheckpointError: the metadata is unreadable (damaged step).
+      ValueError: the step is intact but holds another structure (the config changed).
+    """
+    try:
+      metadata = self._manager.item_metadata(step)[_STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'metadata unreadable: {root_cause(e)}') from None
+    if metadata is None:
+      raise CheckpointError('no state metadata')
+    stored = {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in _named_leaves(
+        jax.tree.map(lambda m: m, metadata, is_leaf=lambda m: hasattr(m, 'shape')))}
+    wanted = {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in _named_leaves(abstract)}
+    if stored != wanted:
+      missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+      wrong = sorted(k for k in set(wanted) & set(stored) if wanted[k] != stored[k])
+      raise ValueError(
+          f'{self.directory}/{step} holds another train state: '
+          + '; '.join(part for part in (
+              f'missing {", ".join(missing[:5])}' if missing else '',
+              f'unexpected {", ".join(extra[:5])}' if extra else '',
+              ', '.join(f'{k} stored {stored[k]} wanted {wanted[k]}' for k in wrong[:5])) if part))
+
+  def _verify(self, step: int, storable: Any, progress: dict) -> None:
+    """Finiteness and checksums of a restored state (CheckpointError if damaged)."""
+    bad = non_finite_arrays(storable)
+    if bad:
+      raise CheckpointError(describe_non_finite(bad, len(jax.tree.leaves(storable))))
+    expected = progress.get(_CHECKSUMS)
+    if expected:
+      actual = _checksums(storable)
+      wrong = sorted(k for k in expected if k in actual and actual[k] != expected[k])
+      if wrong:
+        raise CheckpointError(f'{len(wrong)} arrays differ from what was saved (checksum): '
+                              + ', '.join(wrong[:5]))
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-    """Restores step ``step`` onto the structure, shapes and shardings of ``target``.
+    """Restores and verifies step ``step`` onto the structure, shapes and shardings of ``target``.
 
     Args:
       step: a step in ``all_steps()``.
@@ -156,26 +403,78 @@ class TrainCheckpointer:
         abstract shapes; its shardings decide where the restored arrays live.
     Returns:
       ``(state, progress)``.
+    Raises:
+      CheckpointError: the step is damaged (unreadable, truncated, non-finite, checksum).
+      ValueError: the step holds another structure (student, queue or optimizer changed).
     """
     abstract = _abstract(_to_storable(_abstract(target)))
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract),
-        _PROGRESS: ocp.args.JsonRestore()}))
-    return _from_storable(target, restored[_STATE]), dict(restored[_PROGRESS])
+    self._check_fits(step, abstract)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract),
+          _PROGRESS: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(root_cause(e)) from None
+    progress = dict(restored[_PROGRESS])
+    self._verify(step, restored[_STATE], progress)
+    progress.pop(_CHECKSUMS, None)
+    return _from_storable(target, restored[_STATE]), progress
+
+  def restore_latest(self, target: Any) -> Optional[tuple[int, Any, dict]]:
+    """The newest step that restores and verifies, falling back over damaged ones.
+
+    A damaged step is reported in one line and, unless read-only, moved to
+    ``WORKDIR/damaged_checkpoints/`` (kept for inspection; it no longer counts as a step).
+
+    Returns:
+      ``(step, state, progress)``, or None when the workdir holds no usable checkpoint.
+    Raises:
+      ValueError: an intact step that does not fit ``target`` (see ``restore``).
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, progress = self.restore(step, target)
+      except CheckpointError as e:
+        self._report_damaged(step, str(e))
+        continue
+      return step, state, progress
+    return None
+
+  def _report_damaged(self, step: int, cause: str) -> None:
+    older = [s for s in self.all_steps() if s < step]
+    fallback = f'falling back to step {max(older)}' if older else 'no older step to fall back to'
+    if self._read_only or jax.process_index() != 0 or fileio.is_url(self.workdir):
+      logging.warning('Checkpoint %s/%d is damaged (%s); %s.', self.directory, step, cause,
+                      fallback)
+      return
+    aside = os.path.join(self.workdir, DAMAGED_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    logging.warning('Checkpoint %s/%d is damaged (%s); moved to %s; %s.', self.directory, step,
+                    cause, aside, fallback)
 
   def restore_arrays(self, step: int) -> dict:
-    """Restores the stored state as a nested dict of arrays on one local device.
+    """Restores and verifies the stored state as a nested dict of arrays on one local device.
 
     Needs no train state to restore onto (evaluation and export do not build an optimizer).
+
+    Raises:
+      CheckpointError: the step is damaged.
     """
-    metadata = self._manager.item_metadata(step)[_STATE]
-    device = jax.local_devices()[0]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-    return self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    try:
+      metadata = self._manager.item_metadata(step)[_STATE]
+      device = jax.local_devices()[0]
+      abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                         sharding=jax.sharding.SingleDeviceSharding(device)),
+          metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract), _PROGRESS: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(root_cause(e)) from None
+    self._verify(step, restored[_STATE], dict(restored[_PROGRESS]))
+    return restored[_STATE]
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: True at the step all hosts agreed to save at after a preemption notice."""
@@ -183,9 +482,28 @@ class TrainCheckpointer:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self.check_saves(wait=True)
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
+  def close(self, failed: bool = False) -> None:
+    """Waits for the last save and closes; raises if it failed.
+
+    Args:
+      failed: the run is already stopping on an error: skip waiting on orbax (whose threads
+        may block on a broken save) and raise nothing more.
+    """
+    if failed:
+      # A save in flight when the run stops on another error (a NaN, a bad image) is still
+      # waited for: it holds the last good step.
+      if self._pending is not None and not self._save_broken:
+        try:
+          self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+          logging.error('The last checkpoint save (step %d) failed too: %s', self._pending,
+                        root_cause(e))
+      std_logging.getLogger('absl').removeFilter(self._capture)
+      return
+    std_logging.getLogger('absl').removeFilter(self._capture)
+    self.check_saves(wait=True)
     self._manager.close()
 
 
@@ -216,13 +534,29 @@ def load_student(workdir: str, step: Optional[int] = None,
   steps = checkpointer.all_steps()
   if not steps:
     raise FileNotFoundError(f'{checkpointer.directory} holds no checkpoint.')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise ValueError(f'{checkpointer.directory} has no checkpoint of step {step}; '
-                     f'available: {sorted(steps)}.')
-  stored = checkpointer.restore_arrays(step)
-  checkpointer.close()
+  try:
+    if step is not None:
+      if step not in steps:
+        raise ValueError(f'{checkpointer.directory} has no checkpoint of step {step}; '
+                         f'available: {sorted(steps)}.')
+      try:
+        stored = checkpointer.restore_arrays(step)
+      except CheckpointError as e:
+        raise CheckpointError(f'{checkpointer.directory}/{step} is damaged: {e}') from None
+    else:
+      # The newest step that verifies: a damaged latest step is reported and skipped (not
+      # moved: evaluation and export only read the workdir).
+      for step in sorted(steps, reverse=True):
+        try:
+          stored = checkpointer.restore_arrays(step)
+          break
+        except CheckpointError as e:
+          checkpointer._report_damaged(step, str(e))  # pylint: disable=protected-access
+      else:
+        raise CheckpointError(f'{checkpointer.directory}: no checkpoint restores intact '
+                              f'(steps {sorted(steps)}; see the warnings above).')
+  finally:
+    checkpointer.close()
   variables = {'params': stored['params'], 'batch_stats': stored.get('batch_stats', {})}
   variables = jax.tree.map(jnp.asarray, variables)
   model = create_model(**{**model_config, **model_overrides})

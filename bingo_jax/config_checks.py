@@ -26,6 +26,9 @@ TEACHER_BN_MODES = ('shuffle', 'frozen')
 # config.data.augment_on / on_device (bingo_jax/device_data.py, docs/data.md).
 AUGMENT_ON = ('device', 'host')
 ON_DEVICE = ('auto', 'always', 'never')
+# 'stop': a non-finite loss or gradient norm stops the run (train.py); 'skip': the step keeps
+# the previous state (parameters, optimizer, statistics, queue) and counts it in 'skipped'.
+NAN_POLICIES = ('stop', 'skip')
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -83,7 +86,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
              'config.train.compute_dtype': (train.compute_dtype, COMPUTE_DTYPES),
              'config.teacher.bn_mode': (config.teacher.bn_mode, TEACHER_BN_MODES),
              'config.data.augment_on': (config.data.get('augment_on', 'device'), AUGMENT_ON),
-             'config.data.on_device': (config.data.get('on_device', 'auto'), ON_DEVICE)}
+             'config.data.on_device': (config.data.get('on_device', 'auto'), ON_DEVICE),
+             'config.train.nan_policy': (train.get('nan_policy', 'stop'), NAN_POLICIES),
+             'config.data.on_bad_image': (config.data.get('on_bad_image', 'error'),
+                                          ('error', 'skip'))}
   for key, (value, allowed) in choices.items():
     _check_choice(key, value, allowed)
   groups = [('student', config.student.bn_group_size)]

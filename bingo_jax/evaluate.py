@@ -25,6 +25,8 @@ training-based protocols log to TensorBoard in ``DIR/tensorboard``.
 from __future__ import annotations
 
 import io
+import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -351,8 +353,14 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  evaluate(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.protocol,
-           flags.FLAGS.workdir, flags.FLAGS.step)
+  from bingo_jax import bad_images, checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    evaluate(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.protocol,
+             flags.FLAGS.workdir, flags.FLAGS.step)
+  except (checkpointing.CheckpointError, bad_images.BadImageError) as e:
+    # A damaged checkpoint: its cause in one message, not orbax's asyncio traceback.
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from bingo_jax import bad_images
 from bingo_jax import views as views_lib
 from bingo_jax.data_sources import ImageSource
 
@@ -122,26 +123,41 @@ def source_batches(source: ImageSource, columns: dict, view: Callable[[dict], di
     An iterator of numpy dicts, ``len(columns['index']) // batch_size`` of them.
   """
   parallel = _parallelism(num_parallel_calls)
+  policy = bad_images.policy_of(source)
+  columns = {key: np.asarray(value) for key, value in columns.items()}
 
-  @tf.autograph.experimental.do_not_convert
-  def read(batch):
-    index = tf.cast(batch['index'], tf.int64)
-    read_index = tf.where(index >= 0, index, tf.constant(padding_index, tf.int64))
-    if with_labels:
-      batch['image'], labels = source.tf_read_labeled_batch(read_index)
-      batch['label'] = tf.cast(tf.where(index >= 0, labels, -1), tf.int64)
-    else:
-      batch['image'] = source.tf_read_batch(read_index)
-    return batch
+  def build(first_batch: int, table: Optional[np.ndarray]) -> Iterator[dict]:
+    # table: config.data.on_bad_image='skip' reads bad image i as table[i] (bad_images.py).
+    table_t = None if table is None else tf.constant(table, tf.int64)
 
-  dataset = tf.data.Dataset.from_tensor_slices(dict(columns)).batch(read_size or batch_size)
-  dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
-  dataset = dataset.map(tf.autograph.experimental.do_not_convert(view),
-                        num_parallel_calls=parallel, deterministic=True)
-  dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(2)
-  if options is not None:
-    dataset = dataset.with_options(options)
-  return dataset.as_numpy_iterator()
+    @tf.autograph.experimental.do_not_convert
+    def read(batch):
+      index = tf.cast(batch['index'], tf.int64)
+      read_index = tf.where(index >= 0, index, tf.constant(padding_index, tf.int64))
+      if table_t is not None:
+        read_index = tf.gather(table_t, read_index)
+      if with_labels:
+        batch['image'], labels = source.tf_read_labeled_batch(read_index)
+        batch['label'] = tf.cast(tf.where(index >= 0, labels, -1), tf.int64)
+      else:
+        batch['image'] = source.tf_read_batch(read_index)
+      return batch
+
+    rest = {key: value[first_batch * batch_size:] for key, value in columns.items()}
+    dataset = tf.data.Dataset.from_tensor_slices(rest).batch(read_size or batch_size)
+    dataset = dataset.map(read, num_parallel_calls=parallel).unbatch()
+    dataset = dataset.map(tf.autograph.experimental.do_not_convert(view),
+                          num_parallel_calls=parallel, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(2)
+    if options is not None:
+      dataset = dataset.with_options(options)
+    return dataset.as_numpy_iterator()
+
+  def batch_indices(k: int) -> np.ndarray:
+    index = columns['index'][k * batch_size:(k + 2) * batch_size]
+    return np.where(index >= 0, index, padding_index)
+
+  return bad_images.guarded_batches(build, batch_indices, source, policy)
 
 
 def make_eval_dataset(source: ImageSource, image_size: int, local_batch_size: int, *,
@@ -389,8 +405,7 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   parallel = _parallelism(config.data.get('num_parallel_calls', -1))
   global_batch_size = local_batch_size * process_count
 
-  dataset = anchor_stream(seed, len(source), global_batch_size, start_step, process_index,
-                          process_count)
+  policy = config.data.get('on_bad_image', None) or bad_images.policy_of(source)
 
   # The map functions are plain TF (no Python control flow on tensors): skipping autograph
   # halves the tracing time.
@@ -401,6 +416,19 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                       bags.tf_sample_positive(example['anchor_index'], seeds[_POSITIVE]))
     return {'anchor_index': example['anchor_index'], 'seeds': seeds,
             'positive_index': positive_index}
+
+  uses_positive = views_lib.needs_bags(views)
+
+  def index_batches(first_step: int) -> tf.data.Dataset:
+    dataset = anchor_stream(seed, len(source), global_batch_size, first_step, process_index,
+                            process_count)
+    dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
+    return dataset.batch(local_batch_size, drop_remainder=True)
+
+  table_t = None  # config.data.on_bad_image='skip': bad image i is read as table_t[i]
+
+  def read(indices):
+    return source.tf_read_batch(indices if table_t is None else tf.gather(table_t, indices))
 
   @tf.autograph.experimental.do_not_convert
   def augment_view(request):
@@ -418,33 +446,47 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     batch['positive_index'] = tf.cast(requests['positive_index'][::num_views], tf.int32)
     return batch
 
-  dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
-  dataset = dataset.batch(local_batch_size, drop_remainder=True)
-  if output == 'canvases':
-    dataset = _canvas_batches(dataset, config, source, views, view_seed_slots,
-                              local_batch_size, parallel)
-    return dataset.prefetch(2).with_options(_options()).as_numpy_iterator()
-  read_views = _view_reader(source, views, view_seed_slots)
-  dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
-  dataset = dataset.map(augment_view, num_parallel_calls=parallel)
-  dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
-  dataset = dataset.map(regroup).prefetch(2)
-  dataset = dataset.with_options(_options())
-  return dataset.as_numpy_iterator()
+  def build(first_batch: int, table: Optional[np.ndarray]) -> Iterator[dict]:
+    nonlocal table_t
+    table_t = None if table is None else tf.constant(table, tf.int64)
+    dataset = index_batches(start_step + first_batch)
+    if output == 'canvases':
+      dataset = _canvas_batches(dataset, config, source, views, view_seed_slots,
+                                local_batch_size, parallel, read_images=read)
+      return dataset.prefetch(2).with_options(_options()).as_numpy_iterator()
+    read_views = _view_reader(source, views, view_seed_slots, read=read)
+    dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
+    dataset = dataset.map(augment_view, num_parallel_calls=parallel)
+    dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
+    dataset = dataset.map(regroup).prefetch(2)
+    dataset = dataset.with_options(_options())
+    return dataset.as_numpy_iterator()
+
+  def batch_indices(k: int) -> np.ndarray:
+    # Only indices and positives: nothing is decoded.
+    batches = list(index_batches(start_step + k).take(2).as_numpy_iterator())
+    return np.concatenate([b[key] for b in batches for key in
+                           (('anchor_index', 'positive_index') if uses_positive else
+                            ('anchor_index',))])
+
+  return bad_images.guarded_batches(build, batch_indices, source, policy,
+                                    where=lambda k: f' in training step {start_step + k + 1}')
 
 
-def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: list[int]):
+def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: list[int],
+                 read: Optional[Callable] = None):
   """The tf.data map of ``create_train_iterator`` from a batch of B examples
   (``anchor_index``, ``positive_index``, ``seeds``) to B * len(views) view requests
   (``image``, ``seed`` and both indices), example-major in ``views`` order: the anchor's image
-  for its views and the positive's for the positive's, each with its view's seed slot."""
+  for its views and the positive's for the positive's, each with its view's seed slot.
+  ``read(indices)`` reads the images (default ``source.tf_read_batch``)."""
   num_views = len(views)
+  read = read or source.tf_read_batch
 
   @tf.autograph.experimental.do_not_convert
   def read_views(batch):
-    anchor_images = source.tf_read_batch(batch['anchor_index'])
-    positive_images = (source.tf_read_batch(batch['positive_index'])
-                       if views_lib.needs_bags(views) else None)
+    anchor_images = read(batch['anchor_index'])
+    positive_images = read(batch['positive_index']) if views_lib.needs_bags(views) else None
     images = tf.stack([positive_images if view in views_lib.POSITIVE_VIEWS else anchor_images
                        for view in views], axis=1)
     seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
@@ -457,7 +499,8 @@ def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: l
 
 
 def _canvas_batches(dataset, config, source: ImageSource, views: tuple, view_seed_slots: list,
-                    local_batch_size: int, parallel: int):
+                    local_batch_size: int, parallel: int,
+                    read_images: Optional[Callable] = None):
   """Batches of examples (anchor, positive, seeds) -> canvas batches (``output='canvases'``)."""
   with_positive = views_lib.needs_bags(views)
   images_per_example = 2 if with_positive else 1
@@ -466,7 +509,7 @@ def _canvas_batches(dataset, config, source: ImageSource, views: tuple, view_see
   @tf.autograph.experimental.do_not_convert
   def read(batch):
     indices = [batch['anchor_index']] + ([batch['positive_index']] if with_positive else [])
-    images = [source.tf_read_batch(index) for index in indices]
+    images = [(read_images or source.tf_read_batch)(index) for index in indices]
     seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
     out = {'anchor_index': tf.cast(batch['anchor_index'], tf.int32),
            'positive_index': tf.cast(batch['positive_index'], tf.int32),

@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bingo_jax import fileio
+from bingo_jax import finite
 from bingo_jax.models import Model, create_model
 
 MODEL_RECORD = 'bingo_model.json'
@@ -73,8 +74,25 @@ def _to_numpy_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+def check_finite(variables: Any, what: str) -> None:
+  """Refuses variables holding NaN or Inf, naming them.
+
+  Args:
+    variables: a tree of arrays.
+    what: the file or source, for the message.
+  Raises:
+    ValueError: naming the non-finite arrays (a diverged or damaged model embeds every image
+      alike: bags and kNN results of chance level, with no other sign).
+  """
+  bad = finite.non_finite_paths(variables)
+  if bad:
+    raise ValueError(f'{what}: {finite.describe(bad, len(jax.tree.leaves(variables)))}. '
+                     'Pass allow_non_finite=True (--allow-non-finite) to accept them anyway.')
+
+
 def save_model(path: str, model_config: dict, variables: dict,
-               metadata: Optional[dict] = None, overwrite: bool = False) -> str:
+               metadata: Optional[dict] = None, overwrite: bool = False,
+               allow_non_finite: bool = False) -> str:
   """Writes a model file atomically. Returns the absolute path (or the URL).
 
   Locally the directory is written under a temporary name and renamed into place. A URL
@@ -86,11 +104,22 @@ def save_model(path: str, model_config: dict, variables: dict,
     model_config: ``create_model`` keyword arguments (JSON-serialisable).
     variables: ``{'params': ..., 'batch_stats': ...}`` matching ``create_model(**model_config)``.
     metadata: extra JSON-serialisable record.
-    overwrite: replace an existing model file.
+    overwrite: replace an existing model file; anything else at ``path`` (a directory of
+      other files, a checkpoint, a regular file) is never replaced.
+    allow_non_finite: write variables holding NaN or Inf (refused by default).
+  Raises:
+    FileExistsError: ``path`` exists and is not a model file, or exists without ``overwrite``.
+    ValueError: non-finite variables.
   """
   path = fileio.absolute(path)
   if fileio.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass overwrite=True (--overwrite) to replace it.')
+  if fileio.exists(path) and not fileio.isfile(fileio.join(path, MODEL_RECORD)):
+    raise FileExistsError(
+        f'{path} exists and is not a bingo_jax model file ({MODEL_RECORD} missing); '
+        '--overwrite only replaces a model file. Give a new destination path.')
+  if not allow_non_finite:
+    check_finite(variables, f'Refusing to write {path}')
   record = {'format_version': FORMAT_VERSION, 'model': model_config, 'metadata': metadata or {}}
   json.dumps(record)  # fail before writing anything on unserialisable values
   if fileio.is_url(path):
@@ -155,15 +184,18 @@ def read_record(path: str) -> dict:
   return record
 
 
-def load_model(path: str, **model_overrides) -> LoadedModel:
+def load_model(path: str, allow_non_finite: bool = False, **model_overrides) -> LoadedModel:
   """Loads a model file written by ``save_model`` (converted teacher or exported student).
 
   Args:
     path: the model file directory.
+    allow_non_finite: accept variables holding NaN or Inf (refused by default).
     **model_overrides: ``create_model`` arguments to change, e.g. ``dtype=jnp.bfloat16`` or
       ``bn_group_size=32``; they must not change parameter shapes.
   Returns:
     A ``LoadedModel``.
+  Raises:
+    ValueError: the variables do not fit the model, or hold NaN or Inf.
   """
   path = fileio.absolute(path)
   record = read_record(path)
@@ -171,6 +203,8 @@ def load_model(path: str, **model_overrides) -> LoadedModel:
   model = create_model(**{**model_config, **model_overrides})
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(fileio.as_path(fileio.join(path, VARIABLES_DIR)))
+  if not allow_non_finite:
+    check_finite(restored, path)
   variables = {k: jax.tree.map(jnp.asarray, v) for k, v in restored.items()}
   check_variable_shapes(model, variables, path)
   return LoadedModel(model=model, variables=variables, model_config=model_config,

@@ -218,7 +218,8 @@ class ConvertedModel:
 
 def convert_torch_checkpoint(path: str, source_format: Optional[str] = None,
                              arch: Optional[str] = None, head: Optional[str] = None,
-                             encoder: str = 'encoder_q') -> ConvertedModel:
+                             encoder: str = 'encoder_q',
+                             allow_non_finite: bool = False) -> ConvertedModel:
   """Reads a PyTorch checkpoint file and converts its model exactly.
 
   Args:
@@ -227,6 +228,8 @@ def convert_torch_checkpoint(path: str, source_format: Optional[str] = None,
     arch: ``create_model`` architecture, or None (infer from the tensor shapes).
     head: None (keep the head found), 'none' (drop it), or 'moco'/'swav'/'linear' (require).
     encoder: MoCo layout only: which encoder to convert.
+    allow_non_finite: convert tensors holding NaN or Inf (refused by default: such a teacher
+      embeds every image alike, and its bags are of chance purity).
   Returns:
     ``ConvertedModel``: model config, ``{'params', 'batch_stats'}`` numpy variables, and the
     metadata record (arch, head, source file, format, sha256, ...).
@@ -238,6 +241,14 @@ def convert_torch_checkpoint(path: str, source_format: Optional[str] = None,
   model_config, head_spec = torch_mapping.infer_model_config(state.state_dict, source,
                                                              arch=arch, head=head)
   tensors = {k: v for k, v in state.state_dict.items() if k not in set(head_spec.dropped_keys)}
+  if not allow_non_finite:
+    bad = sorted(k for k, v in tensors.items()
+                 if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all())
+    if bad:
+      raise ValueError(
+          f'{source}: {len(bad)} of {len(tensors)} tensors hold NaN or Inf ('
+          + ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+          + '): a diverged or damaged checkpoint. Pass --allow-non-finite to convert it anyway.')
   variables = torch_mapping.torch_to_flax(tensors, model_config, source=source,
                                           head_prefix=head_spec.torch_prefix)
   metadata = {
@@ -266,11 +277,27 @@ def _summarise_keys(keys: list[str]) -> list[str]:
 
 def convert_to_model_file(source: str, destination: str, source_format: Optional[str] = None,
                           arch: Optional[str] = None, head: Optional[str] = None,
-                          encoder: str = 'encoder_q', overwrite: bool = False) -> ConvertedModel:
-  """``convert_torch_checkpoint`` + ``model_io.save_model`` (atomic). Returns the conversion."""
-  converted = convert_torch_checkpoint(source, source_format, arch, head, encoder)
+                          encoder: str = 'encoder_q', overwrite: bool = False,
+                          allow_non_finite: bool = False) -> ConvertedModel:
+  """``convert_torch_checkpoint`` + ``model_io.save_model`` (atomic). Returns the conversion.
+
+  Raises:
+    ValueError: also for tensors holding NaN or Inf (named by their PyTorch keys), unless
+      ``allow_non_finite``.
+    FileExistsError: ``destination`` exists and is not a model file (even with ``overwrite``).
+  """
+  destination = fileio.absolute(destination)
+  if fileio.exists(destination) and overwrite and not fileio.isfile(
+      fileio.join(destination, model_io.MODEL_RECORD)):
+    # Checked before the (possibly long) conversion too; save_model checks again.
+    raise FileExistsError(
+        f'{destination} exists and is not a bingo_jax model file ({model_io.MODEL_RECORD} '
+        'missing); --overwrite only replaces a model file. Give a new destination path.')
+  converted = convert_torch_checkpoint(source, source_format, arch, head, encoder,
+                                       allow_non_finite=allow_non_finite)
   model_io.save_model(destination, converted.model_config, converted.variables,
-                      metadata=converted.metadata, overwrite=overwrite)
+                      metadata=converted.metadata, overwrite=overwrite,
+                      allow_non_finite=allow_non_finite)
   return converted
 
 
@@ -343,6 +370,9 @@ def save_torch(obj: Any, path: str, overwrite: bool = False) -> str:
   path = fileio.absolute(path)
   if fileio.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass --overwrite to replace it.')
+  if not os.path.isfile(path) and os.path.exists(path):
+    raise FileExistsError(f'{path} exists and is not a file (a directory?); --overwrite only '
+                          'replaces a file. Give a new destination path.')
   return fileio.atomic_write(path, lambda f: torch.save(_to_torch(obj), f))
 
 

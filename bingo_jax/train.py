@@ -3,7 +3,9 @@ r"""BINGO distillation: ``python -m bingo_jax.train --config configs/X.py --work
 ``train_and_evaluate`` reads top to bottom: config checks -> mesh -> teacher -> data and bags
 -> student and its state (fresh or restored) -> jitted step -> loop (logs, checkpoints,
 preemption) -> summary. Rerunning the same command continues from the latest checkpoint in
-``WORKDIR/checkpoints``; a SIGTERM makes the loop save and exit cleanly. With
+``WORKDIR/checkpoints`` that restores intact; a SIGTERM or SIGINT makes the loop save and exit
+with status 75 (``EXIT_PREEMPTED``: rerun to continue). One run at a time holds the workdir
+(``WORKDIR/train.lock``); faults and what each gets are in docs/reliability.md. With
 ``config.train.method = 'moco'`` the same loop pre-trains MoCo v2 (no teacher or bag file;
 the key encoder lives in the train state; docs/training.md).
 
@@ -16,8 +18,12 @@ Examples::
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import sys
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -26,6 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bingo_jax import bad_images
 from bingo_jax import bag_file
 from bingo_jax import checkpointing
 from bingo_jax import config_checks
@@ -40,11 +47,19 @@ from bingo_jax import progress
 from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
+from bingo_jax import workdir_lock
 from bingo_jax.models import create_model
 
 # Metrics shown on the console; TensorBoard gets every metric of the step.
 CONSOLE_METRICS = ('loss', 'top1', 'top5', 'learning_rate')
 SUMMARY_RECORD = 'train_summary.json'
+# Exit status of a run stopped by SIGTERM/SIGINT after saving (sysexits.h EX_TEMPFAIL: "try
+# again later"), so a scheduler can requeue it; errors exit 1, a finished run 0.
+EXIT_PREEMPTED = 75
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss (or another training metric) became NaN or Inf (config.train.nan_policy='stop')."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,35 +144,45 @@ def student_model_config(config: ml_collections.ConfigDict) -> dict:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit between steps.
+  """Turns SIGTERM and SIGINT into a flag the loop polls, so it can save and exit between steps.
 
-  With several processes every host must stop at the same step: JAX's preemption service
-  (started by ``jax.distributed.initialize``) agrees on that step, read through orbax's
+  A second SIGINT (Ctrl-C pressed again) interrupts at once, without saving. With several
+  processes every host must stop at the same step: JAX's preemption service (started by
+  ``jax.distributed.initialize``) agrees on that step, read through orbax's
   ``reached_preemption``; with one process a Python signal handler suffices.
   """
 
-  def __init__(self, checkpointer: checkpointing.TrainCheckpointer):
-    self._checkpointer = checkpointer
-    self._signalled = False
-    self._previous_handler = None
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self._checkpointer: Optional[checkpointing.TrainCheckpointer] = None
+    self.signalled: Optional[int] = None
+    self._previous_handlers: dict = {}
     if jax.process_count() == 1:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+      for signum in self.SIGNALS:
+        self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+  def attach(self, checkpointer: checkpointing.TrainCheckpointer) -> None:
+    self._checkpointer = checkpointer
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning('Received signal %d: saving a checkpoint after this step, then exiting.',
-                    signum)
-    self._signalled = True
+    if signum == signal.SIGINT and self.signalled == signal.SIGINT:
+      raise KeyboardInterrupt  # Ctrl-C twice: stop now
+    logging.warning('Received %s: saving a checkpoint after this step, then exiting%s.',
+                    signal.Signals(signum).name,
+                    ' (Ctrl-C again to stop without saving)' if signum == signal.SIGINT else '')
+    self.signalled = signum
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self._signalled
+    if jax.process_count() == 1 or self._checkpointer is None:
+      return self.signalled is not None
     return self._checkpointer.reached_preemption(step)
 
   def close(self) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
+    self._previous_handlers = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +202,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The summary record (also written to ``WORKDIR/train_summary.json``): ``step``,
     ``total_steps``, ``preempted``, ``wall_seconds`` and ``core_hours_this_run`` (this run),
     ``elapsed_seconds`` and ``core_hours`` (all runs of the workdir, carried across resumes),
-    ``images_per_second``, final metrics, and the last kNN monitor metrics (``monitor``).
+    ``images_per_second``, final metrics, the last kNN monitor metrics (``monitor``),
+    ``status``, and ``runs`` (the records of every run on this workdir, this one last).
+  Raises:
+    workdir_lock.WorkdirLockedError: another run holds the workdir.
+    checkpointing.CheckpointError: a checkpoint save failed (the run stops at once).
+    NonFiniteLossError: a non-finite loss or metric (config.train.nan_policy = 'stop').
+    bad_images.BadImageError: an undecodable image (config.data.on_bad_image = 'error'),
+      after saving the steps done.
   """
+  # SIGTERM/SIGINT from here on only set a flag; the lock is taken once the inputs are checked.
+  lock = workdir_lock.WorkdirLock(workdir)
+  preemption = PreemptionWatcher()
+  try:
+    return _train_and_evaluate(config, workdir, lock, preemption, simulate_preemption_at_step)
+  finally:
+    preemption.close()
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        lock: workdir_lock.WorkdirLock, preemption: 'PreemptionWatcher',
+                        simulate_preemption_at_step: Optional[int]) -> dict:
+  """``train_and_evaluate`` with the lock (not yet taken) and the signal handlers installed."""
   # ---- config and mesh ----
   mesh = parallel.make_mesh()
   config_checks.check_config(config, mesh.devices.size)
@@ -199,20 +245,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('%d training images, %d steps per epoch, training to step %d.', len(source),
                steps_per_epoch, total_steps)
 
-  # ---- student, optimizer, negative queue: fresh or restored ----
+  # ---- the workdir: one run at a time; the config recorded by the run that saved ----
   fileio.makedirs(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   student_config = student_model_config(config)
-  checkpointing.write_workdir_records(workdir, student_config, config.to_json_best_effort())
+  config_changes = checkpointing.write_workdir_records(
+      workdir, student_config, config.to_json_best_effort(),
+      resuming=bool(checkpointer.all_steps()),
+      allow_config_change=config.train.get('allow_config_change', False))
+
+  # ---- student, optimizer, negative queue: fresh or restored ----
   student = create_model(**student_config, dtype=config.train.compute_dtype)
   state = train_step_lib.create_train_state(config, student, jax.random.key(config.train.seed),
                                             mesh, steps_per_epoch)
-  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  stored_progress: Optional[dict] = None
-  if start_step:
-    state, stored_progress = _resume(checkpointer, start_step, state, {
-        'global_batch_size': global_batch_size, 'seed': config.train.seed,
-        'steps_per_epoch': steps_per_epoch})
+  start_step, state, stored_progress = _resume(checkpointer, state, {
+      'global_batch_size': global_batch_size, 'seed': config.train.seed,
+      'steps_per_epoch': steps_per_epoch})
 
   # ---- the step: the builder of config.train.method ----
   key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)
@@ -266,18 +316,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
             'epoch': step // steps_per_epoch, **chrono.record()}
 
-  step, preempted, last_metrics, monitor_metrics = _train_loop(
-      config, workdir, state, run_step, checkpointer, chrono, progress_record,
-      start_step=start_step, total_steps=total_steps,
-      simulate_preemption_at_step=simulate_preemption_at_step, monitor_step=monitor_step)
-  return _write_summary(workdir, {
-      'step': step, 'total_steps': total_steps, 'start_step': start_step,
-      'preempted': preempted, 'wall_seconds': chrono.wall_seconds,
-      'images_per_second': chrono.images_per_second(), 'core_hours': chrono.core_hours(),
-      'core_hours_this_run': chrono.core_hours_this_run(),
-      'elapsed_seconds': chrono.elapsed_seconds,
-      'global_batch_size': global_batch_size, 'num_devices': int(mesh.devices.size),
-      'final_metrics': last_metrics, 'monitor': monitor_metrics})
+  run_record = {'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                'host': socket.gethostname(), 'pid': os.getpid(), 'start_step': start_step,
+                'status': 'failed'}
+  if config_changes:
+    run_record['config_changes'] = config_changes
+  loop = {'step': start_step, 'preempted': False, 'last_metrics': {}, 'monitor': {}}
+  failed = True
+  try:
+    _train_loop(config, workdir, state, run_step, checkpointer, chrono, progress_record,
+                preemption, loop, start_step=start_step, total_steps=total_steps,
+                simulate_preemption_at_step=simulate_preemption_at_step,
+                monitor_step=monitor_step)
+    failed = False
+  except BaseException as e:
+    run_record['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    raise
+  finally:
+    # ---- summary: this run's record, appended to those of the earlier runs ----
+    step = loop['step']
+    run_record.update({
+        'step': step, 'total_steps': total_steps, 'preempted': loop['preempted'],
+        'wall_seconds': chrono.wall_seconds, 'images_per_second': chrono.images_per_second(),
+        'core_hours': chrono.core_hours(), 'core_hours_this_run': chrono.core_hours_this_run(),
+        'elapsed_seconds': chrono.elapsed_seconds, 'global_batch_size': global_batch_size,
+        'num_devices': int(mesh.devices.size), 'final_metrics': loop['last_metrics'],
+        'monitor': loop['monitor']})
+    skipped = bad_images.replacements_of(source).records()
+    if skipped:
+      run_record['bad_images_skipped'] = skipped
+      logging.warning('%d undecodable training image(s) were replaced by others: %s',
+                      len(skipped), ', '.join(f'{r["index"]} ({r["file"]})' for r in skipped))
+    if not failed:
+      run_record['status'] = ('preempted' if loop['preempted'] else
+                              'done' if step > start_step else 'nothing to do')
+    summary = _record_run(workdir, run_record, trained=step > start_step or failed)
+  return summary
 
 
 def _load_teacher_unless_moco(config: ml_collections.ConfigDict
@@ -308,20 +382,25 @@ def _training_data(config: ml_collections.ConfigDict,
   return source, None
 
 
-def _resume(checkpointer: checkpointing.TrainCheckpointer, step: int,
-            state: train_step_lib.TrainState,
-            current: dict) -> tuple[train_step_lib.TrainState, dict]:
-  """``(state, progress record)`` of checkpoint ``step``, refused when it or the data order
-  would not fit."""
+def _resume(checkpointer: checkpointing.TrainCheckpointer, state: train_step_lib.TrainState,
+            current: dict) -> tuple[int, train_step_lib.TrainState, Optional[dict]]:
+  """``(step, state, progress record)`` of the newest checkpoint that restores intact, or
+  ``(0, state, None)``.
+
+  Damaged steps are moved aside with one line each (``restore_latest``); an intact step that
+  does not fit, or whose data order would differ, is refused.
+  """
   try:
-    state, stored_progress = checkpointer.restore(step, state)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{checkpointer.directory}/{step} does not fit this config '
-                     f'(student, queue size or optimizer changed?): {e}. Use a new --workdir.'
-                     ) from e
+    resumed = checkpointer.restore_latest(state)
+  except ValueError as e:
+    raise ValueError(f'{checkpointer.directory} does not fit this config (student, queue size '
+                     f'or optimizer changed?): {e}. Use a new --workdir.') from e
+  if resumed is None:
+    return 0, state, None
+  step, state, stored_progress = resumed
   _check_resumable(stored_progress, current, checkpointer.directory, step)
   logging.info('Resumed from %s/%d.', checkpointer.directory, step)
-  return state, stored_progress
+  return step, state, stored_progress
 
 
 def _key_side(config: ml_collections.ConfigDict, student_config: dict,
@@ -340,34 +419,78 @@ def _key_side(config: ml_collections.ConfigDict, student_config: dict,
 def _train_loop(config: ml_collections.ConfigDict, workdir: str,
                 state: train_step_lib.TrainState, run_step: Callable,
                 checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,
-                progress_record: Callable[[int], dict], *, start_step: int, total_steps: int,
+                progress_record: Callable[[int], dict], preemption: PreemptionWatcher,
+                loop: dict, *, start_step: int, total_steps: int,
                 simulate_preemption_at_step: Optional[int],
-                monitor_step: Optional[Callable] = None) -> tuple[int, bool, dict, dict]:
-  """Steps from ``start_step`` to ``total_steps``: logs, checkpoints, preemption.
+                monitor_step: Optional[Callable] = None) -> None:
+  """Steps from ``start_step`` to ``total_steps``: logs, checkpoints, preemption, faults.
 
   Args:
     run_step: ``state -> (state, metrics)`` on the next batch.
+    loop: updated in place, also when an error stops the loop: ``step`` (the last step done),
+      ``preempted``, ``last_metrics``, ``monitor`` (the last kNN monitor metrics).
     monitor_step: ``(step, state) -> metrics or None`` after each step (the kNN monitor,
       when due); its metrics are logged.
-  Returns:
-    ``(step, preempted, last_metrics, last monitor metrics)``; the checkpointer is closed.
+  Raises:
+    NonFiniteLossError: a non-finite metric (``config.train.nan_policy = 'stop'``); that
+      step's state is not saved.
+    checkpointing.CheckpointError: a save failed.
+    bad_images.BadImageError: an undecodable image; the steps done are saved first.
+  The checkpointer is closed (after an error, a save in flight is still waited for).
   """
   writer = progress.MetricWriter(workdir)
-  preemption = PreemptionWatcher(checkpointer)
+  preemption.attach(checkpointer)
+
+  # Metrics stay on the device until a log or a save needs them (no per-step host sync);
+  # they are checked for NaN/Inf then, before anything is logged or saved.
+  unchecked: list[tuple[int, Any]] = []   # (step, device metrics)
+  pending_metrics: list[dict] = []         # host metrics since the last log, all finite
+
+  def check_finite() -> None:
+    nonlocal unchecked
+    if not unchecked:
+      return
+    host = jax.device_get([m for _, m in unchecked])
+    for (at_step, _), metrics in zip(unchecked, host):
+      bad = {k: float(np.asarray(v).ravel()[0]) for k, v in sorted(
+          metrics.items(), key=lambda item: (item[0] != 'loss', item[0]))
+             if not np.all(np.isfinite(v))}
+      if bad:
+        latest = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f'Step {at_step}: non-finite ' + ', '.join(f'{k} = {v}' for k, v in bad.items()) +
+            " (config.train.nan_policy = 'stop'). The run stops without saving it; " +
+            (f'the last checkpoint, step {latest}, holds finite values' if latest else
+             'no checkpoint was saved before it') +
+            f'. Lower config.train.base_lr (now {config.train.base_lr}) or check the inputs, '
+            'and rerun with --config.train.allow_config_change=true.')
+    pending_metrics.extend(host)
+    unchecked = []
 
   def save(step: int) -> None:
     with chrono.paused():
+      check_finite()  # the state after a non-finite step is never saved
       checkpointer.save(step, state, progress_record(step))
 
-  step, last_saved, preempted = start_step, start_step, False
-  pending_metrics: list[dict] = []
-  last_metrics: dict[str, float] = {}
-  monitor_metrics: dict[str, float] = {}
+  step, last_saved = start_step, start_step
+  closed = False
   try:
-    while step < total_steps:
-      state, metrics = run_step(state)
+    if preemption.should_stop(step):
+      loop['preempted'] = True  # signalled while starting: nothing new to save
+      logging.warning('Preempted before the first step; rerun the same command to continue.')
+    while step < total_steps and not loop['preempted']:
+      checkpointer.check_saves()  # an earlier save's failure stops the run here
+      try:
+        state, metrics = run_step(state)
+      except bad_images.BadImageError:
+        # config.data.on_bad_image='error': keep the steps done so far, then stop.
+        if step != last_saved:
+          save(step)
+          last_saved = step
+        raise
       step += 1
-      pending_metrics.append(metrics)
+      loop['step'] = step
+      unchecked.append((step, metrics))
       if step == start_step + 1:
         # The first step includes compilation: end it here so throughput excludes it.
         jax.block_until_ready(metrics)
@@ -375,47 +498,76 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
       chrono.tick(step)
 
       if step % config.train.log_every_steps == 0 or step == total_steps:
-        last_metrics = _mean_metrics(pending_metrics)
-        pending_metrics = []
-        writer.log(step, last_metrics, chrono, console_keys=CONSOLE_METRICS)
+        check_finite()
+        loop['last_metrics'] = _mean_metrics(pending_metrics)
+        pending_metrics.clear()
+        writer.log(step, loop['last_metrics'], chrono, console_keys=CONSOLE_METRICS)
 
       if simulate_preemption_at_step is not None and step == simulate_preemption_at_step:
         os.kill(os.getpid(), signal.SIGTERM)
-      preempted = preemption.should_stop(step)
-      if preempted or step % config.train.checkpoint_every_steps == 0:
+      loop['preempted'] = preemption.should_stop(step)
+      if loop['preempted'] or step % config.train.checkpoint_every_steps == 0:
         save(step)
         last_saved = step
-      if preempted:
+      if loop['preempted']:
         logging.warning('Preempted: saved step %d; rerun the same command to continue.', step)
         break
       measured = monitor_step(step, state) if monitor_step is not None else None
       if measured:
-        monitor_metrics = measured
-        writer.log(step, monitor_metrics, None)
+        loop['monitor'] = measured
+        writer.log(step, measured, None)
     if step != last_saved:
       save(step)
+    check_finite()
     if pending_metrics:
-      last_metrics = _mean_metrics(pending_metrics)
+      loop['last_metrics'] = _mean_metrics(pending_metrics)
+    checkpointer.close()  # waits for the last save; raises if it failed
+    closed = True
   finally:
-    preemption.close()
-    checkpointer.close()
+    if not closed:
+      checkpointer.close(failed=True)  # after an error: waits for a save in flight, if sound
     writer.close()
-  return step, preempted, last_metrics, monitor_metrics
 
 
+def _record_run(workdir: str, run_record: dict, trained: bool) -> dict:
+  """Logs the run and writes ``train_summary.json``: this run's record, plus ``runs``.
 
-def _write_summary(workdir: str, summary: dict) -> dict:
-  """Logs the run's summary record and writes it to ``WORKDIR/train_summary.json``."""
-  last_metrics = summary['final_metrics']
-  logging.info('Training %s at step %d/%d: %.1f s, %s img/s, final %s.',
-               'stopped (preempted)' if summary['preempted'] else 'done', summary['step'],
-               summary['total_steps'], summary['wall_seconds'],
-               'n/a' if summary['images_per_second'] is None
-               else f'{summary["images_per_second"]:.1f}',
-               ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
-                         if k in last_metrics))
+  ``runs`` holds the records of every run on the workdir, this one last. A rerun of a
+  finished run trains nothing: the top-level record (final metrics, wall time) stays that of
+  the run that trained, and the rerun is only appended to ``runs``.
+
+  Returns:
+    The summary written (process 0) or that would be written (other processes).
+  """
+  path = fileio.join(workdir, SUMMARY_RECORD)
+  previous: dict = {}
+  if fileio.isfile(path):
+    try:
+      previous = fileio.read_json(path)
+    except (OSError, ValueError) as e:
+      logging.warning('%s is unreadable (%s); starting a new one.', path, e)
+  runs = list(previous.get('runs', []))
+  if previous and not runs:  # a summary written before runs were recorded
+    runs = [{k: v for k, v in previous.items() if k != 'runs'}]
+  runs.append(run_record)
+  if trained or not previous:
+    summary = {k: v for k, v in run_record.items() if k not in ('host', 'pid')}
+    last_metrics = summary['final_metrics']
+    logging.info('Training %s at step %d/%d: %.1f s, %s img/s, final %s.',
+                 {'preempted': 'stopped (preempted)', 'failed': 'failed'}.get(
+                     summary['status'], 'done'), summary['step'], summary['total_steps'],
+                 summary['wall_seconds'],
+                 'n/a' if summary['images_per_second'] is None
+                 else f'{summary["images_per_second"]:.1f}',
+                 ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
+                           if k in last_metrics))
+  else:
+    logging.info('Nothing to train: the workdir is at step %d of %d already.',
+                 run_record['step'], run_record['total_steps'])
+    summary = {k: v for k, v in previous.items() if k != 'runs'}
+  summary['runs'] = runs
   if jax.process_index() == 0:
-    fileio.write_json_atomically(fileio.join(workdir, SUMMARY_RECORD), summary)
+    fileio.write_json_atomically(path, summary)
   return summary
 
 
@@ -466,8 +618,18 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                     simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
+  try:
+    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
+  except (checkpointing.CheckpointError, checkpointing.ConfigChangedError, NonFiniteLossError,
+          workdir_lock.WorkdirLockedError, bad_images.BadImageError) as e:
+    # Faults with a known cause: the message is the whole story (no traceback to dig through).
+    logging.error('%s', e)
+    sys.exit(1)
+  # A real preemption exits EXIT_PREEMPTED so that a scheduler requeues the job; the testing
+  # aid's stop was asked for, and exits 0.
+  if summary['preempted'] and _SIMULATE_PREEMPTION.value is None:
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -307,6 +307,7 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
   schedule = learning_rate_schedule(train, steps_per_epoch)
   compute_dtype = jnp.dtype(train.compute_dtype)
   objective = method.objective
+  skip_non_finite = train.get('nan_policy', 'stop') == 'skip'
 
   def step_fn(state: TrainState, teacher_variables: Any, batch: Batch
               ) -> tuple[TrainState, Metrics]:
@@ -350,6 +351,15 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         negative_queue=negative_queue, queue_pointer=queue_pointer,
         rng=jax.random.key_data(next_rng), **method_state)
+    if skip_non_finite:
+      # config.train.nan_policy='skip': a non-finite loss or gradient norm leaves the learned
+      # state as it was; the step counter and the RNG still advance (the data position and
+      # the next draws are those of a run without the fault). 'stop' is the loop's check.
+      grad_norm = optax.global_norm(grads)
+      finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = kept.replace(step=new_state.step, rng=new_state.rng)
+      metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
   return _jit_step(step_fn, mesh)

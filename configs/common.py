@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.on_device = 'auto'       # hold a small decoded data set on the devices:
                                        # 'auto' (if <= on_device_max_mb) | 'always' | 'never'
   config.data.on_device_max_mb = 2048
+  config.data.on_bad_image = 'error'   # an undecodable image: 'error' stops naming the file,
+                                       # 'skip' reads the next good image instead (counted)
 
   # ---- teacher: a converted model file (tools/convert_torch_teacher.py) ----
   config.teacher = ml_collections.ConfigDict()
@@ -108,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.monitor_every_epochs = 10
   config.train.monitor_bank_size = 10000   # images of eval.train_split or data.train_split
   config.train.monitor_eval_size = 2000    # images of data.eval_split
+  config.train.nan_policy = 'stop'     # a non-finite loss stops the run (docs/reliability.md)
+  config.train.allow_config_change = False  # resume a workdir whose config.json differs
 
   # ---- eval: bingo_jax/evaluate.py ----
   config.eval = ml_collections.ConfigDict()

@@ -39,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="head to keep; 'none' drops it (default: whatever the file has)")
   parser.add_argument('--encoder', default='encoder_q',
                       help='MoCo layout: the encoder to convert (default: encoder_q)')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing model file')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing bingo_jax model file (nothing else is ever '
+                      'replaced)')
+  parser.add_argument('--allow-non-finite', action='store_true',
+                      help='convert tensors holding NaN or Inf (refused by default)')
   return parser.parse_args(argv)
 
 
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
   try:
     converted = torch_checkpoints.convert_to_model_file(
         args.source, args.destination, source_format=args.format, arch=args.arch,
-        head=args.head, encoder=args.encoder, overwrite=args.overwrite)
+        head=args.head, encoder=args.encoder, overwrite=args.overwrite,
+        allow_non_finite=args.allow_non_finite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--drop-head', action='store_true', help='write the backbone only')
   parser.add_argument('--step', type=int, help='training workdir: the step to export '
                       '(default: the latest checkpoint)')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing file')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing PyTorch checkpoint file (nothing else)')
   return parser.parse_args(argv)
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     obj = torch_checkpoints.export_torch_checkpoint(loaded, args.destination, args.format,
                                                     drop_head=args.drop_head,
                                                     overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (FileNotFoundError, FileExistsError, ValueError, checkpointing.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   state = obj['state_dict'] if args.format == 'moco' else obj

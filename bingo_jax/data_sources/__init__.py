@@ -78,8 +78,18 @@ def make_source(data_config, split: str) -> ImageSource:
       A split may select a contiguous range as TFDS does: ``train[:20000]``, ``train[50%:]``
       (``SubsetSource``).
   Returns:
-    An ``ImageSource``.
+    An ``ImageSource``; its ``on_bad_image`` attribute carries ``data.on_bad_image`` to the
+    pipelines that read it (bingo_jax/bad_images.py).
   """
+  source = _make_source(data_config, split)
+  policy = data_config.get('on_bad_image', None) or 'error'
+  if policy not in ('error', 'skip'):
+    raise ValueError(f"config.data.on_bad_image = {policy!r}; expected 'error' or 'skip'.")
+  source.on_bad_image = policy
+  return source
+
+
+def _make_source(data_config, split: str) -> ImageSource:
   base_split, bounds = parse_split(split)
   if bounds is not None:
     return slice_source(make_source(data_config, base_split), bounds)

@@ -1,0 +1,172 @@
+r"""Fault injection: kill a tiny training run at random moments, resume it, compare bit for bit.
+
+  python bench/faults.py [--trials 20] [--seed 0] [--workdir /tmp/bingo_faults]
+
+Each trial starts ``python -m bingo_jax.train`` (the tiny test set-up: 48 random 32 px images,
+ResNet-18 of width 8, 12 steps, checkpoints every 2 steps, 2 kept) in a fresh workdir, sends it
+SIGKILL, SIGTERM or SIGINT after a random delay (uniform over the duration of an undisturbed
+run, start-up and compilation included, so the moment falls anywhere: imports, restore,
+compilation, a step, a checkpoint save), then reruns the same command until it exits 0. The
+final checkpoint must equal the undisturbed run's, every array bit for bit. The table gives,
+per trial, the signal, the delay, the killed run's exit status (75: saved and stopped, a
+negative number: killed by that signal), the last checkpoint it left, the reruns needed and
+the verdict. docs/reliability.md quotes the result.
+
+Too slow for the test suite (about a minute per trial on a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+NUM_IMAGES = 48
+TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
+               head_output_dim=16)
+SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+
+
+def make_inputs(root: str) -> dict:
+  """Images, bags and a random teacher, as tests/test_train.py makes them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from bingo_jax import bag_file, data_sources, model_io  # pylint: disable=import-outside-toplevel
+  from bingo_jax.models import create_model, init_variables  # pylint: disable=import-outside-toplevel
+  from configs import tiny_test  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+  lines = []
+  for i in range(NUM_IMAGES):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        os.path.join(root, 'images', f'{i:03d}.png'))
+    lines.append(f'images/{i:03d}.png {i % 4}')
+  with open(os.path.join(root, 'images.txt'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  paths = {'images': os.path.join(root, 'images.txt'), 'bags': os.path.join(root, 'bags.npz'),
+           'teacher': os.path.join(root, 'teacher'), 'root': root}
+  config = tiny_test.get_config()
+  config.data.path = paths['images']
+  source = data_sources.make_source(config.data, 'train')
+  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
+                         for i in range(NUM_IMAGES)])
+  bag_file.save_bags(paths['bags'], bag_file.Bags.from_neighbors(
+      neighbours, method='knn', fingerprint=source.fingerprint))
+  if not os.path.exists(paths['teacher']):
+    model_io.save_model(paths['teacher'], TEACHER,
+                        init_variables(create_model(**TEACHER), jax.random.key(7), 32))
+  return paths
+
+
+def command(paths: dict, workdir: str) -> list:
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+          '--workdir', workdir, f'--config.teacher.path={paths["teacher"]}',
+          f'--config.data.path={paths["images"]}', f'--config.bags.path={paths["bags"]}',
+          '--config.train.epochs=4']
+
+
+def environment(paths: dict) -> dict:
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              JAX_COMPILATION_CACHE_DIR=os.path.join(paths['root'], 'jax_cache'),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
+              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+
+
+def run(paths: dict, workdir: str, kill_after: float = None, signum: int = None
+        ) -> tuple[int, str]:
+  process = subprocess.Popen(command(paths, workdir), cwd=REPO, env=environment(paths),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  if kill_after is not None:
+    try:
+      process.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+      process.send_signal(signum)
+  _, stderr = process.communicate(timeout=1800)
+  return process.returncode, stderr
+
+
+def final_state(workdir: str) -> tuple[int, dict]:
+  import jax  # pylint: disable=import-outside-toplevel
+  from bingo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  checkpointer = checkpointing.TrainCheckpointer(workdir, keep=1, read_only=True)
+  step = checkpointer.latest_step()
+  stored = checkpointer.restore_arrays(step)
+  checkpointer.close()
+  return step, {jax.tree_util.keystr(p): np.asarray(x)
+                for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+
+
+def saved_steps(workdir: str) -> list:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--trials', type=int, default=20)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'bingo_faults'))
+  args = parser.parse_args(argv)
+  os.makedirs(args.workdir, exist_ok=True)
+  paths = make_inputs(os.path.join(args.workdir, 'inputs'))
+  reference_dir = os.path.join(args.workdir, 'reference')
+  shutil.rmtree(reference_dir, ignore_errors=True)
+  run(paths, reference_dir)  # fills the compilation cache
+  shutil.rmtree(reference_dir)
+  start = time.time()
+  rc, stderr = run(paths, reference_dir)
+  duration = time.time() - start
+  assert rc == 0, stderr[-3000:]
+  reference_step, reference = final_state(reference_dir)
+  print(f'undisturbed run: {duration:.1f} s to step {reference_step}; '
+        f'load average {os.getloadavg()[0]:.2f}', flush=True)
+
+  rng = random.Random(args.seed)
+  header = f'{"trial":>5} {"signal":>8} {"delay s":>8} {"rc":>4} {"left":>6} {"reruns":>6}  result'
+  print(header)
+  print('-' * len(header), flush=True)
+  identical = 0
+  for trial in range(1, args.trials + 1):
+    signum = rng.choice(SIGNALS)
+    delay = rng.uniform(0.0, duration)
+    workdir = os.path.join(args.workdir, f'trial{trial:02d}')
+    shutil.rmtree(workdir, ignore_errors=True)
+    rc, _ = run(paths, workdir, kill_after=delay, signum=signum)
+    left = saved_steps(workdir)
+    reruns, rerun_rc = 0, rc
+    while rerun_rc != 0 and reruns < 3:
+      reruns += 1
+      rerun_rc, stderr = run(paths, workdir)
+    if rerun_rc != 0:
+      result = f'FAILED to finish (rc {rerun_rc}): {stderr.strip().splitlines()[-1][:120]}'
+    else:
+      step, state = final_state(workdir)
+      same = step == reference_step and sorted(state) == sorted(reference) and all(
+          np.array_equal(state[k], v) for k, v in reference.items())
+      identical += same
+      result = 'bit-identical' if same else f'DIFFERENT (step {step})'
+    print(f'{trial:>5} {signal.Signals(signum).name:>8} {delay:>8.1f} {rc:>4} '
+          f'{(max(left) if left else "-")!s:>6} {reruns:>6}  {result}', flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+  print(f'{identical}/{args.trials} resumed runs bit-identical to the undisturbed run; '
+        f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} '
+        f'{os.getloadavg()[2]:.2f}')
+  return 0 if identical == args.trials else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,97 @@
+r"""Pre-flight check of a data set: decode every image once and list the ones that fail.
+
+  python -m bingo_jax.data_check --config configs/X.py [--splits train,validation] \
+      [--workers 16] [--output bad_images.json]
+
+Run it before bagging or a long training run: one bad file would otherwise stop the job at
+the batch that first reads it (``config.data.on_bad_image='error'``, the default) or be
+replaced by another image (``'skip'``). Each image is decoded with the data source's own
+decoder (``source.read``: the decode the pipelines use), in ``--workers`` threads. Exit status:
+0 when every image decodes, 1 when some do not (they are listed, one line each:
+``<source>: image <index> (<file>): <problem>``), 2 for a config that names no readable data.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Sequence
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bingo_jax import bad_images
+from bingo_jax import data_sources
+from bingo_jax import fileio
+
+
+def check_split(config: ml_collections.ConfigDict, split: str, workers: int = 0,
+                chunk: int = 4096) -> tuple[int, list[tuple[int, str, str]]]:
+  """Decodes every image of one split.
+
+  Args:
+    config: the experiment config (its ``data`` section).
+    split: e.g. ``config.data.train_split``.
+    workers: decode threads (0: one per core, at most 16).
+    chunk: images per progress line.
+  Returns:
+    ``(number of images, [(index, identifier, problem)] of the bad ones)``.
+  """
+  source = data_sources.make_source(config.data, split)
+  bad: list[tuple[int, str, str]] = []
+  start = time.time()
+  for first in range(0, len(source), chunk):
+    last = min(first + chunk, len(source))
+    bad += bad_images.find_bad_images(source, range(first, last), workers=workers)
+    logging.info('%s: %d/%d images decoded, %d bad, %.0f images/s.', source.description, last,
+                 len(source), len(bad), last / max(time.time() - start, 1e-9))
+  return len(source), bad
+
+
+def run(config: ml_collections.ConfigDict, splits: Sequence[str], workers: int = 0,
+        output: Optional[str] = None) -> dict:
+  """Checks ``splits`` and returns (and optionally writes) ``{split: {images, bad: [...]}}``."""
+  report = {}
+  for split in splits:
+    num_images, bad = check_split(config, split, workers)
+    report[split] = {'images': num_images,
+                     'bad': [{'index': i, 'file': ident, 'problem': problem}
+                             for i, ident, problem in bad]}
+    source_name = f'split {split!r} of config.data.source={config.data.source!r}'
+    if bad:
+      print(f'{source_name}: {len(bad)} of {num_images} images cannot be decoded:')
+      for i, ident, problem in bad:
+        print(f'  image {i} ({ident}): {problem}')
+    else:
+      print(f'{source_name}: all {num_images} images decode.')
+  if output:
+    fileio.write_json_atomically(output, report)
+  return report
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # decoding only: no accelerator memory
+  config = flags.FLAGS.config
+  splits = flags.FLAGS.splits or list(dict.fromkeys([config.data.train_split,
+                                                config.data.eval_split]))
+  try:
+    report = run(config, splits, flags.FLAGS.workers, flags.FLAGS.output)
+  except (FileNotFoundError, ValueError) as e:
+    logging.error('%s', e)
+    sys.exit(2)
+  sys.exit(1 if any(entry['bad'] for entry in report.values()) else 0)
+
+
+if __name__ == '__main__':
+  # Defined here, not at import: other modules' command lines define --config too.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_list('splits', None, 'Splits to check (default: config.data.train_split and '
+                    'config.data.eval_split).')
+  flags.DEFINE_integer('workers', 0, 'Decode threads (0: one per core, at most 16).')
+  flags.DEFINE_string('output', None, 'Also write the report as JSON here.')
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
