@@ -17,6 +17,9 @@ the source's ``tf_read_batch`` (file reads, array_record reads or an in-memory g
 augmented in a parallel, order-preserving map; no Python runs per example.
 """
 
+# size: holds both the host (tf.data) views and the canvas path of the device mode; the canvas
+# path is to move next to device_data (open follow-up of issue 11).
+
 from __future__ import annotations
 
 import functools
@@ -355,6 +358,7 @@ def canvas_size_of(config, source: ImageSource) -> tuple[int, int]:
   return side, side
 
 
+# size: one reader for both output modes and the bad-image guard; to be split with the module.
 def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                           local_batch_size: int, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,

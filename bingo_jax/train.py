@@ -16,6 +16,9 @@ Examples::
       --config.train.batch_size=512
 """
 
+# size: the fault handling of issue 12 (lock, run records, NaN stop) landed here last; moving the
+# loop and the run record into their own module is an open follow-up of issue 11.
+
 from __future__ import annotations
 
 import json
@@ -221,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lock.release()
 
 
+# size: the run's sections in order (config, data, lock, state, step, loop, record); to be
+# split with the module.
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         lock: workdir_lock.WorkdirLock, preemption: 'PreemptionWatcher',
                         simulate_preemption_at_step: Optional[int]) -> dict:
@@ -416,6 +421,7 @@ def _key_side(config: ml_collections.ConfigDict, student_config: dict,
   return key_model, parallel.replicate({}, mesh)
 
 
+# size: the loop with its signal, NaN, monitor and save checks; to be split with the module.
 def _train_loop(config: ml_collections.ConfigDict, workdir: str,
                 state: train_step_lib.TrainState, run_step: Callable,
                 checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,

@@ -280,6 +280,7 @@ class StepMethod:
   after_update: Optional[Callable[[TrainState, Any], dict[str, Any]]] = None
 
 
+# size: the one step skeleton every method shares, kept in one piece so it reads top to bottom.
 def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
                      mesh: jax.sharding.Mesh, steps_per_epoch: int,
                      method: StepMethod) -> TrainStepFn:
