@@ -370,7 +370,7 @@ def save_torch(obj: Any, path: str, overwrite: bool = False) -> str:
   path = fileio.absolute(path)
   if fileio.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass --overwrite to replace it.')
-  if not os.path.isfile(path) and os.path.exists(path):
+  if fileio.exists(path) and fileio.isdir(path):
     raise FileExistsError(f'{path} exists and is not a file (a directory?); --overwrite only '
                           'replaces a file. Give a new destination path.')
   return fileio.atomic_write(path, lambda f: torch.save(_to_torch(obj), f))
