@@ -30,19 +30,9 @@ import tensorflow as tf
 
 from bingo_jax import images as images_lib
 
-# MoCo v2 augmentation constants (docs/method.md §2).
-CROP_SCALE = (0.2, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10              # torchvision RandomResizedCrop.get_params
-JITTER_PROB = 0.8
-JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-GRAYSCALE_PROB = 0.2
-BLUR_PROB = 0.5
-BLUR_SIGMA = (0.1, 2.0)
-# Kernel half-width for the largest sigma: 3 sigma holds 99.7% of a Gaussian, and PIL's
-# three-box approximation of GaussianBlur(radius=2) spans +-6 pixels too.
-BLUR_KERNEL_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
-FLIP_PROB = 0.5
+from bingo_jax.augment_params import (BLUR_KERNEL_RADIUS, BLUR_PROB, BLUR_SIGMA, CROP_ATTEMPTS,
+                                      CROP_RATIO, CROP_SCALE, FLIP_PROB, GRAYSCALE_PROB,
+                                      JITTER_PROB, JITTER_STRENGTH)
 
 # PIL's ITU-R 601-2 luma ("L" mode), in its 16-bit fixed point.
 _LUMA_WEIGHTS_16 = (19595, 38470, 7471)

@@ -38,18 +38,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# The constants of the host path (bingo_jax/augment.py), repeated so that this module (and
-# the on-device data path) never imports TensorFlow.
-CROP_SCALE = (0.2, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
-JITTER_PROB = 0.8
-JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-GRAYSCALE_PROB = 0.2
-BLUR_PROB = 0.5
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_KERNEL_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
-FLIP_PROB = 0.5
+# The parameters are shared with the host path (bingo_jax/augment.py), in a module that
+# imports no TensorFlow.
+from bingo_jax.augment_params import (BLUR_KERNEL_RADIUS, BLUR_PROB, BLUR_SIGMA, CROP_ATTEMPTS,
+                                      CROP_RATIO, CROP_SCALE, FLIP_PROB, GRAYSCALE_PROB,
+                                      JITTER_PROB, JITTER_STRENGTH)
 _LUMA_WEIGHTS_16 = (19595.0, 38470.0, 7471.0)
 
 # Key slots of one view (each random decision has its own stream).
