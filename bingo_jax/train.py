@@ -347,6 +347,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'elapsed_seconds': chrono.elapsed_seconds, 'global_batch_size': global_batch_size,
         'num_devices': int(mesh.devices.size), 'final_metrics': loop['last_metrics'],
         'monitor': loop['monitor']})
+    if loop.get('skipped_steps'):
+      run_record['non_finite_steps_skipped'] = loop['skipped_steps']
     skipped = bad_images.replacements_of(source).records()
     if skipped:
       run_record['bad_images_skipped'] = skipped
@@ -446,6 +448,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
   """
   writer = progress.MetricWriter(workdir)
   preemption.attach(checkpointer)
+  skip_policy = config.train.get('nan_policy', 'stop') == 'skip'
+  loop.setdefault('skipped_steps', [])
 
   # Metrics stay on the device until a log or a save needs them (no per-step host sync);
   # they are checked for NaN/Inf then, before anything is logged or saved.
@@ -457,6 +461,17 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
     if not unchecked:
       return
     host = jax.device_get([m for _, m in unchecked])
+    if skip_policy:
+      # nan_policy='skip': the step kept the previous state; its metrics are left out.
+      for (at_step, _), metrics in zip(unchecked, host):
+        if metrics.get('skipped', 0) > 0:
+          loop['skipped_steps'].append(at_step)
+          logging.warning('Step %d: non-finite loss %s or gradient norm %s; the update was '
+                          "skipped (config.train.nan_policy = 'skip').", at_step,
+                          float(metrics['loss']), float(metrics['grad_norm']))
+      pending_metrics.extend(m for m in host if not m.get('skipped', 0) > 0)
+      unchecked = []
+      return
     for (at_step, _), metrics in zip(unchecked, host):
       bad = {k: float(np.asarray(v).ravel()[0]) for k, v in sorted(
           metrics.items(), key=lambda item: (item[0] != 'loss', item[0]))
@@ -505,9 +520,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
 
       if step % config.train.log_every_steps == 0 or step == total_steps:
         check_finite()
-        loop['last_metrics'] = _mean_metrics(pending_metrics)
-        pending_metrics.clear()
-        writer.log(step, loop['last_metrics'], chrono, console_keys=CONSOLE_METRICS)
+        if pending_metrics:
+          loop['last_metrics'] = _mean_metrics(pending_metrics)
+          pending_metrics.clear()
+          writer.log(step, loop['last_metrics'], chrono, console_keys=CONSOLE_METRICS)
 
       if simulate_preemption_at_step is not None and step == simulate_preemption_at_step:
         os.kill(os.getpid(), signal.SIGTERM)
