@@ -466,9 +466,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str,
       for (at_step, _), metrics in zip(unchecked, host):
         if metrics.get('skipped', 0) > 0:
           loop['skipped_steps'].append(at_step)
-          logging.warning('Step %d: non-finite loss %s or gradient norm %s; the update was '
-                          "skipped (config.train.nan_policy = 'skip').", at_step,
-                          float(metrics['loss']), float(metrics['grad_norm']))
+          logging.warning('Step %d: non-finite loss (%s), gradient norm (%s) or updated '
+                          "state; the update was skipped (config.train.nan_policy = 'skip').",
+                          at_step, float(metrics['loss']), float(metrics['grad_norm']))
       pending_metrics.extend(m for m in host if not m.get('skipped', 0) > 0)
       unchecked = []
       return

@@ -353,17 +353,27 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
         negative_queue=negative_queue, queue_pointer=queue_pointer,
         rng=jax.random.key_data(next_rng), **method_state)
     if skip_non_finite:
-      # config.train.nan_policy='skip': a non-finite loss or gradient norm leaves the learned
-      # state as it was; the step counter and the RNG still advance (the data position and
-      # the next draws are those of a run without the fault). 'stop' is the loop's check.
+      # config.train.nan_policy='skip': a non-finite loss, gradient norm or updated state
+      # leaves the learned state as it was; the step counter and the RNG still advance (the
+      # data position and the next draws are those of a run without the fault). 'stop' is
+      # the loop's check. The updated state is checked too: a finite gradient times a huge
+      # learning rate can overflow to Inf with a finite loss and norm.
       grad_norm = optax.global_norm(grads)
-      finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+      finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+                & _all_finite(new_state))
       kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = kept.replace(step=new_state.step, rng=new_state.rng)
       metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
   return _jit_step(step_fn, mesh)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """A boolean scalar: no floating-point leaf of ``tree`` holds NaN or Inf."""
+  checks = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def _check_step_inputs(name: str, batch_views: tuple[str, ...], batch: Batch,

@@ -498,16 +498,25 @@ def test_bad_image_in_bagging_is_named(inputs, tmp_path):
   assert 'Traceback' not in stderr
 
 
-@pytest.mark.xfail(reason="known bug: nan_policy='skip' records only the second of two non-finite "
-                          "steps since the rebase onto the kNN-monitor loop; open in issue 12", strict=False)
-def test_nan_policy_skip_keeps_the_previous_state(inputs, tmp_path):
-  """Every update of a 1e30 learning rate is non-finite: with 'skip' the learned state stays the
-  initial one (created here independently with the same seed), and the run finishes."""
-  from bingo_jax import parallel, train_step  # pylint: disable=import-outside-toplevel
+def _skip_config(inputs: dict, **train_settings):
   config = tiny_test.get_config()
   config.teacher.path, config.data.path, config.bags.path = (
       inputs['teacher'], inputs['images'], inputs['bags'])
-  config.train.update(max_steps=2, base_lr=1e30, nan_policy='skip', checkpoint_every_steps=2)
+  config.train.update(nan_policy='skip', **train_settings)
+  return config
+
+
+def test_nan_policy_skip_keeps_the_previous_state(inputs, tmp_path):
+  """'skip' leaves the learned state as it was before the first non-finite update.
+
+  An infinite learning rate makes every update non-finite (the loss and the gradient norm of
+  step 1 are finite: the overflow is in the updated state): the state stays the initial one,
+  created here independently with the same seed. A learning rate of 1e30 gives a finite but
+  huge first update, after which every loss is NaN: steps 2 and 3 are skipped and the state is
+  the one saved at step 1.
+  """
+  from bingo_jax import parallel, train_step  # pylint: disable=import-outside-toplevel
+  config = _skip_config(inputs, max_steps=2, base_lr=float('inf'), checkpoint_every_steps=2)
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config, workdir)
   assert summary['status'] == 'done' and summary['non_finite_steps_skipped'] == [1, 2]
@@ -522,3 +531,18 @@ def test_nan_policy_skip_keeps_the_previous_state(inputs, tmp_path):
   for key, value in flat.items():
     np.testing.assert_array_equal(stored[key], value, err_msg=key)
   assert int(stored["['step']"]) == 2
+
+  # 1e30: step 1 is a real (huge, finite) update; the NaN losses after it are skipped, and
+  # the state saved at step 3 is the one saved at step 1, before any skip.
+  diverged = str(tmp_path / 'diverged')
+  summary = train.train_and_evaluate(_skip_config(
+      inputs, max_steps=3, base_lr=1e30, checkpoint_every_steps=1, keep_checkpoints=3),
+      diverged)
+  assert summary['status'] == 'done' and summary['non_finite_steps_skipped'] == [2, 3]
+  got, want = _stored(diverged, 3), _stored(diverged, 1)
+  assert max(np.abs(v).max() for k, v in want.items() if k.startswith("['params']")) > 1e20
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    if key not in ("['step']", "['rng']"):  # both advance over a skipped step
+      np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert int(got["['step']"]) == 3
