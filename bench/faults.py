@@ -8,7 +8,8 @@ SIGKILL, SIGTERM or SIGINT after a random delay (uniform over the duration of an
 run, start-up and compilation included, so the moment falls anywhere: imports, restore,
 compilation, a step, a checkpoint save), then reruns the same command until it exits 0. The
 final checkpoint must equal the undisturbed run's, every array bit for bit. The table gives,
-per trial, the signal, the delay, the killed run's exit status (75: saved and stopped, a
+per trial, the signal, the delay, the last step the killed run logged ('start-up' before
+its first), the killed run's exit status (75: saved and stopped, a
 negative number: killed by that signal), the last checkpoint it left, the reruns needed and
 the verdict. docs/reliability.md quotes the result.
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +111,12 @@ def final_state(workdir: str) -> tuple[int, dict]:
                 for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
 
+def last_logged_step(stderr: str) -> str:
+  """Where the killed run was: 'start-up' before its first step's log line, else 'step N'."""
+  steps = re.findall(r'\[step (\d+)/\d+', stderr)
+  return f'step {steps[-1]}' if steps else 'start-up'
+
+
 def saved_steps(workdir: str) -> list:
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
@@ -121,6 +130,9 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'bingo_faults'))
   args = parser.parse_args(argv)
+  print(f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {platform.node()} '
+        f'({os.cpu_count()} CPUs): python bench/faults.py --trials {args.trials} '
+        f'--seed {args.seed}', flush=True)
   os.makedirs(args.workdir, exist_ok=True)
   paths = make_inputs(os.path.join(args.workdir, 'inputs'))
   reference_dir = os.path.join(args.workdir, 'reference')
@@ -136,7 +148,8 @@ def main(argv=None) -> int:
         f'load average {os.getloadavg()[0]:.2f}', flush=True)
 
   rng = random.Random(args.seed)
-  header = f'{"trial":>5} {"signal":>8} {"delay s":>8} {"rc":>4} {"left":>6} {"reruns":>6}  result'
+  header = (f'{"trial":>5} {"signal":>8} {"delay s":>8} {"logged":>9} {"rc":>4} {"left":>5} '
+            f'{"reruns":>6}  result')
   print(header)
   print('-' * len(header), flush=True)
   identical = 0
@@ -145,12 +158,15 @@ def main(argv=None) -> int:
     delay = rng.uniform(0.0, duration)
     workdir = os.path.join(args.workdir, f'trial{trial:02d}')
     shutil.rmtree(workdir, ignore_errors=True)
-    rc, _ = run(paths, workdir, kill_after=delay, signum=signum)
+    rc, killed_log = run(paths, workdir, kill_after=delay, signum=signum)
     left = saved_steps(workdir)
+    logs = [killed_log]
     reruns, rerun_rc = 0, rc
     while rerun_rc != 0 and reruns < 3:
       reruns += 1
       rerun_rc, stderr = run(paths, workdir)
+      logs.append(stderr)
+    same = False
     if rerun_rc != 0:
       result = f'FAILED to finish (rc {rerun_rc}): {stderr.strip().splitlines()[-1][:120]}'
     else:
@@ -159,9 +175,16 @@ def main(argv=None) -> int:
           np.array_equal(state[k], v) for k, v in reference.items())
       identical += same
       result = 'bit-identical' if same else f'DIFFERENT (step {step})'
-    print(f'{trial:>5} {signal.Signals(signum).name:>8} {delay:>8.1f} {rc:>4} '
-          f'{(max(left) if left else "-")!s:>6} {reruns:>6}  {result}', flush=True)
-    shutil.rmtree(workdir, ignore_errors=True)
+    print(f'{trial:>5} {signal.Signals(signum).name:>8} {delay:>8.1f} '
+          f'{last_logged_step(killed_log):>9} {rc:>4} {(max(left) if left else "-")!s:>5} '
+          f'{reruns:>6}  {result}', flush=True)
+    if same:
+      shutil.rmtree(workdir, ignore_errors=True)
+    else:  # kept for diagnosis, with every run's log
+      for i, log in enumerate(logs):
+        with open(os.path.join(workdir, f'run{i}.log'), 'w') as f:
+          f.write(log)
+      print(f'      kept {workdir} (run*.log: the killed run, then each rerun)', flush=True)
   print(f'{identical}/{args.trials} resumed runs bit-identical to the undisturbed run; '
         f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} '
         f'{os.getloadavg()[2]:.2f}')
