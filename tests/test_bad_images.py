@@ -172,3 +172,45 @@ def test_data_check_lists_every_bad_image(tmp_path):
   listed = [line.split('(')[1].split(')')[0] for line in result.stdout.splitlines()
             if line.startswith('  image ')]
   assert listed == [f'images/{name}' for name in sorted(bad)]
+
+
+def test_canvas_pipeline_names_the_bad_file_or_skips_it(tmp_path):
+  """config.data.augment_on='device' with image files: the canvases (decoded on the host, the
+  views drawn on the device) name a bad file as the host views do; with 'skip' a bad image's
+  canvas holds its replacement, compared with PIL's decode of the replacement's file."""
+  list_path, bad = _with_bad_files(tmp_path)
+
+  def canvases(policy: str):
+    config = _config(list_path, policy)
+    config.data.augment_on, config.data.canvas_size = 'device', 32
+    source = data_sources.make_source(config.data, 'train')
+    return source, input_pipeline.create_train_iterator(
+        config, source, None, start_step=0, local_batch_size=4, process_index=0,
+        process_count=1, views=('query', 'key'), output='canvases')
+
+  _, iterator = canvases('error')
+  with pytest.raises(bad_images.BadImageError,
+                     match=r'image \d+ \(images/0[349]\.jpg\) cannot be decoded in training '
+                           r'step \d+') as error:
+    for _ in range(3):
+      next(iterator)
+  assert 'file list' in str(error.value) and 'Traceback' not in str(error.value)
+
+  source, iterator = canvases('skip')
+  replaced_by = {3: 5, 4: 5, 9: 10}  # the next index whose file decodes
+  seen = set()
+  for _ in range(6):  # two epochs of 12 images: every index, bad ones included
+    batch = next(iterator)
+    for index, canvas, size in zip(batch['anchor_index'], batch['anchor_canvas'],
+                                   batch['anchor_size']):
+      name = f'{replaced_by.get(int(index), int(index)):02d}.jpg'
+      want = np.asarray(Image.open(tmp_path / 'images' / name).convert('RGB'))
+      assert tuple(size[:2]) == want.shape[:2] == (20, 24)
+      got = canvas[:20, :24].astype(int)
+      assert np.abs(got - want).max() <= 8 and np.abs(got - want).mean() < 2, (index, name)
+      assert not canvas[20:].any() and not canvas[:, 24:].any()  # zeros outside the image
+      seen.add(int(index))
+  assert seen >= set(replaced_by)
+  records = bad_images.replacements_of(source).records()
+  assert [(r['index'], r['file'], r['replaced_by']) for r in records] == [
+      (i, f'images/{i:02d}.jpg', r) for i, r in sorted(replaced_by.items())]
