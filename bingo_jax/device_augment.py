@@ -273,9 +273,26 @@ def gaussian_kernel(sigma: jax.Array, radius: int = BLUR_KERNEL_RADIUS) -> jax.A
   return weights / jnp.sum(weights)
 
 
+def blur_matrix(sigma: jax.Array, size: int, radius: int = BLUR_KERNEL_RADIUS) -> jax.Array:
+  """One axis of the Gaussian blur as a ``(size, size)`` matrix, edge pixels repeated.
+
+  Row ``o`` holds the kernel's taps at the input pixels ``clip(o + t, 0, size - 1)``,
+  ``t`` in ``[-radius, radius]``, so ``matrix @ column`` equals the padded convolution.
+  """
+  positions = jnp.clip(jnp.arange(size)[None, :] + jnp.arange(-radius, radius + 1)[:, None],
+                       0, size - 1)  # (taps, size): a constant of the trace
+  taps = jax.nn.one_hot(positions, size, dtype=jnp.float32)  # (taps, size, size)
+  return jnp.einsum('t,toi->oi', gaussian_kernel(sigma, radius), taps, precision=_HIGHEST)
+
+
 def gaussian_blur(image: jax.Array, sigma: jax.Array,
                   radius: int = BLUR_KERNEL_RADIUS) -> jax.Array:
   """Separable Gaussian blur, edge pixels repeated beyond the border; rounded to uint8 values.
+
+  Each axis is one matrix product (``blur_matrix``): a product is computed once and stored,
+  where a sum of shifted slices is fused by XLA into its consumers, which then recompute the
+  jitter before it for every tap (measured: blur and flip took 5x the rest of the view on
+  XLA:CPU that way).
 
   Args:
     image: float ``(H, W, 3)``.
@@ -284,12 +301,10 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array,
   Returns:
     float ``(H, W, 3)``.
   """
-  kernel = gaussian_kernel(sigma, radius)
-  height, width = image.shape[0], image.shape[1]
-  padded = jnp.pad(image, ((radius, radius), (0, 0), (0, 0)), mode='edge')
-  image = sum(kernel[i] * padded[i:i + height] for i in range(2 * radius + 1))
-  padded = jnp.pad(image, ((0, 0), (radius, radius), (0, 0)), mode='edge')
-  image = sum(kernel[i] * padded[:, i:i + width] for i in range(2 * radius + 1))
+  rows = blur_matrix(sigma, image.shape[0], radius)
+  cols = blur_matrix(sigma, image.shape[1], radius)
+  image = jnp.einsum('oh,hwc->owc', rows, image, precision=_HIGHEST)
+  image = jnp.einsum('pw,owc->opc', cols, image, precision=_HIGHEST)
   return _quantise(image)
 
 
