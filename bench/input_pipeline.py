@@ -277,7 +277,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--num_images', type=int, default=48)
   parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--batches', type=int, default=4, help='timed pipeline batches per mode')
+  parser.add_argument('--batches', type=int, default=12, help='timed pipeline batches per mode')
   parser.add_argument('--canvas_size', type=int, default=512)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--time_step', action='store_true',
