@@ -17,25 +17,20 @@ Orbax writes each step under a temporary name and renames it when complete, so a
 save never shadows the previous checkpoint. Every process calls ``save``/``restore`` (orbax
 coordinates the hosts); only process 0 writes the JSON records.
 
-Integrity (docs/reliability.md): ``save`` refuses a state with NaN or Inf values and stores a
-CRC-32 of every array in the progress record; a restore checks the orbax metadata against the
-target, reads the arrays, and verifies finiteness and the checksums. ``restore_latest`` falls
-back to the newest step that passes, moving damaged steps to ``WORKDIR/damaged_checkpoints``.
-A failed asynchronous save is raised by ``check_saves`` (called once per step) instead of being
-only logged by orbax's background thread.
+Integrity (docs/reliability.md, the checks in ``checkpoint_integrity``): ``save`` refuses a
+state with NaN or Inf values and stores a CRC-32 of every array in the progress record; a
+restore checks the orbax metadata against the target, reads the arrays, and verifies
+finiteness and the checksums. ``restore_latest`` falls back to the newest step that passes,
+moving damaged steps to ``WORKDIR/damaged_checkpoints``. A failed asynchronous save is raised
+by ``check_saves`` (called once per step) instead of being only logged by orbax's background
+thread. The workdir's JSON records (``student_model.json``, ``config.json``) are written and
+read by ``workdir_records``.
 """
-
-# size: the integrity checks, fallback and save-failure handling of issue 12 landed here last;
-# splitting the verification into its own module is an open follow-up of issue 11.
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import os
-import shutil
-import time
-import zlib
 from typing import Any, Optional
 
 import flax.serialization
@@ -45,88 +40,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from bingo_jax import checkpoint_integrity as integrity
 from bingo_jax import fileio
-from bingo_jax import finite
 from bingo_jax import model_io
+from bingo_jax import workdir_records
 from bingo_jax.models import create_model
 
 CHECKPOINTS_DIR = 'checkpoints'
-STUDENT_RECORD = 'student_model.json'
-CONFIG_RECORD = 'config.json'
-DAMAGED_DIR = 'damaged_checkpoints'
 _STATE = 'state'
 _PROGRESS = 'progress'
-_CHECKSUMS = 'checksums'  # progress record key: {array path: CRC-32 hex} of the saved state
-# Keys of config.json that a resume may change without config.train.allow_config_change: they
-# change how often the run logs, saves and where it stops, never what it computes.
-RESUME_SAFE_KEYS = ('train.allow_config_change', 'train.log_every_steps',
-                    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.max_steps')
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint step that cannot be used: damaged files, non-finite values, a failed save."""
-
-
-class ConfigChangedError(ValueError):
-  """A resume with another config than the recorded one (without allow_config_change)."""
-
-
-class NonFiniteStateError(CheckpointError):
-  """A state holding NaN or Inf values (never written as a checkpoint)."""
-
-
-def root_cause(error: BaseException) -> str:
-  """The innermost cause of ``error`` as one line ``Type: message``.
-
-  Orbax wraps a TensorStore error (the useful part: which file, what was wrong) in several
-  layers of asyncio and future exceptions; the innermost one says what happened.
-  """
-  seen, inner = set(), error
-  while id(inner) not in seen:
-    seen.add(id(inner))
-    nxt = inner.__cause__ or inner.__context__
-    if nxt is None:
-      break
-    inner = nxt
-  lines = str(inner).strip().splitlines()
-  return f'{type(inner).__name__}: {lines[0] if lines else "(no message)"}'
-
-
-_named_leaves = finite.named_leaves
-_host_array = finite.host_array
-non_finite_arrays = finite.non_finite_paths
-describe_non_finite = finite.describe
-
-
-def _checksums(tree: Any) -> dict[str, str]:
-  """CRC-32 of every host-addressable leaf's bytes (a damaged data file changes it)."""
-  sums = {}
-  for name, leaf in _named_leaves(tree):
-    array = _host_array(leaf)
-    if array is not None:
-      sums[name] = f'{zlib.crc32(np.ascontiguousarray(array).tobytes()) & 0xffffffff:08x}'
-  return sums
-
-
-class _OrbaxErrorCapture(std_logging.Filter):
-  """Keeps the first exception orbax's background threads log, and shortens their output.
-
-  Orbax logs a failed asynchronous save with a full traceback per thread and carries on; the
-  exception itself may never reach the caller. This filter (on absl's logger) remembers it so
-  ``check_saves`` can name the cause, and drops the repeated tracebacks (the message stays).
-  """
-
-  def __init__(self):
-    super().__init__()
-    self.first_error: Optional[str] = None
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if 'orbax' in record.pathname and record.levelno >= std_logging.ERROR:
-      if record.exc_info and record.exc_info[1] is not None:
-        if self.first_error is None:
-          self.first_error = root_cause(record.exc_info[1])
-        record.exc_info, record.exc_text = None, None
-    return True
+# The errors of this module's API (raised by the integrity checks).
+CheckpointError = integrity.CheckpointError
+NonFiniteStateError = integrity.NonFiniteStateError
 
 
 def _is_prng_key(x: Any) -> bool:
@@ -176,83 +101,6 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def _flatten(record: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(record, dict):
-    flat = {}
-    for key, value in record.items():
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    return flat
-  return {prefix[:-1]: record}
-
-
-def config_changes(previous: dict, current: dict) -> list[str]:
-  """The keys whose values differ between two config records, as ``config.k: old -> new``.
-
-  Args:
-    previous, current: configs as JSON dicts (``config.json`` and this run's config).
-  Returns:
-    One line per changed, added or removed key, except ``RESUME_SAFE_KEYS``.
-  """
-  old, new = _flatten(previous), _flatten(current)
-  missing = object()
-  lines = []
-  for key in sorted(set(old) | set(new)):
-    if key in RESUME_SAFE_KEYS:
-      continue
-    before, after = old.get(key, missing), new.get(key, missing)
-    if before != after:
-      lines.append(f'config.{key}: {"(absent)" if before is missing else repr(before)} -> '
-                   f'{"(absent)" if after is missing else repr(after)}')
-  return lines
-
-
-def write_workdir_records(workdir: str, student_model_config: dict, config_json: str,
-                          resuming: bool = False, allow_config_change: bool = False
-                          ) -> list[str]:
-  """Writes ``student_model.json`` and ``config.json`` (process 0 only; others return).
-
-  Args:
-    workdir: the training workdir.
-    student_model_config: ``create_model`` keyword arguments of the student (JSON values).
-    config_json: the run's config as JSON text (``config.to_json_best_effort()``).
-    resuming: the workdir holds checkpoints this run continues from; its ``config.json`` is
-      then compared with this run's config.
-    allow_config_change: accept (and log) a resume with a different config.
-  Returns:
-    The config changes of a resume (``config_changes`` lines; empty for a fresh run).
-  Raises:
-    ValueError: the workdir already holds checkpoints of a different student.
-    ConfigChangedError: when resuming, the recorded config differs and
-      ``allow_config_change`` is False.
-  """
-  record_path = fileio.join(workdir, STUDENT_RECORD)
-  if fileio.isfile(record_path):
-    previous = fileio.read_json(record_path)
-    if previous != student_model_config:
-      raise ValueError(
-          f'{record_path} describes a different student ({previous}) than this config '
-          f'({student_model_config}); its checkpoints cannot be resumed. Use a new --workdir.')
-  config_path = fileio.join(workdir, CONFIG_RECORD)
-  current = json.loads(config_json)
-  changes = []
-  if resuming and fileio.isfile(config_path):
-    changes = config_changes(fileio.read_json(config_path), current)
-    if changes and not allow_config_change:
-      raise ConfigChangedError(
-          f'{workdir} holds checkpoints of a run with another config ({config_path}); this '
-          f'run changes {len(changes)} key(s):\n  ' + '\n  '.join(changes) +
-          '\nRerun with the recorded config, use a new --workdir, or pass '
-          '--config.train.allow_config_change=true to resume with the change (it is logged '
-          'and kept in train_summary.json).')
-    for line in changes:
-      logging.warning('Resuming with a changed config (allow_config_change): %s', line)
-  if jax.process_index() != 0:
-    return changes
-  fileio.write_json_atomically(record_path, student_model_config)
-  fileio.write_json_atomically(config_path, current)
-  return changes
-
-
 class TrainCheckpointer:
   """Saves and restores a ``TrainState`` in ``WORKDIR/checkpoints`` with orbax.
 
@@ -274,7 +122,7 @@ class TrainCheckpointer:
     self._read_only = read_only
     self._pending: Optional[int] = None   # the step of the save not yet known to be complete
     self._save_broken = False              # a save failed: orbax may hang if waited on
-    self._capture = _OrbaxErrorCapture()
+    self._capture = integrity.OrbaxErrorCapture()
     std_logging.getLogger('absl').addFilter(self._capture)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -304,13 +152,8 @@ class TrainCheckpointer:
     """
     self.check_saves(wait=True)
     storable = jax.tree.map(_host_copy, _to_storable(state))
-    bad = non_finite_arrays(storable)
-    if bad:
-      raise NonFiniteStateError(
-          f'Refusing to save step {step} to {self.directory}: '
-          f'{describe_non_finite(bad, len(jax.tree.leaves(storable)))}. The last checkpoint '
-          f'(step {self.latest_step()}) is kept.')
-    record = dict(progress, **{_CHECKSUMS: _checksums(storable)})
+    integrity.check_savable(storable, step, self.directory, self.latest_step())
+    record = dict(progress, **{integrity.CHECKSUMS_KEY: integrity.checksums(storable)})
     self._manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(storable),
         _PROGRESS: ocp.args.JsonSave(record)}), force=True)
@@ -330,13 +173,13 @@ class TrainCheckpointer:
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
-        self._save_failed(root_cause(e))
+        self._save_failed(integrity.root_cause(e))
     elif self._manager.is_saving_in_progress():
       return
     try:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      self._save_failed(root_cause(e))
+      self._save_failed(integrity.root_cause(e))
     if not fileio.isdir(fileio.join(self.directory, str(self._pending))):
       self._save_failed(self._capture.first_error or 'orbax did not finalise the step '
                         '(see its log above)')
@@ -368,34 +211,10 @@ class TrainCheckpointer:
     try:
       metadata = self._manager.item_metadata(step)[_STATE]
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'metadata unreadable: {root_cause(e)}') from None
+      raise CheckpointError(f'metadata unreadable: {integrity.root_cause(e)}') from None
     if metadata is None:
       raise CheckpointError('no state metadata')
-    stored = {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in _named_leaves(
-        jax.tree.map(lambda m: m, metadata, is_leaf=lambda m: hasattr(m, 'shape')))}
-    wanted = {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in _named_leaves(abstract)}
-    if stored != wanted:
-      missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
-      wrong = sorted(k for k in set(wanted) & set(stored) if wanted[k] != stored[k])
-      raise ValueError(
-          f'{self.directory}/{step} holds another train state: '
-          + '; '.join(part for part in (
-              f'missing {", ".join(missing[:5])}' if missing else '',
-              f'unexpected {", ".join(extra[:5])}' if extra else '',
-              ', '.join(f'{k} stored {stored[k]} wanted {wanted[k]}' for k in wrong[:5])) if part))
-
-  def _verify(self, step: int, storable: Any, progress: dict) -> None:
-    """Finiteness and checksums of a restored state (CheckpointError if damaged)."""
-    bad = non_finite_arrays(storable)
-    if bad:
-      raise CheckpointError(describe_non_finite(bad, len(jax.tree.leaves(storable))))
-    expected = progress.get(_CHECKSUMS)
-    if expected:
-      actual = _checksums(storable)
-      wrong = sorted(k for k in expected if k in actual and actual[k] != expected[k])
-      if wrong:
-        raise CheckpointError(f'{len(wrong)} arrays differ from what was saved (checksum): '
-                              + ', '.join(wrong[:5]))
+    integrity.check_fits(metadata, abstract, f'{self.directory}/{step}')
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores and verifies step ``step`` onto the structure, shapes and shardings of ``target``.
@@ -417,10 +236,10 @@ class TrainCheckpointer:
           _STATE: ocp.args.StandardRestore(abstract),
           _PROGRESS: ocp.args.JsonRestore()}))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(root_cause(e)) from None
+      raise CheckpointError(integrity.root_cause(e)) from None
     progress = dict(restored[_PROGRESS])
-    self._verify(step, restored[_STATE], progress)
-    progress.pop(_CHECKSUMS, None)
+    integrity.verify(restored[_STATE], progress)
+    progress.pop(integrity.CHECKSUMS_KEY, None)
     return _from_storable(target, restored[_STATE]), progress
 
   def restore_latest(self, target: Any) -> Optional[tuple[int, Any, dict]]:
@@ -438,21 +257,25 @@ class TrainCheckpointer:
       try:
         state, progress = self.restore(step, target)
       except CheckpointError as e:
-        self._report_damaged(step, str(e))
+        self.report_damaged(step, str(e))
         continue
       return step, state, progress
     return None
 
-  def _report_damaged(self, step: int, cause: str) -> None:
+  def report_damaged(self, step: int, cause: str) -> None:
+    """Logs a damaged step in one line and, unless read-only, moves it aside.
+
+    Only process 0 of a run on a local workdir moves it (into
+    ``WORKDIR/damaged_checkpoints/``); a read-only checkpointer (evaluation, export) and a
+    workdir on an object store leave it where it is.
+    """
     older = [s for s in self.all_steps() if s < step]
     fallback = f'falling back to step {max(older)}' if older else 'no older step to fall back to'
     if self._read_only or jax.process_index() != 0 or fileio.is_url(self.workdir):
       logging.warning('Checkpoint %s/%d is damaged (%s); %s.', self.directory, step, cause,
                       fallback)
       return
-    aside = os.path.join(self.workdir, DAMAGED_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), aside)
+    aside = integrity.move_aside(self.workdir, os.path.join(self.directory, str(step)), step)
     self._manager.reload()
     logging.warning('Checkpoint %s/%d is damaged (%s); moved to %s; %s.', self.directory, step,
                     cause, aside, fallback)
@@ -475,8 +298,8 @@ class TrainCheckpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract), _PROGRESS: ocp.args.JsonRestore()}))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(root_cause(e)) from None
-    self._verify(step, restored[_STATE], dict(restored[_PROGRESS]))
+      raise CheckpointError(integrity.root_cause(e)) from None
+    integrity.verify(restored[_STATE], dict(restored[_PROGRESS]))
     return restored[_STATE]
 
   def reached_preemption(self, step: int) -> bool:
@@ -502,21 +325,12 @@ class TrainCheckpointer:
           self._manager.wait_until_finished()
         except Exception as e:  # pylint: disable=broad-except
           logging.error('The last checkpoint save (step %d) failed too: %s', self._pending,
-                        root_cause(e))
+                        integrity.root_cause(e))
       std_logging.getLogger('absl').removeFilter(self._capture)
       return
     std_logging.getLogger('absl').removeFilter(self._capture)
     self.check_saves(wait=True)
     self._manager.close()
-
-
-def read_student_record(workdir: str) -> dict:
-  """The student's ``create_model`` keyword arguments stored in a training workdir."""
-  path = fileio.join(workdir, STUDENT_RECORD)
-  if not fileio.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: {workdir} is not a bingo_jax training workdir '
-                            f'(python -m bingo_jax.train writes it).')
-  return fileio.read_json(path)
 
 
 def load_student(workdir: str, step: Optional[int] = None,
@@ -532,7 +346,7 @@ def load_student(workdir: str, step: Optional[int] = None,
     A ``model_io.LoadedModel`` whose ``metadata`` holds ``workdir`` and ``step``.
   """
   workdir = fileio.absolute(workdir)
-  model_config = read_student_record(workdir)
+  model_config = workdir_records.read_student_record(workdir)
   checkpointer = TrainCheckpointer(workdir, keep=1, read_only=True)
   steps = checkpointer.all_steps()
   if not steps:
@@ -554,7 +368,7 @@ def load_student(workdir: str, step: Optional[int] = None,
           stored = checkpointer.restore_arrays(step)
           break
         except CheckpointError as e:
-          checkpointer._report_damaged(step, str(e))  # pylint: disable=protected-access
+          checkpointer.report_damaged(step, str(e))
       else:
         raise CheckpointError(f'{checkpointer.directory}: no checkpoint restores intact '
                               f'(steps {sorted(steps)}; see the warnings above).')

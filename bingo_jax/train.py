@@ -51,6 +51,7 @@ from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
 from bingo_jax import workdir_lock
+from bingo_jax import workdir_records
 from bingo_jax.models import create_model
 
 # Metrics shown on the console; TensorBoard gets every metric of the step.
@@ -256,7 +257,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock.acquire()
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   student_config = student_model_config(config)
-  config_changes = checkpointing.write_workdir_records(
+  config_changes = workdir_records.write_workdir_records(
       workdir, student_config, config.to_json_best_effort(),
       resuming=bool(checkpointer.all_steps()),
       allow_config_change=config.train.get('allow_config_change', False))
@@ -643,7 +644,7 @@ def main(argv: list[str]) -> None:
   try:
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                  simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
-  except (checkpointing.CheckpointError, checkpointing.ConfigChangedError, NonFiniteLossError,
+  except (checkpointing.CheckpointError, workdir_records.ConfigChangedError, NonFiniteLossError,
           workdir_lock.WorkdirLockedError, bad_images.BadImageError) as e:
     # Faults with a known cause: the message is the whole story (no traceback to dig through).
     logging.error('%s', e)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from bingo_jax import checkpointing, model_io, parallel
+from bingo_jax import checkpointing, model_io, parallel, workdir_records
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.train_step import TrainState
 
@@ -89,7 +89,7 @@ def test_keeps_the_last_n_and_ignores_an_interrupted_save(tmp_path, student_vari
 def test_load_student_returns_the_saved_network(tmp_path, student_variables):
   mesh = parallel.make_mesh()
   workdir = str(tmp_path)
-  checkpointing.write_workdir_records(workdir, STUDENT, json.dumps({'train': {'seed': 0}}))
+  workdir_records.write_workdir_records(workdir, STUDENT, json.dumps({'train': {'seed': 0}}))
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=3)
   states = {step: _state(student_variables, step, mesh) for step in (2, 5)}
   for step, state in states.items():
@@ -117,8 +117,8 @@ def test_workdir_records_name_the_problem(tmp_path):
   workdir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match='student_model.json'):
     checkpointing.load_student(workdir)
-  checkpointing.write_workdir_records(workdir, STUDENT, '{}')
+  workdir_records.write_workdir_records(workdir, STUDENT, '{}')
   assert json.load(open(os.path.join(workdir, 'student_model.json'))) == STUDENT
   with pytest.raises(ValueError, match='different student'):
-    checkpointing.write_workdir_records(workdir, dict(STUDENT, arch='resnet34'), '{}')
+    workdir_records.write_workdir_records(workdir, dict(STUDENT, arch='resnet34'), '{}')
   assert not [name for name in os.listdir(workdir) if '.tmp-' in name]

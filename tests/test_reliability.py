@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from bingo_jax import bag_file, checkpointing, data_sources, model_io, workdir_lock
-from bingo_jax import train
+from bingo_jax import checkpoint_integrity, train, workdir_records
 from bingo_jax.models import create_model, init_variables
 from configs import tiny_test
 
@@ -214,12 +214,12 @@ def test_config_change_is_logged_when_allowed(tmp_path):
   workdir = str(tmp_path)
   student = dict(TEACHER, bn_group_size=4)
   old = {'train': {'base_lr': 0.03, 'log_every_steps': 1}, 'data': {'path': 'a.txt'}}
-  checkpointing.write_workdir_records(workdir, student, json.dumps(old))
+  workdir_records.write_workdir_records(workdir, student, json.dumps(old))
   new = {'train': {'base_lr': 0.06, 'log_every_steps': 5}, 'data': {'path': 'a.txt'}}
-  with pytest.raises(checkpointing.ConfigChangedError, match=r'config.train.base_lr: 0.03 -> '
+  with pytest.raises(workdir_records.ConfigChangedError, match=r'config.train.base_lr: 0.03 -> '
                                                              r'0.06'):
-    checkpointing.write_workdir_records(workdir, student, json.dumps(new), resuming=True)
-  changes = checkpointing.write_workdir_records(workdir, student, json.dumps(new),
+    workdir_records.write_workdir_records(workdir, student, json.dumps(new), resuming=True)
+  changes = workdir_records.write_workdir_records(workdir, student, json.dumps(new),
                                                 resuming=True, allow_config_change=True)
   assert changes == ['config.train.base_lr: 0.03 -> 0.06']  # log_every_steps is resume-safe
   assert json.load(open(os.path.join(workdir, 'config.json'))) == new
@@ -281,7 +281,7 @@ def test_damaged_latest_step_falls_back_for_export_and_training(inputs, straight
   # Training falls back to step 10, moves step 12 aside, and ends where the straight run did.
   stderr = _train(inputs, workdir)
   assert 'moved to' in stderr and 'falling back to step 10' in stderr
-  assert os.listdir(os.path.join(workdir, checkpointing.DAMAGED_DIR))[0].startswith('12-')
+  assert os.listdir(os.path.join(workdir, checkpoint_integrity.DAMAGED_DIR))[0].startswith('12-')
   assert _summary(workdir)['runs'][-1]['start_step'] == 10
   _assert_same_state(workdir, straight)
 
