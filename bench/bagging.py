@@ -13,13 +13,14 @@ imports, so it includes the N x d float32 feature matrix itself.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -140,27 +141,30 @@ def run_real_features_case(directory: str, k: int = 5) -> dict:
 
 
 def _child(args: list[str]) -> dict:
-  output = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', *args],
-                          capture_output=True, text=True)
+  output = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--child=' + ','.join(args)],
+      capture_output=True, text=True)
   if output.returncode:
     raise RuntimeError(f'case {args} failed:\n{output.stderr[-3000:]}')
   return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true', help='N = 10k only, small model only')
-  parser.add_argument('--backends', default='faiss,approx,jax')
-  parser.add_argument('--sizes', default='10000,100000', help='N values')
-  parser.add_argument('--dims', default='2048,4096', help='d values')
-  parser.add_argument('--skip-features', action='store_true', help='no teacher throughput rows')
-  parser.add_argument('--features-dir', default=None,
-                      help='also compare exact and approx search on real features: a shard '
-                           'directory written by the feature pass (e.g. WORKDIR/features)')
-  parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.child:
-    kind, *rest = args.child
+_QUICK = flags.DEFINE_bool('quick', False, 'N = 10k only, small model only.')
+_BACKENDS = flags.DEFINE_list('backends', ['faiss', 'approx', 'jax'], 'kNN backends to time.')
+_SIZES = flags.DEFINE_list('sizes', ['10000', '100000'], 'N values.')
+_DIMS = flags.DEFINE_list('dims', ['2048', '4096'], 'd values.')
+_SKIP_FEATURES = flags.DEFINE_bool('skip_features', False, 'No teacher throughput rows.')
+_FEATURES_DIR = flags.DEFINE_string(
+    'features_dir', None, 'Also compare exact and approx search on real features: a shard '
+    'directory written by the feature pass (e.g. WORKDIR/features).')
+_CHILD = flags.DEFINE_list('child', None, 'Internal: one measurement in a fresh process.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CHILD.value:
+    kind, *rest = _CHILD.value
     if kind == 'features':
       arch, width, size, batch, batches = rest
       result = run_features_case(arch, int(width), int(size), int(batch), int(batches))
@@ -180,9 +184,9 @@ def main() -> None:
   print('| network | input | batch | images/s | compile s |')
   print('|---|---|---|---|---|')
   feature_cases = [('resnet50', 16, 112, 32, 3, 'ResNet-50 width 16 (small)')]
-  if not args.quick:
+  if not _QUICK.value:
     feature_cases.append(('resnet50', 64, 224, 16, 2, 'ResNet-50 (full size)'))
-  if args.skip_features:
+  if _SKIP_FEATURES.value:
     feature_cases = []
   for arch, width, size, batch, batches, name in feature_cases:
     r = _child(['features', arch, str(width), str(size), str(batch), str(batches)])
@@ -193,10 +197,10 @@ def main() -> None:
   print('| backend | N | d | anchors timed | time, all N anchors (s) | peak RSS (MiB) | '
         'features (MiB) | notes |')
   print('|---|---|---|---|---|---|---|---|')
-  sizes = [10_000] if args.quick else [int(v) for v in args.sizes.split(',')]
+  sizes = [10_000] if _QUICK.value else [int(v) for v in _SIZES.value]
   for n in sizes:
-    for d in [int(v) for v in args.dims.split(',')]:
-      for backend in args.backends.split(','):
+    for d in [int(v) for v in _DIMS.value]:
+      for backend in _BACKENDS.value:
         # Anchors actually searched (the rest is scaled): keeps the run near 10 minutes.
         queries = min(n, 10_000 if n <= 10_000 else 1000)
         if backend == 'jax':
@@ -217,9 +221,9 @@ def main() -> None:
         print(f'| {backend} | {n} | {d} | {r["queries"]} | {total:.1f} | {r["peak_mb"]:.0f} | '
               f'{r["features_mb"]:.0f} | {notes} |', flush=True)
 
-  if args.features_dir:
-    r = _child(['real', args.features_dir])
-    print(f'\n## Real features ({args.features_dir}: {r["n"]} x {r["d"]})\n')
+  if _FEATURES_DIR.value:
+    r = _child(['real', _FEATURES_DIR.value])
+    print(f'\n## Real features ({_FEATURES_DIR.value}: {r["n"]} x {r["d"]})\n')
     print('| backend | time (s) | recall@5 vs exact |')
     print('|---|---|---|')
     print(f'| faiss exact | {r["exact_s"]:.1f} | 1 |')
@@ -227,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -31,12 +31,14 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from bingo_jax import bad_images
 from bingo_jax import bag_file
 from bingo_jax import bag_report
+from bingo_jax import cli
 from bingo_jax import data_sources
 from bingo_jax import features as features_lib
 from bingo_jax import fileio
@@ -227,16 +229,16 @@ def _describe_data(config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
+# Command line
 
-def main(argv) -> None:
-  from absl import flags
-  del argv
-  from bingo_jax import bad_images  # pylint: disable=g-import-not-at-top
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+_CONFIG = cli.shared(cli.CONFIG)
+_WORKDIR = cli.shared(cli.WORKDIR)  # features, bag file, report
+
+
+def main(argv: list[str]) -> None:
+  cli.no_positional_arguments(argv)
   try:
-    _, path = compute_bags(config, workdir)
+    _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
   except bad_images.BadImageError as e:
     # The undecodable images by name (config.data.on_bad_image='error'), not a TF traceback.
     logging.error('%s', e)
@@ -245,9 +247,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output directory (features, bag file, report).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

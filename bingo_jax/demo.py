@@ -25,7 +25,9 @@ import sys
 import time
 from typing import Optional
 
-import argparse
+from absl import app, flags, logging
+
+from bingo_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEACHER = os.path.join(REPO, 'bingo_jax', 'demo_data',
@@ -193,31 +195,29 @@ def _percent(value) -> str:
   return '-' if value is None else f'{float(value):.2f}'
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-  # argparse, not absl flags: the stage modules define their own absl flags at import.
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', default='runs/demo', help='output directory (resumable)')
-  parser.add_argument('--teacher', default=None,
-                      help='PyTorch teacher checkpoint (MoCo / SwAV / torchvision layout); '
-                      'default: the committed MoCo v2 ResNet-18 (width 16) trained on '
-                      'Fashion-MNIST')
-  parser.add_argument('--epochs', type=int, default=None,
-                      help='distillation epochs (default: configs/fmnist_demo.py)')
-  parser.add_argument('--max_steps', type=int, default=None,
-                      help='stop distillation after this many steps')
-  parser.add_argument('--train_split', default=None,
-                      help="training split, TFDS slicing (default 'train[:12800]')")
-  parser.add_argument('--eval_split', default=None, help="evaluation split (default 'test')")
-  parser.add_argument('--quick_eval', action='store_true',
-                      help='2-epoch fast linear probe (smoke runs)')
-  args = parser.parse_args(argv)
-  from absl import logging
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_WORKDIR = cli.shared(cli.WORKDIR)  # default runs/demo
+_TEACHER = cli.shared(cli.TEACHER)  # a PyTorch checkpoint here; default DEFAULT_TEACHER
+_EPOCHS = flags.DEFINE_integer('epochs', None,
+                               'Distillation epochs (default: configs/fmnist_demo.py).')
+_MAX_STEPS = flags.DEFINE_integer('max_steps', None,
+                                  'Stop distillation after this many steps.')
+_TRAIN_SPLIT = flags.DEFINE_string('train_split', None,
+                                   "Training split, TFDS slicing (default 'train[:12800]').")
+_EVAL_SPLIT = flags.DEFINE_string('eval_split', None, "Evaluation split (default 'test').")
+_QUICK_EVAL = flags.DEFINE_bool('quick_eval', False, '2-epoch fast linear probe (smoke runs).')
+
+
+def main(argv: list[str]) -> None:
+  cli.no_positional_arguments(argv)
   from bingo_jax import progress
   logging.set_verbosity(logging.INFO)  # the trainer reports progress through absl logging
   progress.quiet_library_logs()
-  run(args.workdir, args.teacher, args.epochs, args.max_steps, args.train_split,
-      args.eval_split, args.quick_eval)
+  run(_WORKDIR.value or 'runs/demo', _TEACHER.value, _EPOCHS.value, _MAX_STEPS.value,
+      _TRAIN_SPLIT.value, _EVAL_SPLIT.value, _QUICK_EVAL.value)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -34,11 +34,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from bingo_jax import fileio
-from bingo_jax import checkpointing, data_sources, features as features_lib, input_pipeline
-from bingo_jax import model_io, parallel, progress
+from bingo_jax import bad_images, fileio
+from bingo_jax import checkpointing, cli, data_sources, features as features_lib
+from bingo_jax import input_pipeline, model_io, parallel, progress
 from bingo_jax import images as images_lib
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
 from bingo_jax.models import create_model, init_variables
@@ -350,13 +349,21 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
   return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_CONFIG = cli.shared(cli.CONFIG)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'Model file, training workdir, "random" or "pixels".')
+_PROTOCOL = flags.DEFINE_enum('protocol', None, PROTOCOLS, 'Evaluation protocol.')
+_WORKDIR = cli.shared(cli.WORKDIR)  # results, feature cache, logs
+_STEP = cli.shared(cli.STEP)
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from bingo_jax import bad_images, checkpointing  # pylint: disable=g-import-not-at-top
+  cli.no_positional_arguments(argv)
   try:
-    evaluate(flags.FLAGS.config, flags.FLAGS.checkpoint, flags.FLAGS.protocol,
-             flags.FLAGS.workdir, flags.FLAGS.step)
+    evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
   except (checkpointing.CheckpointError, bad_images.BadImageError) as e:
     # A damaged checkpoint: its cause in one message, not orbax's asyncio traceback.
     logging.error('%s', e)
@@ -364,10 +371,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('checkpoint', None, 'Model file, training workdir, "random" or "pixels".')
-  flags.DEFINE_enum('protocol', None, PROTOCOLS, 'Evaluation protocol.')
-  flags.DEFINE_string('workdir', None, 'Output directory (results, feature cache, logs).')
-  flags.DEFINE_integer('step', None, 'Training step to load from a workdir (default: latest).')
   flags.mark_flags_as_required(['config', 'checkpoint', 'protocol', 'workdir'])
   app.run(main)

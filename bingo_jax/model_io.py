@@ -87,7 +87,7 @@ def check_finite(variables: Any, what: str) -> None:
   bad = finite.non_finite_paths(variables)
   if bad:
     raise ValueError(f'{what}: {finite.describe(bad, len(jax.tree.leaves(variables)))}. '
-                     'Pass allow_non_finite=True (--allow-non-finite) to accept them anyway.')
+                     'Pass allow_non_finite=True (--allow_non_finite) to accept them anyway.')
 
 
 def save_model(path: str, model_config: dict, variables: dict,

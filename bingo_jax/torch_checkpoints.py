@@ -248,7 +248,7 @@ def convert_torch_checkpoint(path: str, source_format: Optional[str] = None,
       raise ValueError(
           f'{source}: {len(bad)} of {len(tensors)} tensors hold NaN or Inf ('
           + ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
-          + '): a diverged or damaged checkpoint. Pass --allow-non-finite to convert it anyway.')
+          + '): a diverged or damaged checkpoint. Pass --allow_non_finite to convert it anyway.')
   variables = torch_mapping.torch_to_flax(tensors, model_config, source=source,
                                           head_prefix=head_spec.torch_prefix)
   metadata = {

@@ -33,11 +33,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from bingo_jax import bad_images
 from bingo_jax import bag_file
 from bingo_jax import checkpointing
+from bingo_jax import cli
 from bingo_jax import config_checks
 from bingo_jax import data_sources
 from bingo_jax import device_data
@@ -619,10 +619,8 @@ def _check_resumable(stored: dict, current: dict, directory: str, step: int) -> 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; a rerun '
-                               'resumes from its latest checkpoint.')
+_CONFIG = cli.shared(cli.CONFIG)
+_WORKDIR = cli.shared(cli.WORKDIR)  # checkpoints, logs; a rerun resumes from the latest
 _JAX_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
                                      'Call jax.distributed.initialize() (multi-host runs).')
 _SIMULATE_PREEMPTION = flags.DEFINE_integer(
@@ -630,7 +628,7 @@ _SIMULATE_PREEMPTION = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  cli.no_positional_arguments(argv)
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -9,6 +9,8 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+  # One listing of the whole schema, section by section, each key with its comment: longer
+  # than 80 lines on purpose, so that every key and its default are found in one place.
   config = ml_collections.ConfigDict()
 
   # ---- data: what images, read how (bingo_jax/data_sources/) ----

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import importlib.util
 import os
 import sys
 
@@ -31,12 +30,10 @@ from bingo_jax.torch_checkpoints import CheckpointError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
+from tool_runner import run_tool  # noqa: E402
 from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
-
-
 
 
 # --- checkpoint layouts, written here from their description (not with the code under test) ---
@@ -260,16 +257,6 @@ def test_efficientnet_heads_parity_and_round_trip(tmp_path):
   _, embedding = FlaxForward()(converted.model_config, converted.variables, images)
   with torch.no_grad():
     assert relative_error(embedding, mlp(want_features)) <= TOLERANCE
-
-
-def run_tool(script: str, *args: str) -> int:
-  """Runs ``tools/<script>``'s ``main(argv)`` in this process (a fresh interpreter would spend
-  most of the test importing jax and torch again)."""
-  spec = importlib.util.spec_from_file_location(f'tool_{script[:-3]}',
-                                                os.path.join(REPO, 'tools', script))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main(list(args))
 
 
 def test_cli_random_checkpoint_convert_load_and_embed(tmp_path):

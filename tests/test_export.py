@@ -9,7 +9,6 @@ descriptions), and the ``efficientnet_pytorch`` package.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -22,18 +21,8 @@ from bingo_jax import model_io, torch_checkpoints
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference  # noqa: E402
+from tool_runner import run_tool  # noqa: E402
 from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def run_tool(script: str, *args: str) -> int:
-  spec = importlib.util.spec_from_file_location(f'tool_{script[:-3]}',
-                                                os.path.join(REPO, 'tools', script))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main(list(args))
 
 
 def make_model_file(tmp_path, arch='resnet18', head='moco', name='model', **kwargs):
@@ -66,7 +55,7 @@ def test_torchvision_layout_loads_strictly_with_and_without_head(tmp_path):
 
   out = str(tmp_path / 'r18_backbone.pth')
   assert run_tool('export_torch.py', model_file, out, '--format', 'torchvision',
-                  '--drop-head') == 0
+                  '--drop_head') == 0
   backbone = torch_reference.make_resnet('resnet18', head=None)  # torchvision with fc=Identity
   backbone.load_state_dict(torch.load(out, weights_only=True), strict=True)
 

@@ -418,7 +418,7 @@ def test_non_finite_teacher_is_refused_by_the_converter_and_the_loader(tmp_path)
 
   # Converted anyway on request: every loader (bagging, training, evaluation) still refuses.
   rc, _ = _tool('convert_torch_teacher.py', str(source), str(tmp_path / 'teacher'),
-                '--allow-non-finite')
+                '--allow_non_finite')
   assert rc == 0
   with pytest.raises(ValueError, match=r"1 of \d+ arrays hold NaN or Inf "
                                        r"\(\['params'\]\['backbone'\]\['layer2_0'\]"):

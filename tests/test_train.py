@@ -222,8 +222,8 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
   assert (train_config.batch_size, train_config.base_lr, train_config.epochs) == (256, 0.03, 200)
   assert (train_config.momentum, train_config.queue_size) == (0.9, 65536)
   assert (train_config.temperature, train_config.weight_decay) == (temperature, weight_decay)
-  assert (train_config.own_key_warmup_epochs, train_config.cutmix, train_config.loss) == (11, 'batch',
-                                                                                     'bingo')
+  assert (train_config.own_key_warmup_epochs, train_config.cutmix,
+          train_config.loss) == (11, 'batch', 'bingo')
   assert (config.student.bn_group_size, config.teacher.bn_group_size) == (32, 32)
   assert config.teacher.bn_mode == 'shuffle' and train_config.lr_schedule == 'cosine_epoch'
   assert config.student.head_output_dim == 128 and config.student.head_hidden_dim == 2048

@@ -366,8 +366,9 @@ def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
 
 
 def test_anchor_only_loss_step_is_ce_of_query_against_its_own_teacher_key():
-  """loss = 'anchor_only' (SEED-like, no bags): loss = mean CE(q, k) against the queue, written out in
-  float64 numpy from separately embedded views; one student pass; keys enter the queue."""
+  """loss = 'anchor_only' (SEED-like, no bags): loss = mean CE(q, k) against the queue, written
+  out in float64 numpy from separately embedded views; one student pass; keys enter the
+  queue."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
   config.teacher.bn_mode, config.train.loss = 'frozen', 'anchor_only'
   config.train.cutmix = 'batch'  # ignored by 'anchor_only', as by 'paper_eq8'
@@ -416,7 +417,8 @@ def test_unknown_loss_name_is_a_clear_error():
   config.train.loss = 'infonce'
   student = create_model('resnet18', bn_group_size=8, **SMALL_MODEL)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  message = r"config.train.loss = 'infonce'; expected one of \('bingo', 'paper_eq8', 'anchor_only'\)"
+  message = (r"config.train.loss = 'infonce'; expected one of "
+             r"\('bingo', 'paper_eq8', 'anchor_only'\)")
   with pytest.raises(ValueError, match=message):
     steps.make_train_step(config, student, student, mesh, 1)
   with pytest.raises(ValueError, match=message):

@@ -12,49 +12,38 @@ missing, surplus or mis-shaped tensor stops it with an error that names the file
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import sys
 import time
 
 import jax
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bingo_jax import torch_checkpoints  # noqa: E402
+from bingo_jax import cli, torch_checkpoints  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('source', help='PyTorch checkpoint file (.pth / .pth.tar)')
-  parser.add_argument('destination', help='model file directory to write')
-  parser.add_argument('--format', choices=torch_checkpoints.FORMATS,
-                      help='checkpoint layout (default: detected)')
-  parser.add_argument('--arch', help='architecture, e.g. resnet50w2 (default: inferred from '
-                      'the tensor shapes)')
-  parser.add_argument('--head', choices=('moco', 'swav', 'linear', 'none'),
-                      help="head to keep; 'none' drops it (default: whatever the file has)")
-  parser.add_argument('--encoder', default='encoder_q',
-                      help='MoCo layout: the encoder to convert (default: encoder_q)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace an existing bingo_jax model file (nothing else is ever '
-                      'replaced)')
-  parser.add_argument('--allow-non-finite', action='store_true',
-                      help='convert tensors holding NaN or Inf (refused by default)')
-  return parser.parse_args(argv)
+_FORMAT = cli.shared(cli.FORMAT)  # default: detected from the tensor names
+_ARCH = cli.shared(cli.ARCH)  # default: inferred from the tensor shapes
+_HEAD = cli.shared(cli.HEAD)  # default: whatever the file has
+_ENCODER = flags.DEFINE_string('encoder', 'encoder_q',
+                               'MoCo layout: the encoder to convert.')
+_OVERWRITE = cli.shared(cli.OVERWRITE)  # a bingo_jax model file only, nothing else
+_ALLOW_NON_FINITE = flags.DEFINE_bool('allow_non_finite', False,
+                                      'Convert tensors holding NaN or Inf (refused by '
+                                      'default).')
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def main(argv: list[str]) -> int:
+  source, destination = cli.positional_arguments(argv, ('source', 'destination'))
   start = time.perf_counter()
   try:
     converted = torch_checkpoints.convert_to_model_file(
-        args.source, args.destination, source_format=args.format, arch=args.arch,
-        head=args.head, encoder=args.encoder, overwrite=args.overwrite,
-        allow_non_finite=args.allow_non_finite)
+        source, destination, source_format=_FORMAT.value, arch=_ARCH.value,
+        head=_HEAD.value, encoder=_ENCODER.value, overwrite=_OVERWRITE.value,
+        allow_non_finite=_ALLOW_NON_FINITE.value)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -62,7 +51,7 @@ def main(argv=None) -> int:
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
   meta = converted.metadata
   num_params = sum(v.size for v in jax.tree.leaves(converted.variables.get('params', {})))
-  print(f'{args.source} ({meta["source_format"]} layout) -> {os.path.abspath(args.destination)}')
+  print(f'{source} ({meta["source_format"]} layout) -> {os.path.abspath(destination)}')
   print(f'  model: {converted.model_config}')
   print(f'  {num_params / 1e6:.1f}M parameters; ignored: {meta["ignored_tensors"] or "nothing"}'
         + (f'; dropped head: {len(meta["dropped_head_tensors"])} tensors'
@@ -72,4 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

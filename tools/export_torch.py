@@ -3,7 +3,7 @@
   # MoCo layout: MoCo's main_lincls.py and detection/convert-pretrain-to-detectron2.py read it
   python tools/export_torch.py workdirs/r18_bingo student_r18.pth.tar --format moco
   # torchvision layout, backbone only: resnet18(); model.fc = nn.Identity(); strict load
-  python tools/export_torch.py workdirs/r18_bingo r18_backbone.pth --format torchvision --drop-head
+  python tools/export_torch.py workdirs/r18_bingo r18_backbone.pth --format torchvision --drop_head
   # efficientnet_pytorch naming (EfficientNet-B0 students)
   python tools/export_torch.py workdirs/effb0_bingo effb0.pth --format efficientnet
 
@@ -19,47 +19,39 @@ The file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bingo_jax import checkpointing, torch_checkpoints  # noqa: E402
+from bingo_jax import checkpointing, cli, torch_checkpoints  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   epilog=__doc__.split('\n\n', 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('model', help='bingo_jax model file, or a training workdir')
-  parser.add_argument('destination', help='PyTorch file to write (.pth / .pth.tar)')
-  parser.add_argument('--format', default='moco', choices=torch_checkpoints.EXPORT_FORMATS,
-                      help='layout of the PyTorch file (default: moco)')
-  parser.add_argument('--drop-head', action='store_true', help='write the backbone only')
-  parser.add_argument('--step', type=int, help='training workdir: the step to export '
-                      '(default: the latest checkpoint)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace an existing PyTorch checkpoint file (nothing else)')
-  return parser.parse_args(argv)
+_FORMAT = cli.shared(cli.FORMAT)  # default: moco
+_DROP_HEAD = flags.DEFINE_bool('drop_head', False, 'Write the backbone only.')
+_STEP = cli.shared(cli.STEP)
+_OVERWRITE = cli.shared(cli.OVERWRITE)  # a PyTorch checkpoint file only, nothing else
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def main(argv: list[str]) -> int:
+  model, destination = cli.positional_arguments(argv, ('model', 'destination'))
+  layout = _FORMAT.value or 'moco'
   try:
-    loaded = checkpointing.load_any(args.model, step=args.step)
-    obj = torch_checkpoints.export_torch_checkpoint(loaded, args.destination, args.format,
-                                                    drop_head=args.drop_head,
-                                                    overwrite=args.overwrite)
+    loaded = checkpointing.load_any(model, step=_STEP.value)
+    obj = torch_checkpoints.export_torch_checkpoint(loaded, destination, layout,
+                                                    drop_head=_DROP_HEAD.value,
+                                                    overwrite=_OVERWRITE.value)
   except (FileNotFoundError, FileExistsError, ValueError, checkpointing.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  state = obj['state_dict'] if args.format == 'moco' else obj
-  print(f'{args.model} ({loaded.model_config}) -> {os.path.abspath(args.destination)}: '
-        f'{args.format} layout, {len(state)} tensors'
-        + (', no head' if args.drop_head or not loaded.model_config.get('head') else ''))
+  state = obj['state_dict'] if layout == 'moco' else obj
+  print(f'{model} ({loaded.model_config}) -> {os.path.abspath(destination)}: '
+        f'{layout} layout, {len(state)} tensors'
+        + (', no head' if _DROP_HEAD.value or not loaded.model_config.get('head') else ''))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -2,9 +2,9 @@
 
   python tools/fmnist_ablation.py --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random, paper_eq8) and
-each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN and the fast
-linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
+For each row of ``configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random,
+paper_eq8) and each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN
+and the fast linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
 with the teacher (knn), the labels, and a randomly initialised network of the teacher's
 architecture. Every run records its wall times. The seed changes the student's
 initialisation, the data order, the augmentations and CutMix. The bags and the evaluation
@@ -15,7 +15,7 @@ Outputs in the workdir:
   runs/<row>_s<seed>/      the run's training workdir (train/), evaluation (eval/) and
                            result.json; a finished run is skipped on a rerun;
   reference/               kNN and fast linear of the teacher, the random student and the pixels
-                           (not with --skip-references);
+                           (not with --skip_references);
   ablation.json, ablation.md   mean, sample standard deviation and range over the seeds.
 The rows run in one process one after another (an interrupted table resumes at the first
 unfinished run). The XLA compilation cache is kept in the workdir, so the runs after the
@@ -24,7 +24,6 @@ first reuse the compiled programs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,27 +31,23 @@ import statistics
 import sys
 import time
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bingo_jax import cli  # noqa: E402
 
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   epilog=__doc__.split('\n\n', 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--teacher', required=True,
-                      help='converted teacher model file (tools/convert_torch_teacher.py)')
-  parser.add_argument('--workdir', required=True, help='output directory (resumable)')
-  parser.add_argument('--rows', default=','.join(ROW_ORDER),
-                      help=f'comma-separated rows (default: {",".join(ROW_ORDER)})')
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated training seeds')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='config override for every row, e.g. train.epochs=3 (repeatable)')
-  parser.add_argument('--skip-references', action='store_true',
-                      help='do not evaluate the teacher and the random student')
-  return parser.parse_args(argv)
+_TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
+_WORKDIR = cli.shared(cli.WORKDIR)  # required; resumable
+_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of configs/fmnist_ablation.py.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
+_SET = flags.DEFINE_multi_string('set', [], 'Config override for every row, KEY=VALUE, e.g. '
+                                 'train.epochs=3 (repeatable).')
+_SKIP_REFERENCES = flags.DEFINE_bool('skip_references', False,
+                                     'Do not evaluate the teacher and the random student.')
 
 
 def _override(config, assignment: str) -> None:
@@ -179,13 +174,17 @@ def format_markdown(table: dict, references: dict, purities: dict, hardware: str
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
-  workdir = os.path.abspath(args.workdir)
+def main(argv: list[str]) -> None:
+  cli.no_positional_arguments(argv)
+  workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  # Each run builds the same programs again; the persistent cache compiles them once.
-  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(workdir, 'xla_cache'))
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  # Each run builds the same programs again; the persistent cache compiles them once (set
+  # through jax.config: jax, imported with the flags, has read its environment already).
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.environ.get(
+      'JAX_COMPILATION_CACHE_DIR', os.path.join(workdir, 'xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(os.environ.get(
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')))
   from absl import logging
 
   from bingo_jax import fileio, progress
@@ -193,28 +192,28 @@ def main(argv=None) -> None:
   logging.set_verbosity(logging.INFO)
   progress.quiet_library_logs()
 
-  rows = [row.strip() for row in args.rows.split(',') if row.strip()]
+  rows = [row.strip() for row in _ROWS.value if row.strip()]
   unknown = [row for row in rows if row not in fmnist_ablation.ROWS]
   if unknown:
     raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(ROW_ORDER)}.')
-  seeds = [int(seed) for seed in args.seeds.split(',')]
-  teacher = os.path.abspath(args.teacher)
+  seeds = [int(seed) for seed in _SEEDS.value]
+  teacher = os.path.abspath(_TEACHER.value)
 
   methods = sorted({fmnist_ablation.ROW_BAGS[row] for row in rows} - {None})
   bag_paths, purities = {}, {}
   for method in methods:
-    bag_paths[method], purities[method] = make_bags(method, teacher, workdir, args.set)
+    bag_paths[method], purities[method] = make_bags(method, teacher, workdir, _SET.value)
 
   table = {}
   for row in rows:
     results = []
     for seed in seeds:
       print(f'\n=== ablation: {fmnist_ablation.ROWS[row]}, seed {seed}', flush=True)
-      results.append(run_one(row, seed, teacher, bag_paths, workdir, args.set))
+      results.append(run_one(row, seed, teacher, bag_paths, workdir, _SET.value))
     table[row] = summarise(results)
   references = {}
-  if not args.skip_references:
-    reference_config = row_config('knn', 0, teacher, bag_paths, args.set)
+  if not _SKIP_REFERENCES.value:
+    reference_config = row_config('knn', 0, teacher, bag_paths, _SET.value)
     references = {
         'teacher (converted model file)': evaluate_both(
             reference_config, teacher, os.path.join(workdir, 'reference', 'teacher')),
@@ -228,11 +227,12 @@ def main(argv=None) -> None:
   markdown = format_markdown(table, references, purities, hardware)
   fileio.write_json_atomically(os.path.join(workdir, 'ablation.json'),
                                {'rows': table, 'references': references,
-                                'bag_purity': purities, 'overrides': args.set,
+                                'bag_purity': purities, 'overrides': _SET.value,
                                 'hardware': hardware}, default=str)
   fileio.write_text_atomically(os.path.join(workdir, 'ablation.md'), markdown + '\n')
   print('\n' + markdown)
 
 
 if __name__ == '__main__':
-  main()
+  flags.mark_flags_as_required(['teacher', 'workdir'])
+  app.run(main)

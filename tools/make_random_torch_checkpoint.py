@@ -14,20 +14,31 @@ Weights are He-normal, BatchNorm statistics and affine parameters random (not th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional
 
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bingo_jax import torch_checkpoints, torch_mapping  # noqa: E402
+from bingo_jax import cli, torch_checkpoints, torch_mapping  # noqa: E402
 from bingo_jax.models import resnet as resnet_lib  # noqa: E402
 from bingo_jax.torch_mapping.common import set_path  # noqa: E402
 
 DEFAULT_HEAD = {'moco': 'moco', 'swav': 'swav', 'torchvision': 'linear', 'efficientnet': 'linear'}
+
+_ARCH = cli.shared(cli.ARCH)  # required
+_FORMAT = cli.shared(cli.FORMAT)  # required
+_HEAD = cli.shared(cli.HEAD)  # default: the layout's usual head (DEFAULT_HEAD)
+_OUT = flags.DEFINE_string('out', None, 'The .pth file to write (required).')
+_BASE_WIDTH = flags.DEFINE_integer('base_width', None, 'ResNet base width (default: 64).')
+_STEM = flags.DEFINE_enum('stem', 'imagenet', ('imagenet', 'cifar'), 'ResNet stem.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of a linear head.')
+_HEAD_HIDDEN_DIM = flags.DEFINE_integer('head_hidden_dim', None, 'Hidden width of an MLP head.')
+_SEED = flags.DEFINE_integer('seed', 0, 'numpy seed of the weights.')
+_OVERWRITE = cli.shared(cli.OVERWRITE)
 
 
 def random_variables(model_config: dict, seed: int) -> dict:
@@ -105,25 +116,18 @@ def make_checkpoint(arch: str, source_format: str, head: Optional[str] = None,
   return obj, config
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--arch', required=True)
-  parser.add_argument('--format', required=True, choices=sorted(DEFAULT_HEAD))
-  parser.add_argument('--out', required=True, help='the .pth file to write')
-  parser.add_argument('--head', choices=('moco', 'swav', 'linear', 'none'))
-  parser.add_argument('--base-width', type=int)
-  parser.add_argument('--stem', default='imagenet', choices=('imagenet', 'cifar'))
-  parser.add_argument('--num-classes', type=int, default=1000)
-  parser.add_argument('--head-hidden-dim', type=int)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--overwrite', action='store_true')
-  args = parser.parse_args(argv)
-  obj, config = make_checkpoint(args.arch, args.format, args.head, args.base_width, args.stem,
-                                args.num_classes, args.head_hidden_dim, seed=args.seed)
-  path = torch_checkpoints.save_torch(obj, args.out, overwrite=args.overwrite)
-  print(f'wrote {path}: {args.format} layout, {config}')
+def main(argv: list[str]) -> int:
+  cli.no_positional_arguments(argv)
+  missing = [f'--{holder.name}' for holder in (_ARCH, _FORMAT, _OUT) if holder.value is None]
+  if missing:
+    raise app.UsageError(f'{", ".join(missing)} must be given.')
+  obj, config = make_checkpoint(_ARCH.value, _FORMAT.value, _HEAD.value, _BASE_WIDTH.value,
+                                _STEM.value, _NUM_CLASSES.value, _HEAD_HIDDEN_DIM.value,
+                                seed=_SEED.value)
+  path = torch_checkpoints.save_torch(obj, _OUT.value, overwrite=_OVERWRITE.value)
+  print(f'wrote {path}: {_FORMAT.value} layout, {config}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)
