@@ -21,7 +21,6 @@ and ml_collections: no TensorFlow, faiss or torchvision, no network.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bingo_jax import device_data, parallel  # noqa: E402
 from bingo_jax import steps  # noqa: E402
@@ -161,20 +161,24 @@ def torch_cuda_available() -> bool:
     return False
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--smoke', action='store_true', help='tiny networks, 32 px, CPU-sized')
-  parser.add_argument('--dtypes', default='float32,bfloat16')
-  parser.add_argument('--per_device_batches', default=None, help='default 32,64,128 (smoke: 2)')
-  parser.add_argument('--steps', type=int, default=None, help='timed steps per row')
-  parser.add_argument('--budget_minutes', type=float, default=7.0,
-                      help='skip the remaining rows once this much time has passed')
-  parser.add_argument('--no_torch', action='store_true')
-  args = parser.parse_args(argv)
-  smoke = args.smoke
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny networks, 32 px, CPU-sized.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes, one row each.')
+_PER_DEVICE_BATCHES = flags.DEFINE_list('per_device_batches', None,
+                                        'Batches per device (default 32,64,128; smoke: 2).')
+_STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per row (default 5; smoke: 1).')
+_BUDGET_MINUTES = flags.DEFINE_float('budget_minutes', 7.0, 'Skip the remaining rows once '
+                                     'this much time has passed.')
+_NO_TORCH = flags.DEFINE_bool('no_torch', False, 'No PyTorch row.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  smoke = _SMOKE.value
   canvas_size, image_size = (48, 32) if smoke else (512, 224)
-  batches = [int(b) for b in (args.per_device_batches or ('2' if smoke else '32,64,128')).split(',')]
-  steps = args.steps or (1 if smoke else 5)
+  batches = [int(b) for b in (_PER_DEVICE_BATCHES.value or
+                              (['2'] if smoke else ['32', '64', '128']))]
+  steps = _STEPS.value or (1 if smoke else 5)
   devices = jax.devices()
   mesh = parallel.make_mesh(devices)
   kind = devices[0].device_kind
@@ -187,11 +191,11 @@ def main(argv=None) -> None:
         '| GFLOP/step | MFU (measured matmul peak) | MFU (nominal peak) | compile (s) |')
   print('|---|---|---|---|---|---|---|---|---|---|')
   skipped = []
-  for dtype in args.dtypes.split(','):
+  for dtype in _DTYPES.value:
     peak = matmul_peak(jnp.dtype(dtype), 256 if smoke else 8192, devices)
     nominal = nominal_peak(kind, dtype)
     for per_device in batches:
-      if time.perf_counter() - began > 60 * args.budget_minutes:
+      if time.perf_counter() - began > 60 * _BUDGET_MINUTES.value:
         skipped.append(f'{dtype}/{per_device}')
         continue
       try:
@@ -208,10 +212,10 @@ def main(argv=None) -> None:
             f'{100 * achieved / peak:.1f}% | {nominal_mfu} | {row["compile"]:.0f} |', flush=True)
   if skipped:
     print(f'# skipped (time budget): {", ".join(skipped)}')
-  if not smoke and not args.no_torch and torch_cuda_available():
+  if not smoke and not _NO_TORCH.value and torch_cuda_available():
     import torch
     for per_device in batches:
-      if time.perf_counter() - began > 60 * (args.budget_minutes + 0.5):
+      if time.perf_counter() - began > 60 * (_BUDGET_MINUTES.value + 0.5):
         print(f'# PyTorch batch {per_device} skipped (time budget)')
         continue
       try:
@@ -227,4 +231,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -18,7 +18,6 @@ Too slow for the test suite (about a minute per trial on a loaded 2-core machine
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import random
@@ -31,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -124,18 +124,21 @@ def saved_steps(workdir: str) -> list:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--trials', type=int, default=20)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'bingo_faults'))
-  args = parser.parse_args(argv)
+_TRIALS = flags.DEFINE_integer('trials', 20, 'Kill-and-resume trials.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the signals and delays.')
+_WORKDIR = flags.DEFINE_string('workdir', os.path.join(tempfile.gettempdir(), 'bingo_faults'),
+                               'Scratch directory (inputs, runs).')
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   print(f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {platform.node()} '
-        f'({os.cpu_count()} CPUs): python bench/faults.py --trials {args.trials} '
-        f'--seed {args.seed}', flush=True)
-  os.makedirs(args.workdir, exist_ok=True)
-  paths = make_inputs(os.path.join(args.workdir, 'inputs'))
-  reference_dir = os.path.join(args.workdir, 'reference')
+        f'({os.cpu_count()} CPUs): python bench/faults.py --trials {_TRIALS.value} '
+        f'--seed {_SEED.value}', flush=True)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  paths = make_inputs(os.path.join(_WORKDIR.value, 'inputs'))
+  reference_dir = os.path.join(_WORKDIR.value, 'reference')
   shutil.rmtree(reference_dir, ignore_errors=True)
   run(paths, reference_dir)  # fills the compilation cache
   shutil.rmtree(reference_dir)
@@ -147,16 +150,16 @@ def main(argv=None) -> int:
   print(f'undisturbed run: {duration:.1f} s to step {reference_step}; '
         f'load average {os.getloadavg()[0]:.2f}', flush=True)
 
-  rng = random.Random(args.seed)
+  rng = random.Random(_SEED.value)
   header = (f'{"trial":>5} {"signal":>8} {"delay s":>8} {"logged":>9} {"rc":>4} {"left":>5} '
             f'{"reruns":>6}  result')
   print(header)
   print('-' * len(header), flush=True)
   identical = 0
-  for trial in range(1, args.trials + 1):
+  for trial in range(1, _TRIALS.value + 1):
     signum = rng.choice(SIGNALS)
     delay = rng.uniform(0.0, duration)
-    workdir = os.path.join(args.workdir, f'trial{trial:02d}')
+    workdir = os.path.join(_WORKDIR.value, f'trial{trial:02d}')
     shutil.rmtree(workdir, ignore_errors=True)
     rc, killed_log = run(paths, workdir, kill_after=delay, signum=signum)
     left = saved_steps(workdir)
@@ -185,11 +188,11 @@ def main(argv=None) -> int:
         with open(os.path.join(workdir, f'run{i}.log'), 'w') as f:
           f.write(log)
       print(f'      kept {workdir} (run*.log: the killed run, then each rerun)', flush=True)
-  print(f'{identical}/{args.trials} resumed runs bit-identical to the undisturbed run; '
+  print(f'{identical}/{_TRIALS.value} resumed runs bit-identical to the undisturbed run; '
         f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} '
         f'{os.getloadavg()[2]:.2f}')
-  return 0 if identical == args.trials else 1
+  return 0 if identical == _TRIALS.value else 1
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

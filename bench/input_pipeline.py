@@ -27,7 +27,6 @@ machine inflate it less than wall time; the load average is printed with the tab
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 
 def make_images(directory: str, count: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -273,17 +273,19 @@ def canvas_loss(directory: str, names: list[str], sizes: list[tuple[int, int]],
   return result
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--num_images', type=int, default=48)
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--batches', type=int, default=12, help='timed pipeline batches per mode')
-  parser.add_argument('--canvas_size', type=int, default=512)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--time_step', action='store_true',
-                      help='also time the R-18 <- R-50x2 step (minutes on a CPU)')
-  parser.add_argument('--dir', default=None, help='reuse/keep the JPEG folder here')
-  args = parser.parse_args()
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 48, 'JPEGs to write and read.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Anchors per pipeline batch.')
+_BATCHES = flags.DEFINE_integer('batches', 12, 'Timed pipeline batches per mode.')
+_CANVAS_SIZE = flags.DEFINE_integer('canvas_size', 512, 'Canvas side (px).')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'View side (px).')
+_TIME_STEP = flags.DEFINE_bool('time_step', False,
+                               'Also time the R-18 <- R-50x2 step (minutes on a CPU).')
+_DIR = flags.DEFINE_string('dir', None, 'Reuse/keep the JPEG folder here.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import jax
   import tensorflow as tf
@@ -292,24 +294,24 @@ def main() -> None:
   tf.config.threading.set_inter_op_parallelism_threads(1)
 
   began = time.perf_counter()
-  directory = args.dir or tempfile.mkdtemp(prefix='bench_jpegs_')
+  directory = _DIR.value or tempfile.mkdtemp(prefix='bench_jpegs_')
   os.makedirs(directory, exist_ok=True)
-  sizes = make_images(directory, args.num_images)
-  names = [f'{i:04d}.jpg' for i in range(args.num_images)]
+  sizes = make_images(directory, _NUM_IMAGES.value)
+  names = [f'{i:04d}.jpg' for i in range(_NUM_IMAGES.value)]
   kilobytes = np.mean([os.path.getsize(os.path.join(directory, n)) for n in names]) / 1024
-  print(f'# {args.num_images} JPEGs in {directory}: mean {np.mean([s[1] for s in sizes]):.0f} x '
+  print(f'# {_NUM_IMAGES.value} JPEGs in {directory}: mean {np.mean([s[1] for s in sizes]):.0f} x '
         f'{np.mean([s[0] for s in sizes]):.0f} px, {kilobytes:.0f} KB; canvas '
-        f'{args.canvas_size}, views {args.image_size} px')
+        f'{_CANVAS_SIZE.value}, views {_IMAGE_SIZE.value} px')
   print(f'# machine: {platform.machine()}, {os.cpu_count()} CPUs, JAX {jax.__version__} on '
         f'{jax.default_backend()}, TF {tf.__version__}; load average at start '
         f'{os.getloadavg()[0]:.2f}')
 
-  stages = stage_costs(directory, names[:16], args.canvas_size, args.image_size)
-  pipelines = {mode: pipeline_cost(directory, mode, args.canvas_size, args.image_size,
-                                   args.batch, args.batches) for mode in ('host', 'device')}
+  stages = stage_costs(directory, names[:16], _CANVAS_SIZE.value, _IMAGE_SIZE.value)
+  pipelines = {mode: pipeline_cost(directory, mode, _CANVAS_SIZE.value, _IMAGE_SIZE.value,
+                                   _BATCH.value, _BATCHES.value) for mode in ('host', 'device')}
   # The augmentation's FLOPs are per anchor whatever the batch; 2 anchors keep a CPU quick.
-  device = device_costs(args.canvas_size, args.image_size, 2, args.time_step)
-  loss = canvas_loss(directory, names, sizes, args.canvas_size, args.image_size)
+  device = device_costs(_CANVAS_SIZE.value, _IMAGE_SIZE.value, 2, _TIME_STEP.value)
+  loss = canvas_loss(directory, names, sizes, _CANVAS_SIZE.value, _IMAGE_SIZE.value)
 
   print('\n## Host CPU-ms per anchor (stages: one thread; pipeline: tf.data + device_put)')
   print('| mode | read | decode | canvas / augment | transfer | stages sum | whole pipeline | '
@@ -337,15 +339,15 @@ def main() -> None:
   print(f'| MoCo v2 views (device_augment) | {device["aug_flops"] / 1e9:.3f} | '
         f'{100 * device["aug_flops"] / device["step_flops"]:.2f}% of its FLOPs{aug_fraction_time} | '
         f'{1e3 * device["aug_seconds"]:.1f} |')
-  print(f'| BINGO step R-18 <- R-50x2, {args.image_size} px (fp32) | '
+  print(f'| BINGO step R-18 <- R-50x2, {_IMAGE_SIZE.value} px (fp32) | '
         f'{device["step_flops"] / 1e9:.1f} | 100% | {step_ms} |')
   print(f'(backend {device["backend"]}, {device["device"]})')
 
   print('\n## What the canvas loses')
   if loss['mean_abs_diff_resized'] is None:
-    print(f'No image exceeds the {args.canvas_size} px canvas: nothing is lost.')
+    print(f'No image exceeds the {_CANVAS_SIZE.value} px canvas: nothing is lost.')
   else:
-    print(f'{100 * loss["fraction_resized"]:.0f}% of the images exceed {args.canvas_size} px and '
+    print(f'{100 * loss["fraction_resized"]:.0f}% of the images exceed {_CANVAS_SIZE.value} px and '
           f'are held DCT-scaled; their views differ from full-resolution views (same keys) by '
           f'{loss["mean_abs_diff_resized"]:.2f} grey levels on average (99th percentile '
           f'{loss["p99_abs_diff_resized"]:.0f}); the other images lose nothing.')
@@ -353,4 +355,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -2,8 +2,8 @@
 
   python bench/tsne.py                       # scikit-learn (Barnes-Hut), n = 1000
   python bench/tsne.py --exact               # also scikit-learn's exact t-SNE
-  python bench/tsne.py --sizes 1000 2000     # more sizes
-  python bench/tsne.py --jax-from 8233693    # also the exact JAX t-SNE this repository had
+  python bench/tsne.py --sizes 1000,2000     # more sizes
+  python bench/tsne.py --jax_from 8233693    # also the exact JAX t-SNE this repository had
                                              # before it used scikit-learn (loaded from git)
 
 Points: ``n`` features of dimension 64 drawn around 10 well-separated class centres (the
@@ -14,7 +14,6 @@ the map has its class. Times include JAX compilation (once per size, as in the p
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
@@ -24,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,32 +55,34 @@ def old_jax_tsne(revision: str):
   return module.tsne
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sizes', type=int, nargs='+', default=[1000])
-  parser.add_argument('--jax-from', default=None,
-                      help='git revision whose analysis.tsne (JAX, exact) is timed too')
-  parser.add_argument('--exact', action='store_true', help='also sklearn method=exact')
-  args = parser.parse_args()
+_SIZES = flags.DEFINE_list('sizes', ['1000'], 'Numbers of points, comma-separated.')
+_JAX_FROM = flags.DEFINE_string('jax_from', None,
+                                'Git revision whose analysis.tsne (JAX, exact) is timed too.')
+_EXACT = flags.DEFINE_bool('exact', False, 'Also sklearn method=exact.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from sklearn.manifold import trustworthiness
   from bingo_jax.eval import analysis
 
   implementations = [
       ('sklearn barnes_hut, 1 OpenMP thread (analysis.tsne)', analysis.tsne),
       ('sklearn barnes_hut, all cores', functools.partial(analysis.tsne, num_threads=None))]
-  if args.exact:
+  if _EXACT.value:
     from sklearn.manifold import TSNE
     implementations.append((
         'sklearn exact', lambda x, perplexity, seed: TSNE(
             perplexity=perplexity, method='exact', init='pca', learning_rate='auto',
             random_state=seed).fit_transform(x)))
-  if args.jax_from:
-    implementations.append((f'JAX exact (git {args.jax_from})', old_jax_tsne(args.jax_from)))
+  if _JAX_FROM.value:
+    implementations.append((f'JAX exact (git {_JAX_FROM.value})', old_jax_tsne(_JAX_FROM.value)))
 
   print(f'load average at start: {os.getloadavg()}  cpus: {os.cpu_count()}')
   print('| n | implementation | seconds | trustworthiness@5 | 1-NN class agreement | load |')
   print('|---|---|---|---|---|---|')
-  for n in args.sizes:
+  for n in map(int, _SIZES.value):
     points, labels = clustered_points(n)
     for name, tsne in implementations:
       start = time.perf_counter()
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from bingo_jax import bad_images
+from bingo_jax import cli
 from bingo_jax import data_sources
 from bingo_jax import fileio
 
@@ -70,16 +70,25 @@ def run(config: ml_collections.ConfigDict, splits: Sequence[str], workers: int =
   return report
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_CONFIG = cli.shared(cli.CONFIG)
+_SPLITS = flags.DEFINE_list('splits', None, 'Splits to check (default: config.data.train_split '
+                            'and config.data.eval_split).')
+_WORKERS = flags.DEFINE_integer('workers', 0, 'Decode threads (0: one per core, at most 16).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write the report as JSON here.')
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_positional_arguments(argv)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # decoding only: no accelerator memory
-  config = flags.FLAGS.config
-  splits = flags.FLAGS.splits or list(dict.fromkeys([config.data.train_split,
+  config = _CONFIG.value
+  splits = _SPLITS.value or list(dict.fromkeys([config.data.train_split,
                                                 config.data.eval_split]))
   try:
-    report = run(config, splits, flags.FLAGS.workers, flags.FLAGS.output)
+    report = run(config, splits, _WORKERS.value, _OUTPUT.value)
   except (FileNotFoundError, ValueError) as e:
     logging.error('%s', e)
     sys.exit(2)
@@ -87,11 +96,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: other modules' command lines define --config too.
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_list('splits', None, 'Splits to check (default: config.data.train_split and '
-                    'config.data.eval_split).')
-  flags.DEFINE_integer('workers', 0, 'Decode threads (0: one per core, at most 16).')
-  flags.DEFINE_string('output', None, 'Also write the report as JSON here.')
   flags.mark_flags_as_required(['config'])
   app.run(main)
