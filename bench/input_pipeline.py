@@ -299,7 +299,8 @@ def main(argv: list[str]) -> None:
   sizes = make_images(directory, _NUM_IMAGES.value)
   names = [f'{i:04d}.jpg' for i in range(_NUM_IMAGES.value)]
   kilobytes = np.mean([os.path.getsize(os.path.join(directory, n)) for n in names]) / 1024
-  print(f'# {_NUM_IMAGES.value} JPEGs in {directory}: mean {np.mean([s[1] for s in sizes]):.0f} x '
+  print(f'# {_NUM_IMAGES.value} JPEGs in {directory}: '
+        f'mean {np.mean([s[1] for s in sizes]):.0f} x '
         f'{np.mean([s[0] for s in sizes]):.0f} px, {kilobytes:.0f} KB; canvas '
         f'{_CANVAS_SIZE.value}, views {_IMAGE_SIZE.value} px')
   print(f'# machine: {platform.machine()}, {os.cpu_count()} CPUs, JAX {jax.__version__} on '
