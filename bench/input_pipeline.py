@@ -86,7 +86,7 @@ def stage_costs(directory: str, names: list[str], canvas_size: int, image_size: 
   """Single-thread CPU-ms per anchor of each stage, both modes."""
   import jax
   import tensorflow as tf
-  from bingo_jax import augment, input_pipeline
+  from bingo_jax import augment, canvases
 
   paths = [os.path.join(directory, name) for name in names]
 
@@ -97,7 +97,7 @@ def stage_costs(directory: str, names: list[str], canvas_size: int, image_size: 
   tensors = [tf.constant(e) for e in encoded]
   seed = tf.constant([1, 2], tf.int64)
 
-  to_canvas = tf.function(lambda e: input_pipeline.decode_to_canvas(e, canvas_size),
+  to_canvas = tf.function(lambda e: canvases.decode_to_canvas(e, canvas_size),
                           autograph=False)
   host_crop = tf.function(lambda e: augment.decode_and_random_crop(e, seed), autograph=False)
   host_view = tf.function(lambda e: augment.moco_v2_view(e, seed, image_size, encoded=True),
@@ -132,14 +132,14 @@ def stage_costs(directory: str, names: list[str], canvas_size: int, image_size: 
 def _decode_only(encoded, canvas_size: int):
   """The decode of ``decode_to_canvas`` alone (DCT-scaled JPEG decode, no canvas)."""
   import tensorflow as tf
-  from bingo_jax import input_pipeline
+  from bingo_jax import canvases
   shape = tf.image.extract_jpeg_shape(encoded)
   fits = tf.stack([((shape[0] + r - 1) // r <= canvas_size) & ((shape[1] + r - 1) // r <= canvas_size)
-                   for r in input_pipeline.DCT_RATIOS])
+                   for r in canvases.DCT_RATIOS])
   index = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
   branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r,
                                             dct_method='INTEGER_ACCURATE')
-              for r in input_pipeline.DCT_RATIOS]
+              for r in canvases.DCT_RATIOS]
   return tf.switch_case(index, branches)
 
 
@@ -248,7 +248,7 @@ def canvas_loss(directory: str, names: list[str], sizes: list[tuple[int, int]],
   """Views from the default canvas vs from the full-resolution image, the same keys."""
   import jax
   import tensorflow as tf
-  from bingo_jax import device_augment, input_pipeline
+  from bingo_jax import canvases, device_augment
   large = [i for i, (h, w) in enumerate(sizes) if max(h, w) > canvas_size]
   result = {'fraction_resized': len(large) / len(sizes), 'mean_abs_diff_resized': None,
             'p99_abs_diff_resized': None}
@@ -261,8 +261,8 @@ def canvas_loss(directory: str, names: list[str], sizes: list[tuple[int, int]],
   for i in measured:
     with open(os.path.join(directory, names[i]), 'rb') as f:
       encoded = tf.constant(f.read())
-    small, small_sizes = input_pipeline.decode_to_canvas(encoded, canvas_size)
-    full, full_sizes = input_pipeline.decode_to_canvas(encoded, full_side)
+    small, small_sizes = canvases.decode_to_canvas(encoded, canvas_size)
+    full, full_sizes = canvases.decode_to_canvas(encoded, full_side)
     keys = jax.random.key_data(jax.random.split(jax.random.key(i), views_per_image))[None]
     a = augment(small.numpy()[None], small_sizes.numpy()[None], keys, image_size)
     b = augment(full.numpy()[None], full_sizes.numpy()[None], keys, image_size)

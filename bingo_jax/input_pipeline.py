@@ -17,40 +17,24 @@ the source's ``tf_read_batch`` (file reads, array_record reads or an in-memory g
 augmented in a parallel, order-preserving map; no Python runs per example.
 """
 
-# size: holds both the host (tf.data) views and the canvas path of the device mode; the canvas
-# path is to move next to device_data (open follow-up of issue 11).
-
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 
 from bingo_jax import bad_images
+from bingo_jax import canvases
+from bingo_jax import lazy_modules
 from bingo_jax import views as views_lib
 from bingo_jax.data_sources import ImageSource
 
 
-class _ImportedOnUse:
-  """A module imported at its first attribute access.
-
-  The on-device data path (bingo_jax/device_data.py) trains without TensorFlow, yet
-  ``bingo_jax.train`` imports this module for ``steps_per_epoch``; TF (and ``augment``, which
-  needs it) load only when a tf.data pipeline is built.
-  """
-
-  def __init__(self, name: str):
-    self._name = name
-
-  def __getattr__(self, attribute: str):
-    return getattr(importlib.import_module(self._name), attribute)
-
-
-tf = _ImportedOnUse('tensorflow')
-augment = _ImportedOnUse('bingo_jax.augment')
+# TensorFlow and augment (which needs it) load when a tf.data pipeline is built: the on-device
+# data path trains without them, yet train.py imports this module (``steps_per_epoch``).
+tf = lazy_modules.ImportedOnUse('tensorflow')
+augment = lazy_modules.ImportedOnUse('bingo_jax.augment')
 
 # Independent RNG streams derived from the run seed.
 _PERMUTATION_STREAM = 1
@@ -58,8 +42,6 @@ _EXAMPLE_STREAM = 2
 # Per-example seeds: the positive draw, then one per view in views.VIEW_KEYS order.
 _POSITIVE, _FIRST_VIEW = 0, 1
 OUTPUTS = ('views', 'canvases')
-# JPEG DCT-domain down-scaling factors libjpeg offers (tf.io.decode_jpeg's ``ratio``).
-DCT_RATIOS = (1, 2, 4, 8)
 
 
 def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
@@ -287,80 +269,6 @@ def _checked_views(views: Sequence[str], source: ImageSource, bags) -> tuple[str
   return views
 
 
-def decode_to_canvas(encoded, canvas_size: int):
-  """Encoded image -> ``(canvas, sizes)``: decoded once, in the top-left of a fixed canvas.
-
-  JPEGs are decoded at the smallest DCT-domain scale 1/r (r in 1, 2, 4, 8) whose output fits
-  the canvas, which costs less than a full decode; an image still larger than the canvas (a
-  PNG, or a JPEG over 8 canvas sides) is resized to fit on the host (antialiased bilinear,
-  aspect kept). Nothing is resized when the image fits: ``canvas_size`` >= the longer side.
-
-  Args:
-    encoded: scalar tf.string.
-    canvas_size: C.
-  Returns:
-    ``canvas`` uint8 ``(C, C, 3)`` (zeros outside the image) and ``sizes`` int32 ``(4,)``
-    ``[valid_height, valid_width, original_height, original_width]``: crop windows are drawn
-    on the original size and mapped to the canvas on the device (device_augment.py).
-  """
-  def fitting_ratio(height, width):
-    fits = tf.stack([((height + r - 1) // r <= canvas_size) & ((width + r - 1) // r <= canvas_size)
-                     for r in DCT_RATIOS])
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    return tf.where(tf.reduce_any(fits), first, len(DCT_RATIOS) - 1)
-
-  def jpeg():
-    shape = tf.image.extract_jpeg_shape(encoded)
-    # INTEGER_ACCURATE: libjpeg's islow IDCT, as PIL (the released pipeline) decodes.
-    branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=r,
-                                  dct_method='INTEGER_ACCURATE')
-                for r in DCT_RATIOS]
-    return tf.switch_case(fitting_ratio(shape[0], shape[1]), branches), shape[0], shape[1]
-
-  def generic():
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return image, tf.shape(image)[0], tf.shape(image)[1]
-
-  image, height, width = tf.cond(tf.io.is_jpeg(encoded), jpeg, generic)
-  image.set_shape([None, None, 3])
-
-  def shrink():
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    new = tf.maximum(tf.cast(tf.floor(shape * canvas_size / tf.reduce_max(shape)), tf.int32), 1)
-    resized = tf.image.resize(image, new, method='bilinear', antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-  too_large = tf.reduce_any(tf.shape(image)[:2] > canvas_size)
-  image = tf.cond(too_large, shrink, lambda: image)
-  valid = tf.shape(image)[:2]
-  # Two concatenations with zeros: tf.pad costs about twice as much CPU on uint8 images.
-  canvas = tf.concat([image, tf.zeros([valid[0], canvas_size - valid[1], 3], tf.uint8)], 1)
-  canvas = tf.concat([canvas, tf.zeros([canvas_size - valid[0], canvas_size, 3], tf.uint8)], 0)
-  canvas = tf.ensure_shape(canvas, [canvas_size, canvas_size, 3])
-  return canvas, tf.cast(tf.stack([valid[0], valid[1], height, width]), tf.int32)
-
-
-def seeds_to_keys(seeds):
-  """TF stateless seeds (int64 ``(..., 2)``) -> JAX raw PRNG key data (uint32 ``(..., 2)``).
-
-  A fixed mix of the four 32-bit words, so the device views are still a function of the
-  seeds, hence of ``(train.seed, epoch, position)``.
-  """
-  words = tf.bitcast(tf.cast(seeds, tf.int64), tf.uint32)  # (..., 2, 2): [low, high] words
-  return tf.bitwise.bitwise_xor(words[..., 0], tf.reverse(words[..., 1], axis=[-1]))
-
-
-def canvas_size_of(config, source: ImageSource) -> tuple[int, int]:
-  """The canvas of a source: its own image shape when fixed, else ``data.canvas_size``."""
-  if not source.encoded and source.image_shape is not None:
-    return int(source.image_shape[0]), int(source.image_shape[1])
-  side = int(config.data.get('canvas_size', 512))
-  if side <= 0:
-    raise ValueError(f'config.data.canvas_size = {side} must be positive.')
-  return side, side
-
-
-# size: one reader for both output modes and the bad-image guard; to be split with the module.
 def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
                           local_batch_size: int, process_index: Optional[int] = None,
                           process_count: Optional[int] = None,
@@ -371,7 +279,7 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   ``output='views'`` augments on the host (``config.data.augment_on = 'host'``, the
   reference path): the batch holds the finished views. ``output='canvases'``
   (``augment_on = 'device'``) decodes each anchor and positive once into a canvas
-  (``decode_to_canvas``) and ships it with every view's seed; the jitted step draws the views
+  (``canvases.decode_to_canvas``) and ships it with every view's seed; the jitted step draws the views
   (bingo_jax/device_data.py, device_augment.py). Both use the same anchors, positives and
   seeds.
 
@@ -392,7 +300,7 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     and, for ``'views'``, the ``views`` (default ``query``, ``key``, ``pos_q``, ``pos_k``)
     uint8 ``(B, S, S, 3)`` (S = ``data.image_size``); for ``'canvases'``,
     ``anchor_canvas`` uint8 ``(B, Hc, Wc, 3)`` and ``anchor_size`` int32 ``(B, 4)``
-    (``decode_to_canvas``), the same for ``positive_*`` when a view of the positive is asked
+    (``canvases.decode_to_canvas``), the same for ``positive_*`` when a view of the positive is asked
     for, and ``view_keys`` uint32 ``(B, len(views), 2)`` (JAX key data, ``views`` order).
   Raises:
     ValueError: the bags were made for another image list, or the batch does not fit.
@@ -400,7 +308,6 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   views = _checked_views(views, source, bags)
-  num_views = len(views)
   view_seed_slots = [views_lib.VIEW_KEYS.index(view) + _FIRST_VIEW for view in views]
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
@@ -409,10 +316,51 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   image_size = int(config.data.image_size)
   seed = int(config.train.seed)
   parallel = _parallelism(config.data.get('num_parallel_calls', -1))
-  global_batch_size = local_batch_size * process_count
-
   policy = config.data.get('on_bad_image', None) or bad_images.policy_of(source)
 
+  def index_batches(first_step: int) -> tf.data.Dataset:
+    return _example_batches(seed, source, bags, first_step, local_batch_size, process_index,
+                            process_count, parallel)
+
+  def build(first_batch: int, table: Optional[np.ndarray]) -> Iterator[dict]:
+    # config.data.on_bad_image='skip': bad image i is read as table[i] (bad_images.py).
+    table_t = None if table is None else tf.constant(table, tf.int64)
+
+    def read(indices):
+      return source.tf_read_batch(indices if table_t is None else tf.gather(table_t, indices))
+
+    dataset = index_batches(start_step + first_batch)
+    if output == 'canvases':
+      dataset = canvases.canvas_batches(dataset, config, source, views, view_seed_slots,
+                                        local_batch_size, parallel, read_images=read)
+    else:
+      dataset = _view_batches(dataset, source, views, view_seed_slots, image_size,
+                              local_batch_size, parallel, read)
+    return dataset.prefetch(2).with_options(_options()).as_numpy_iterator()
+
+  uses_positive = views_lib.needs_bags(views)
+
+  def batch_indices(k: int) -> np.ndarray:
+    # Only indices and positives: nothing is decoded.
+    batches = list(index_batches(start_step + k).take(2).as_numpy_iterator())
+    return np.concatenate([b[key] for b in batches for key in
+                           (('anchor_index', 'positive_index') if uses_positive else
+                            ('anchor_index',))])
+
+  return bad_images.guarded_batches(build, batch_indices, source, policy,
+                                    where=lambda k: f' in training step {start_step + k + 1}')
+
+
+def _example_batches(seed: int, source: ImageSource, bags, first_step: int,
+                     local_batch_size: int, process_index: int, process_count: int,
+                     parallel: int) -> tf.data.Dataset:
+  """This process's examples from global step ``first_step`` on, in batches of B (endless).
+
+  Returns:
+    A dataset of ``anchor_index``, ``positive_index`` int64 ``(B,)`` (the positive drawn from
+    the anchor's bag; the anchor itself without bags) and ``seeds`` int64 ``(B, 5, 2)``
+    (``example_seeds``).
+  """
   # The map functions are plain TF (no Python control flow on tensors): skipping autograph
   # halves the tracing time.
   @tf.autograph.experimental.do_not_convert
@@ -423,18 +371,22 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     return {'anchor_index': example['anchor_index'], 'seeds': seeds,
             'positive_index': positive_index}
 
-  uses_positive = views_lib.needs_bags(views)
+  dataset = anchor_stream(seed, len(source), local_batch_size * process_count, first_step,
+                          process_index, process_count)
+  dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
+  return dataset.batch(local_batch_size, drop_remainder=True)
 
-  def index_batches(first_step: int) -> tf.data.Dataset:
-    dataset = anchor_stream(seed, len(source), global_batch_size, first_step, process_index,
-                            process_count)
-    dataset = dataset.map(sample_positive, num_parallel_calls=parallel)
-    return dataset.batch(local_batch_size, drop_remainder=True)
 
-  table_t = None  # config.data.on_bad_image='skip': bad image i is read as table_t[i]
+def _view_batches(dataset: tf.data.Dataset, source: ImageSource, views: tuple[str, ...],
+                  view_seed_slots: list[int], image_size: int, local_batch_size: int,
+                  parallel: int, read: Callable) -> tf.data.Dataset:
+  """Batches of examples -> batches of finished views (the host path, ``output='views'``).
 
-  def read(indices):
-    return source.tf_read_batch(indices if table_t is None else tf.gather(table_t, indices))
+  Returns:
+    A dataset of ``{view: uint8 (B, S, S, 3) for view in views}`` with ``anchor_index`` and
+    ``positive_index`` int32 ``(B,)``.
+  """
+  num_views = len(views)
 
   @tf.autograph.experimental.do_not_convert
   def augment_view(request):
@@ -452,31 +404,11 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
     batch['positive_index'] = tf.cast(requests['positive_index'][::num_views], tf.int32)
     return batch
 
-  def build(first_batch: int, table: Optional[np.ndarray]) -> Iterator[dict]:
-    nonlocal table_t
-    table_t = None if table is None else tf.constant(table, tf.int64)
-    dataset = index_batches(start_step + first_batch)
-    if output == 'canvases':
-      dataset = _canvas_batches(dataset, config, source, views, view_seed_slots,
-                                local_batch_size, parallel, read_images=read)
-      return dataset.prefetch(2).with_options(_options()).as_numpy_iterator()
-    read_views = _view_reader(source, views, view_seed_slots, read=read)
-    dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
-    dataset = dataset.map(augment_view, num_parallel_calls=parallel)
-    dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
-    dataset = dataset.map(regroup).prefetch(2)
-    dataset = dataset.with_options(_options())
-    return dataset.as_numpy_iterator()
-
-  def batch_indices(k: int) -> np.ndarray:
-    # Only indices and positives: nothing is decoded.
-    batches = list(index_batches(start_step + k).take(2).as_numpy_iterator())
-    return np.concatenate([b[key] for b in batches for key in
-                           (('anchor_index', 'positive_index') if uses_positive else
-                            ('anchor_index',))])
-
-  return bad_images.guarded_batches(build, batch_indices, source, policy,
-                                    where=lambda k: f' in training step {start_step + k + 1}')
+  read_views = _view_reader(source, views, view_seed_slots, read=read)
+  dataset = dataset.map(read_views, num_parallel_calls=parallel).unbatch()
+  dataset = dataset.map(augment_view, num_parallel_calls=parallel)
+  dataset = dataset.batch(num_views * local_batch_size, drop_remainder=True)
+  return dataset.map(regroup)
 
 
 def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: list[int],
@@ -502,53 +434,3 @@ def _view_reader(source: ImageSource, views: tuple[str, ...], view_seed_slots: l
             'anchor_index': repeat(batch['anchor_index']),
             'positive_index': repeat(batch['positive_index'])}
   return read_views
-
-
-def _canvas_batches(dataset, config, source: ImageSource, views: tuple, view_seed_slots: list,
-                    local_batch_size: int, parallel: int,
-                    read_images: Optional[Callable] = None):
-  """Batches of examples (anchor, positive, seeds) -> canvas batches (``output='canvases'``)."""
-  with_positive = views_lib.needs_bags(views)
-  images_per_example = 2 if with_positive else 1
-  canvas_height, canvas_width = canvas_size_of(config, source)
-
-  @tf.autograph.experimental.do_not_convert
-  def read(batch):
-    indices = [batch['anchor_index']] + ([batch['positive_index']] if with_positive else [])
-    images = [(read_images or source.tf_read_batch)(index) for index in indices]
-    seeds = tf.stack([batch['seeds'][:, slot] for slot in view_seed_slots], axis=1)
-    out = {'anchor_index': tf.cast(batch['anchor_index'], tf.int32),
-           'positive_index': tf.cast(batch['positive_index'], tf.int32),
-           'view_keys': seeds_to_keys(seeds)}
-    if source.encoded:
-      for name, image in zip(('anchor', 'positive'), images):
-        out[f'{name}_encoded'] = image
-    else:
-      # Fixed-shape images are their own canvas: no per-image work at all.
-      sizes = tf.constant([canvas_height, canvas_width, canvas_height, canvas_width], tf.int32)
-      for name, image in zip(('anchor', 'positive'), images):
-        out[f'{name}_canvas'] = image
-        out[f'{name}_size'] = tf.tile(sizes[None], [local_batch_size, 1])
-    return out
-
-  dataset = dataset.map(read, num_parallel_calls=parallel)
-  if not source.encoded:
-    return dataset
-
-  @tf.autograph.experimental.do_not_convert
-  def decode(encoded):
-    return decode_to_canvas(encoded, canvas_height)
-
-  @tf.autograph.experimental.do_not_convert
-  def decode_all(batch):
-    # One map per image role: each writes its canvases straight into their batch (a single
-    # example-major map would need a strided copy per role afterwards).
-    for name in ('anchor', 'positive')[:images_per_example]:
-      batch[f'{name}_canvas'], batch[f'{name}_size'] = tf.map_fn(
-          decode, batch.pop(f'{name}_encoded'), fn_output_signature=(
-              tf.TensorSpec([canvas_height, canvas_width, 3], tf.uint8),
-              tf.TensorSpec([4], tf.int32)),
-          parallel_iterations=1)
-    return batch
-
-  return dataset.map(decode_all, num_parallel_calls=parallel)
