@@ -27,7 +27,6 @@ keys come from, its objective (``objectives``) and what else changes in the stat
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import flax
@@ -42,6 +41,7 @@ from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
 from bingo_jax import losses
 from bingo_jax import objectives
+from bingo_jax import optimization
 from bingo_jax import parallel
 from bingo_jax import views
 
@@ -59,7 +59,7 @@ class TrainState:
     step: int32 scalar, optimizer steps taken.
     params: student parameters (float32).
     batch_stats: student BatchNorm running statistics.
-    opt_state: optax state of ``make_optimizer``.
+    opt_state: optax state of ``optimization.make_optimizer``.
     negative_queue: ``(queue_size, embed_dim)`` float32, L2-normalised rows.
     queue_pointer: int32 scalar, row where the next batch of keys is written.
     rng: raw uint32 PRNG key data ``(2,)`` (``jax.random.key_data``; checkpoint-friendly),
@@ -78,64 +78,6 @@ class TrainState:
   rng: jax.Array
   key_params: Any = None
   key_batch_stats: Any = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer (docs/method.md §7)
-
-
-def learning_rate_schedule(train_config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
-  """Learning rate as a function of the step: linear batch scaling, cosine decay to 0.
-
-  ``'cosine_epoch'`` (released ``adjust_learning_rate``) holds
-  ``base * 0.5 * (1 + cos(pi * epoch / epochs))`` for a whole epoch; ``'cosine_step'``
-  evaluates the same curve at the fractional epoch ``step / steps_per_epoch``.
-
-  Args:
-    train_config: ``config.train`` (``base_lr``, ``batch_size``, ``epochs``, ``lr_schedule``).
-    steps_per_epoch: optimizer steps in one epoch.
-  Returns:
-    ``schedule(step) -> float32 scalar``.
-  """
-  if steps_per_epoch <= 0:
-    raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}.')
-  peak_lr = train_config.base_lr * train_config.batch_size / 256
-  epochs = train_config.epochs
-  mode = train_config.lr_schedule
-  if mode not in config_checks.LR_SCHEDULES:
-    raise ValueError(f'config.train.lr_schedule = {mode!r}; expected one of '
-                     f'{config_checks.LR_SCHEDULES}.')
-
-  def schedule(step: jax.Array) -> jax.Array:
-    step = jnp.asarray(step, jnp.int32)
-    if mode == 'cosine_epoch':
-      progress = (step // steps_per_epoch).astype(jnp.float32) / epochs
-    else:
-      progress = step.astype(jnp.float32) / (steps_per_epoch * epochs)
-    return (peak_lr * 0.5 * (1.0 + jnp.cos(math.pi * progress))).astype(jnp.float32)
-  return schedule
-
-
-def make_optimizer(train_config: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """``torch.optim.SGD(momentum, weight_decay)`` with the BINGO learning-rate schedule.
-
-  torch adds ``weight_decay * param`` to the gradient of every parameter (BatchNorm scales
-  and biases included), accumulates ``buf = momentum * buf + grad`` and steps
-  ``param -= lr * buf``: the learning rate multiplies the buffer after accumulation, so a
-  change of learning rate acts at once and is not folded into the momentum history.
-
-  Args:
-    train_config: ``config.train`` (``momentum``, ``weight_decay`` and the schedule keys).
-    steps_per_epoch: optimizer steps in one epoch.
-  Returns:
-    An optax transformation; its step counter starts at 0 with the state.
-  """
-  return optax.chain(
-      optax.add_decayed_weights(train_config.weight_decay),
-      optax.trace(decay=train_config.momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate_schedule(train_config, steps_per_epoch)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +112,7 @@ def create_train_state(config: ml_collections.ConfigDict, student_model: nn.Modu
   """
   embed_dim = config.student.head_output_dim
   queue_size = config.train.queue_size
-  optimizer = make_optimizer(config.train, steps_per_epoch)
+  optimizer = optimization.make_optimizer(config.train, steps_per_epoch)
   image_size = 32  # parameter shapes do not depend on the image size
 
   def init(rng_data: jax.Array) -> TrainState:
@@ -280,7 +222,6 @@ class StepMethod:
   after_update: Optional[Callable[[TrainState, Any], dict[str, Any]]] = None
 
 
-# size: the one step skeleton every method shares, kept in one piece so it reads top to bottom.
 def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module,
                      mesh: jax.sharding.Mesh, steps_per_epoch: int,
                      method: StepMethod) -> TrainStepFn:
@@ -304,8 +245,8 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
     without CutMix) and ``epoch``.
   """
   train = config.train
-  optimizer = make_optimizer(train, steps_per_epoch)
-  schedule = learning_rate_schedule(train, steps_per_epoch)
+  optimizer = optimization.make_optimizer(train, steps_per_epoch)
+  schedule = optimization.learning_rate_schedule(train, steps_per_epoch)
   compute_dtype = jnp.dtype(train.compute_dtype)
   objective = method.objective
   skip_non_finite = train.get('nan_policy', 'stop') == 'skip'
@@ -318,12 +259,7 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
                                           1 + len(method.rng_streams))
     rngs = dict(zip(method.rng_streams, streams))
     normalize = lambda images: images_lib.normalize(images, compute_dtype)  # noqa: E731
-    student_images = dict(batch)
-    lam = jnp.ones((batch_size,), jnp.float32)
-    if objective.uses_cutmix:
-      student_images[objectives.MIX_Q], lam = cutmix_lib.cutmix(
-          rngs['cutmix'], batch[views.QUERY], batch[views.POS_Q], mode=train.cutmix,
-          beta=train.cutmix_beta, group_size=config.student.bn_group_size)
+    student_images, lam = _student_images(config, objective, batch, batch_size, rngs)
     keys, key_state = method.embed_keys(
         state, teacher_variables, {view: normalize(batch[view])
                                    for view in objective.teacher_views}, rngs)
@@ -353,20 +289,49 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
         negative_queue=negative_queue, queue_pointer=queue_pointer,
         rng=jax.random.key_data(next_rng), **method_state)
     if skip_non_finite:
-      # config.train.nan_policy='skip': a non-finite loss, gradient norm or updated state
-      # leaves the learned state as it was; the step counter and the RNG still advance (the
-      # data position and the next draws are those of a run without the fault). 'stop' is
-      # the loop's check. The updated state is checked too: a finite gradient times a huge
-      # learning rate can overflow to Inf with a finite loss and norm.
-      grad_norm = optax.global_norm(grads)
-      finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-                & _all_finite(new_state))
-      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-      new_state = kept.replace(step=new_state.step, rng=new_state.rng)
-      metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+      new_state = _keep_if_finite(state, new_state, grads, metrics)
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
   return _jit_step(step_fn, mesh)
+
+
+def _student_images(config: ml_collections.ConfigDict, objective: objectives.Objective,
+                    batch: Batch, batch_size: int, rngs: Rngs) -> tuple[Batch, jax.Array]:
+  """The student's images by view: the batch's, plus the CutMix image where the objective
+  has one (docs/method.md §3).
+
+  Returns:
+    ``(images, lam)``: uint8 ``(B, S, S, 3)`` images by view and float32 ``(B,)`` the share
+    of the query in each mixed image (ones without CutMix).
+  """
+  student_images = dict(batch)
+  lam = jnp.ones((batch_size,), jnp.float32)
+  if objective.uses_cutmix:
+    student_images[objectives.MIX_Q], lam = cutmix_lib.cutmix(
+        rngs['cutmix'], batch[views.QUERY], batch[views.POS_Q], mode=config.train.cutmix,
+        beta=config.train.cutmix_beta, group_size=config.student.bn_group_size)
+  return student_images, lam
+
+
+def _keep_if_finite(state: TrainState, new_state: TrainState, grads: Any,
+                    metrics: Metrics) -> TrainState:
+  """``config.train.nan_policy = 'skip'``: the update, unless it is not finite.
+
+  A non-finite loss, gradient norm or updated state leaves the learned state as it was; the
+  step counter and the RNG still advance (the data position and the next draws are those of
+  a run without the fault). 'stop' is the loop's check. The updated state is checked too: a
+  finite gradient times a huge learning rate can overflow to Inf with a finite loss and norm.
+
+  Returns:
+    The state after the step; ``metrics`` gains ``grad_norm`` and ``skipped`` (1 when the
+    update was dropped).
+  """
+  grad_norm = optax.global_norm(grads)
+  finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+            & _all_finite(new_state))
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+  return kept.replace(step=new_state.step, rng=new_state.rng)
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -12,6 +12,7 @@ from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import images as images_lib
 from bingo_jax import parallel
 from bingo_jax import config_checks
+from bingo_jax import optimization
 from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
@@ -104,7 +105,7 @@ def test_optimizer_matches_torch_sgd(lr_schedule):
   torch_params = {name: torch.tensor(value, requires_grad=True) for name, value in params.items()}
   torch_sgd = torch.optim.SGD(list(torch_params.values()), lr=peak_lr, momentum=0.9,
                               weight_decay=0.05)
-  optimizer = train_step_lib.make_optimizer(train, steps_per_epoch)
+  optimizer = optimization.make_optimizer(train, steps_per_epoch)
   opt_state = optimizer.init(params)
   ours = {name: jnp.asarray(value) for name, value in params.items()}
   update = jax.jit(optimizer.update)
