@@ -239,8 +239,8 @@ def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   try:
     _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
-  except bad_images.BadImageError as e:
-    # The undecodable images by name (config.data.on_bad_image='error'), not a TF traceback.
+  except (bad_images.BadImageError, model_io.NonFiniteModelError) as e:
+    # The undecodable images or the teacher's NaN/Inf arrays by name, not a traceback.
     logging.error('%s', e)
     raise SystemExit(1) from None
   logging.info('done: %s', path)

@@ -364,8 +364,10 @@ def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   try:
     evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
-  except (checkpointing.CheckpointError, bad_images.BadImageError) as e:
-    # A damaged checkpoint: its cause in one message, not orbax's asyncio traceback.
+  except (checkpointing.CheckpointError, bad_images.BadImageError,
+          model_io.NonFiniteModelError) as e:
+    # A damaged checkpoint, a bad image, a model file holding NaN/Inf: the cause in one
+    # message, not orbax's asyncio traceback.
     logging.error('%s', e)
     sys.exit(1)
 

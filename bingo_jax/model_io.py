@@ -74,6 +74,10 @@ def _to_numpy_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+class NonFiniteModelError(ValueError):
+  """A model's variables hold NaN or Inf (the message names the file and the arrays)."""
+
+
 def check_finite(variables: Any, what: str) -> None:
   """Refuses variables holding NaN or Inf, naming them.
 
@@ -81,13 +85,14 @@ def check_finite(variables: Any, what: str) -> None:
     variables: a tree of arrays.
     what: the file or source, for the message.
   Raises:
-    ValueError: naming the non-finite arrays (a diverged or damaged model embeds every image
-      alike: bags and kNN results of chance level, with no other sign).
+    NonFiniteModelError: naming the non-finite arrays (a diverged or damaged model embeds
+      every image alike: bags and kNN results of chance level, with no other sign).
   """
   bad = finite.non_finite_paths(variables)
   if bad:
-    raise ValueError(f'{what}: {finite.describe(bad, len(jax.tree.leaves(variables)))}. '
-                     'Pass allow_non_finite=True (--allow_non_finite) to accept them anyway.')
+    raise NonFiniteModelError(
+        f'{what}: {finite.describe(bad, len(jax.tree.leaves(variables)))}. '
+        'Pass allow_non_finite=True (--allow_non_finite) to accept them anyway.')
 
 
 def save_model(path: str, model_config: dict, variables: dict,

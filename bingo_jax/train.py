@@ -643,7 +643,8 @@ def main(argv: list[str]) -> None:
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                  simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
   except (checkpointing.CheckpointError, workdir_records.ConfigChangedError, NonFiniteLossError,
-          workdir_lock.WorkdirLockedError, bad_images.BadImageError) as e:
+          workdir_lock.WorkdirLockedError, bad_images.BadImageError,
+          model_io.NonFiniteModelError) as e:
     # Faults with a known cause: the message is the whole story (no traceback to dig through).
     logging.error('%s', e)
     sys.exit(1)

@@ -286,6 +286,46 @@ def test_damaged_latest_step_falls_back_for_export_and_training(inputs, straight
   _assert_same_state(workdir, straight)
 
 
+def _evaluate(inputs: dict, checkpoint: str, output: str) -> tuple[int, str]:
+  return _run(inputs, [sys.executable, '-m', 'bingo_jax.evaluate', '--config',
+                       'configs/tiny_test.py', '--checkpoint', checkpoint, '--protocol', 'knn',
+                       '--workdir', output, f'--config.data.path={inputs["images"]}',
+                       '--config.eval.knn_weighted_k=20'])  # 48 images
+
+
+def test_evaluation_falls_back_and_refuses_a_workdir_with_no_intact_step(inputs, straight,
+                                                                         tmp_path):
+  """3 and 2 for evaluation: with the newest step damaged, the older one is evaluated (one
+  warning line); with every step damaged (flipped bytes, as in the issue's workdir of NaN
+  checkpoints, which training no longer writes), evaluation and export exit 1 naming the
+  workdir, instead of a chance-level result with exit 0."""
+  from bingo_jax import features  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(straight, workdir)
+  _damage(os.path.join(workdir, 'checkpoints', '12'), 'flip')
+  rc, stderr = _evaluate(inputs, workdir, str(tmp_path / 'eval'))
+  assert rc == 0, stderr[-3000:]
+  warnings = [line for line in stderr.splitlines() if 'is damaged' in line]
+  assert len(warnings) == 1 and 'falling back to step 10' in warnings[0]
+  with open(tmp_path / 'eval' / 'eval_knn.json') as f:
+    model = json.load(f)['model']
+  # The undisturbed workdir's step 10, read directly.
+  want = features.describe_model(checkpointing.load_student(straight, step=10))
+  assert model['metadata']['step'] == 10
+  assert model['variables_checksum'] == want['variables_checksum']
+
+  _damage(os.path.join(workdir, 'checkpoints', '10'), 'flip')
+  rc, stderr = _evaluate(inputs, workdir, str(tmp_path / 'eval_none'))
+  last = stderr.strip().splitlines()[-1]
+  assert rc == 1 and f'{workdir}/checkpoints: no checkpoint restores intact' in last, \
+      stderr[-3000:]
+  assert 'Traceback' not in stderr and not (tmp_path / 'eval_none' / 'eval_knn.json').exists()
+  rc, stderr = _tool('export_torch.py', workdir, str(tmp_path / 'student.pth'),
+                     '--format', 'torchvision')
+  assert rc == 1 and 'no checkpoint restores intact' in stderr
+  assert not (tmp_path / 'student.pth').exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 2: a diverging run
 
@@ -409,7 +449,7 @@ def test_overwrite_only_replaces_a_model_file(tmp_path):
   assert rc == 0
 
 
-def test_non_finite_teacher_is_refused_by_the_converter_and_the_loader(tmp_path):
+def test_non_finite_teacher_is_refused_by_the_converter_and_the_loader(inputs, tmp_path):
   source = tmp_path / 'r18_nan.pth'
   torch.save(_small_resnet_state(nan_key='layer2.0.conv1.weight'), source)
   rc, stderr = _tool('convert_torch_teacher.py', str(source), str(tmp_path / 'teacher'))
@@ -426,6 +466,32 @@ def test_non_finite_teacher_is_refused_by_the_converter_and_the_loader(tmp_path)
   loaded = model_io.load_model(str(tmp_path / 'teacher'), allow_non_finite=True)
   assert np.isnan(np.asarray(loaded.variables['params']['backbone']['layer2_0']['conv1']
                              ['kernel'])).sum() == 1
+
+  # Through the command lines: bagging, training and evaluation stop before any work, naming
+  # the file and the array, with no traceback (the issue's bagging gave chance purity). The
+  # teacher: the tiny run's (MoCo head, as training needs), one value NaN.
+  variables = init_variables(create_model(**TEACHER), jax.random.key(7), 32)
+  variables['params']['backbone']['layer2_0']['conv1']['kernel'] = (
+      variables['params']['backbone']['layer2_0']['conv1']['kernel'].at[0, 0, 0, 0].set(np.nan))
+  teacher = str(tmp_path / 'moco_teacher')
+  model_io.save_model(teacher, TEACHER, variables, allow_non_finite=True)
+  data = [f'--config.teacher.path={teacher}', f'--config.data.path={inputs["images"]}']
+  commands = {
+      'bagging': ['-m', 'bingo_jax.bagging', '--workdir', str(tmp_path / 'bags'),
+                  f'--config.bags.path={tmp_path}/bags.npz', *data],
+      'training': ['-m', 'bingo_jax.train', '--workdir', str(tmp_path / 'run'),
+                   f'--config.bags.path={inputs["bags"]}', *data],
+      'evaluation': ['-m', 'bingo_jax.evaluate', '--checkpoint', teacher, '--protocol', 'knn',
+                     '--workdir', str(tmp_path / 'eval'), *data],
+  }
+  for stage, command in commands.items():
+    rc, stderr = _run(inputs, [sys.executable, *command[:2], '--config', 'configs/tiny_test.py',
+                               *command[2:]])
+    last = stderr.strip().splitlines()[-1]
+    assert rc == 1 and teacher in last and "['params']['backbone']['layer2_0']" in last, (
+        stage, stderr[-3000:])
+    assert 'Traceback' not in stderr, stage
+  assert not (tmp_path / 'bags.npz').exists() and not (tmp_path / 'eval' / 'eval_knn.json').exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +537,11 @@ def test_bad_training_image_is_named_or_skipped(inputs, tmp_path):
   assert 'Traceback' not in stderr
   assert _steps(workdir) == [1]
   assert 'BadImageError' in _summary(workdir)['error']
+  # The same with the views drawn on the device (canvases decoded on the host).
+  workdir = str(tmp_path / 'error_device')
+  stderr = _train(broken, workdir, '--config.data.augment_on=device', expect=1)
+  assert f'image {bad} ({name}) cannot be decoded in training step 2' in stderr, stderr[-3000:]
+  assert 'Traceback' not in stderr and _steps(workdir) == [1]
 
   # 'skip': the image is read as the next one, and the run equals one whose file at that
   # place holds the next image's bytes.
