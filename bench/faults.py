@@ -6,7 +6,8 @@ Each trial starts ``python -m bingo_jax.train`` (the tiny test set-up: 48 random
 ResNet-18 of width 8, 12 steps, checkpoints every 2 steps, 2 kept) in a fresh workdir, sends it
 SIGKILL, SIGTERM or SIGINT after a random delay (uniform over the duration of an undisturbed
 run, start-up and compilation included, so the moment falls anywhere: imports, restore,
-compilation, a step, a checkpoint save), then reruns the same command until it exits 0. The
+compilation, a step, a checkpoint save; a run that ends before its signal is started again
+with half the delay), then reruns the same command until it exits 0. The
 final checkpoint must equal the undisturbed run's, every array bit for bit. The table gives,
 per trial, the signal, the delay, the last step the killed run logged ('start-up' before
 its first), the killed run's exit status (75: saved and stopped, a
@@ -131,9 +132,17 @@ def saved_steps(workdir: str) -> list:
 
 def trial_result(paths: dict, workdir: str, signum: int, delay: float, reference_step: int,
                  reference: dict, state_lock: threading.Lock) -> tuple[bool, str]:
-  """One trial: kill at ``delay`` with ``signum``, rerun until done, compare; (same, row)."""
-  shutil.rmtree(workdir, ignore_errors=True)
-  rc, killed_log = run(paths, workdir, kill_after=delay, signum=signum)
+  """One trial: kill at ``delay`` with ``signum`` (halved while the run ends first), rerun
+  until done, compare; returns (same, row)."""
+  for attempt in range(4):
+    shutil.rmtree(workdir, ignore_errors=True)
+    start = time.time()
+    rc, killed_log = run(paths, workdir, kill_after=delay / 2**attempt, signum=signum)
+    if not (rc == 0 and time.time() - start < delay / 2**attempt):
+      break
+    # The run ended before the signal (it went faster than the timed one): no fault was
+    # tried. Again, with half the delay.
+  delay /= 2**attempt
   left = saved_steps(workdir)
   logs = [killed_log]
   reruns, rerun_rc, stderr = 0, rc, killed_log
