@@ -1,7 +1,7 @@
 r"""One command for a GPU or TPU host: the BINGO step's throughput and MFU (under 8 minutes).
 
-  python bench/accelerator.py            # R-18 <- R-50x2, 224 px, fp32 + bf16, batches 32/64/128
-  python bench/accelerator.py --smoke    # a tiny CPU run of the same code (the test suite)
+  python -m bench.accelerator            # R-18 <- R-50x2, 224 px, fp32 + bf16, batches 32/64/128
+  python -m bench.accelerator --smoke    # a tiny CPU run of the same code (the test suite)
 
 Each row is the whole jitted step as training runs it in ``augment_on = 'device'`` mode: the
 MoCo v2 views drawn from 512 px uint8 canvases (bingo_jax/device_data.py), then the BINGO
@@ -16,28 +16,26 @@ the PyTorch step of bench/torch_bingo_step.py (AMP bf16, channels-last, one GPU)
 views, i.e. without its data loading.
 
 Needs only jax (with its accelerator plugin), flax, optax, orbax-checkpoint, numpy, absl-py
-and ml_collections: no TensorFlow, faiss or torchvision, no network.
+and ml_collections: no TensorFlow, faiss or torchvision, no network. Run from the repository
+root, ``python -m`` finds the checkout's bingo_jax without installing it.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bingo_jax import device_data, parallel  # noqa: E402
-from bingo_jax import steps  # noqa: E402
-from bingo_jax import train_step as train_step_lib  # noqa: E402
-from bingo_jax.models import create_model, init_variables  # noqa: E402
-from configs import r18_r50w2  # noqa: E402
+from bingo_jax import device_data, parallel
+from bingo_jax import steps
+from bingo_jax import train_step as train_step_lib
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.configs import r18_r50w2
 
 VIEWS = ('query', 'key', 'pos_q', 'pos_k')
 # Dense peaks (FLOP/s) by device kind substring: (bf16, fp32 through TF32 / the MXU).

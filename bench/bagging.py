@@ -1,7 +1,7 @@
 """Benchmark of the bagging stage: teacher features/s and kNN search time / memory per backend.
 
-  /work/venv/bin/python bench/bagging.py            # the whole table (~14 min on the shared 2-core CPU)
-  /work/venv/bin/python bench/bagging.py --quick    # N = 10k only
+  /work/venv/bin/python -m bench.bagging            # the whole table (~14 min on the shared 2-core CPU)
+  /work/venv/bin/python -m bench.bagging --quick    # N = 10k only
 
 Every case runs in its own subprocess so that its peak resident memory is its own. Search
 cases use random L2-normalised float32 features. Exact search costs N x N x d, so for large N
@@ -22,7 +22,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rss_mb() -> float:

@@ -1,6 +1,6 @@
 r"""Fault injection: kill a tiny training run at random moments, resume it, compare bit for bit.
 
-  python bench/faults.py [--trials 20] [--seed 0] [--parallel 1] [--workdir /tmp/bingo_faults]
+  python -m bench.faults [--trials 20] [--seed 0] [--parallel 1] [--workdir /tmp/bingo_faults]
 
 Each trial starts ``python -m bingo_jax.train`` (the tiny test set-up: 48 random 32 px images,
 ResNet-18 of width 8, 12 steps, checkpoints every 2 steps, 2 kept) in a fresh workdir, sends it
@@ -38,7 +38,6 @@ import numpy as np
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 NUM_IMAGES = 48
 TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
@@ -52,7 +51,7 @@ def make_inputs(root: str) -> dict:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from bingo_jax import bag_file, data_sources, model_io  # pylint: disable=import-outside-toplevel
   from bingo_jax.models import create_model, init_variables  # pylint: disable=import-outside-toplevel
-  from configs import tiny_test  # pylint: disable=import-outside-toplevel
+  from bingo_jax.configs import tiny_test  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   os.makedirs(os.path.join(root, 'images'), exist_ok=True)
   lines = []
@@ -78,7 +77,7 @@ def make_inputs(root: str) -> dict:
 
 
 def command(paths: dict, workdir: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
           '--workdir', workdir, f'--config.teacher.path={paths["teacher"]}',
           f'--config.data.path={paths["images"]}', f'--config.bags.path={paths["bags"]}',
           '--config.train.epochs=4']
@@ -185,7 +184,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   print(f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {platform.node()} '
-        f'({os.cpu_count()} CPUs): python bench/faults.py --trials {_TRIALS.value} '
+        f'({os.cpu_count()} CPUs): python -m bench.faults --trials {_TRIALS.value} '
         f'--seed {_SEED.value} --parallel {_PARALLEL.value}', flush=True)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   paths = make_inputs(os.path.join(_WORKDIR.value, 'inputs'))

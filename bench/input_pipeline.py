@@ -1,6 +1,6 @@
 r"""Host CPU cost of the BINGO input pipeline per anchor, host vs device augmentation.
 
-  python bench/input_pipeline.py            # about 2-3 minutes on 2 cores
+  python -m bench.input_pipeline            # about 2-3 minutes on 2 cores
 
 Self-contained: it writes a folder of JPEGs of ImageNet-like sizes (a spread around 500 x 375,
 some larger, ~100 KB each) into a temporary directory, then for both
@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
 
 def make_images(directory: str, count: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -148,7 +145,7 @@ def pipeline_cost(directory: str, mode: str, canvas_size: int, image_size: int, 
   """(process CPU-ms per anchor, wall anchors/s) of the tf.data pipeline + device_put."""
   import jax
   from bingo_jax import bag_file, data_sources, input_pipeline
-  from configs import common
+  from bingo_jax.configs import common
   config = common.base_config()
   config.data.source = 'filelist'
   config.data.path = os.path.join(directory, 'list.txt')
@@ -180,7 +177,7 @@ def device_costs(canvas_size: int, image_size: int, batch: int, time_step: bool)
   from bingo_jax import steps
   from bingo_jax import train_step as train_step_lib
   from bingo_jax.models import create_model, init_variables
-  from configs import r18_r50w2
+  from bingo_jax.configs import r18_r50w2
 
   views = ('query', 'key', 'pos_q', 'pos_k')
   rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 r"""Cost of the kNN monitor (bingo_jax/knn_monitor.py) against the training it interrupts.
 
-  python -m bench.knn_monitor [--config configs/fmnist_demo.py] [--steps 5]
+  python -m bench.knn_monitor [--config fmnist_demo] [--steps 5]
 
 Times (a) the config's BINGO train step (median of ``--steps``, after compilation; the teacher
 is a random ``--teacher_arch`` of ``--teacher_width``, random uint8 views: the input pipeline
@@ -21,15 +21,14 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
+from bingo_jax import configs
 from bingo_jax import data_sources, knn_monitor, parallel
 from bingo_jax import steps as steps_lib
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist_demo.py',
-                                          'Experiment config.', lock_config=False)
+_CONFIG = configs.define_config_flag('config', 'fmnist_demo', lock_config=False)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps.')
 _TRAIN_IMAGES = flags.DEFINE_integer('train_images', 12800, 'Training images per epoch.')
 _TEACHER_ARCH = flags.DEFINE_string('teacher_arch', 'resnet18', 'Random teacher network.')

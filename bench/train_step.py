@@ -1,6 +1,6 @@
 r"""Throughput and model FLOP utilisation of the BINGO train step, optionally against PyTorch.
 
-  python bench/train_step.py --config configs/r18_r50.py --batch_size 32 --image_size 112 \
+  python -m bench.train_step --config r18_r50 --batch_size 32 --image_size 112 \
       --torch
 
 Prints one table row per implementation: step time, images/s, FLOPs per step and model FLOP
@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from bingo_jax import configs
+from bingo_jax import model_io, parallel
+from bingo_jax import steps, views
+from bingo_jax import train_step as train_step_lib
+from bingo_jax.models import create_model, init_variables
 
-from bingo_jax import model_io, parallel  # noqa: E402
-from bingo_jax import steps, views  # noqa: E402
-from bingo_jax import train_step as train_step_lib  # noqa: E402
-from bingo_jax.models import create_model, init_variables  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/r18_r50.py', 'Experiment config.',
-                                          lock_config=False)
+_CONFIG = configs.define_config_flag('config', 'r18_r50', lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
 _SIZE = flags.DEFINE_integer('image_size', None, 'Image side (default: the config\'s).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps.')

@@ -1,9 +1,9 @@
 """Benchmark of the t-SNE map of the analysis protocol (paper Fig. 4): time and map quality.
 
-  python bench/tsne.py                       # scikit-learn (Barnes-Hut), n = 1000
-  python bench/tsne.py --exact               # also scikit-learn's exact t-SNE
-  python bench/tsne.py --sizes 1000,2000     # more sizes
-  python bench/tsne.py --jax_from 8233693    # also the exact JAX t-SNE this repository had
+  python -m bench.tsne                       # scikit-learn (Barnes-Hut), n = 1000
+  python -m bench.tsne --exact               # also scikit-learn's exact t-SNE
+  python -m bench.tsne --sizes 1000,2000     # more sizes
+  python -m bench.tsne --jax_from 8233693    # also the exact JAX t-SNE this repository had
                                              # before it used scikit-learn (loaded from git)
 
 Points: ``n`` features of dimension 64 drawn around 10 well-separated class centres (the
@@ -18,14 +18,11 @@ import functools
 import importlib.util
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def clustered_points(n: int, dim: int = 64, classes: int = 10, seed: int = 0):

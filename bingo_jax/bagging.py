@@ -1,6 +1,6 @@
 """Offline bagging: teacher features -> bags of similar images (docs/method.md §1).
 
-``python -m bingo_jax.bagging --config configs/x.py --workdir DIR`` reads ``config.data`` (the
+``python -m bingo_jax.bagging --config x --workdir DIR`` reads ``config.data`` (the
 training split is bagged), ``config.teacher.path`` and ``config.bags``, and writes::
 
     DIR/features/          teacher features, float16 shards (resumable; bingo_jax.features)
@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -89,7 +89,7 @@ def _teacher(config, image_size: int):
     return loaded, {'path': None, 'random_init': arch_config, 'seed': int(bags_config.seed)}
   if not teacher_path:
     raise ValueError(f'bags.method={bags_config.method} needs teacher.path (a converted model '
-                     'file, tools/convert_torch_teacher.py).')
+                     'file, bingo-convert).')
   loaded = model_io.load_model(teacher_path)
   return loaded, {'path': fileio.absolute(teacher_path),
                   'description': features_lib.describe_model(loaded)}
@@ -246,6 +246,10 @@ def main(argv: list[str]) -> None:
   logging.info('done: %s', path)
 
 
+def cli_main() -> None:
+  """The ``bingo-bag`` console command (and ``python -m bingo_jax.bagging``)."""
+  cli.run(main, ('config', 'workdir'))
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli_main()

@@ -14,24 +14,26 @@ flag that two of them take is defined once, here, and bound at module level in e
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from bingo_jax import configs
 from bingo_jax import torch_checkpoints
 
 # ---- the stages (train, bagging, evaluate), the demo and the ablation driver ----
-CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/*.py[:variants]); override keys with '
-    '--config.a.b=value.', lock_config=True)
+CONFIG = configs.define_config_flag(
+    'config', None, 'Experiment config: a built-in name (r18_r50w2, r18_r50w2:bf16, cifar10, '
+    '...; bingo_jax/configs/) or a config file path, [:variants]; override keys with '
+    '--config.a.b=value.')
 WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (a rerun resumes from what it holds).')
 STEP = flags.DEFINE_integer(
     'step', None, 'Training step to load from a training workdir (default: the latest '
     'checkpoint).')
 TEACHER = flags.DEFINE_string(
-    'teacher', None, 'The teacher: a model file (tools/convert_torch_teacher.py) or, for the '
+    'teacher', None, 'The teacher: a model file (bingo-convert) or, for the '
     'demo, a PyTorch checkpoint.')
 
 # ---- the PyTorch checkpoint tools ----
@@ -71,3 +73,20 @@ def positional_arguments(argv: Sequence[str], names: Sequence[str]) -> list[str]
 def no_positional_arguments(argv: Sequence[str]) -> None:
   """Raises ``app.UsageError`` unless ``main(argv)`` got flags only."""
   positional_arguments(argv, ())
+
+
+HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def run(main, required: Sequence[str] = ()) -> None:
+  """``app.run(main)`` for a console command: ``required`` flags marked as such, and a help
+  request (``--help``, which absl ends with status 1) exiting with status 0."""
+  if required:
+    flags.mark_flags_as_required(list(required))
+  try:
+    app.run(main)
+  except SystemExit as e:
+    arguments = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
+    if e.code == 1 and any(a in HELP_FLAGS for a in arguments):
+      raise SystemExit(0) from None
+    raise

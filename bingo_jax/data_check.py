@@ -1,6 +1,6 @@
 r"""Pre-flight check of a data set: decode every image once and list the ones that fail.
 
-  python -m bingo_jax.data_check --config configs/X.py [--splits train,validation] \
+  python -m bingo_jax.data_check --config NAME [--splits train,validation] \
       [--workers 16] [--output bad_images.json]
 
 Run it before bagging or a long training run: one bad file would otherwise stop the job at
@@ -18,7 +18,7 @@ import time
 from typing import Optional, Sequence
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bingo_jax import bad_images
 from bingo_jax import cli
@@ -95,6 +95,10 @@ def main(argv: list[str]) -> None:
   sys.exit(1 if any(entry['bad'] for entry in report.values()) else 0)
 
 
+def cli_main() -> None:
+  """``python -m bingo_jax.data_check``."""
+  cli.run(main, ('config',))
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli_main()

@@ -6,13 +6,13 @@ Stages, each through the same public entry point a user would call:
   1. teacher: a PyTorch MoCo-layout checkpoint (``--teacher``; by default the committed
      ``bingo_jax/demo_data/teacher_moco_r18w16_fmnist.pth.tar``, a ResNet-18 of base width 16
      pre-trained with MoCo v2 on the Fashion-MNIST training images by
-     ``configs/moco_fmnist.py``), converted by ``tools/convert_torch_teacher.py``;
+     ``bingo_jax/configs/moco_fmnist.py``), converted by ``bingo-convert``;
   2. bags: teacher features of the first 12,800 training images + exact kNN (``bingo_jax.bagging``);
   3. distillation of a ResNet-18 (width 8) student (``bingo_jax.train``);
   4. kNN and fast linear evaluation of the raw pixels, the teacher, the student before
      (random initialisation) and after distillation, and the t-SNE / bag-distance analysis of
      the student (``bingo_jax.evaluate``);
-  5. export of the student to the MoCo PyTorch layout (``tools/export_torch.py``).
+  5. export of the student to the MoCo PyTorch layout (``bingo-export``).
 It ends with a table. Every stage resumes: a rerun skips what is finished.
 """
 
@@ -25,12 +25,12 @@ import sys
 import time
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bingo_jax import cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TEACHER = os.path.join(REPO, 'bingo_jax', 'demo_data',
+# Installed with the package (package data).
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data',
                                'teacher_moco_r18w16_fmnist.pth.tar')
 ROWS = (('raw pixels', 'pixels', 'pixels'),
         ('teacher', 'teacher', None),
@@ -38,12 +38,16 @@ ROWS = (('raw pixels', 'pixels', 'pixels'),
         ('student after distillation', 'train', 'student_after'))
 
 
-def _tool(script: str, *args: str) -> None:
-  """Runs a command-line tool of this repository as a user would."""
-  command = [sys.executable, os.path.join(REPO, 'tools', script), *args]
-  print('$ ' + ' '.join(os.path.relpath(a) if os.path.exists(a) else a for a in command[1:]),
-        flush=True)
-  subprocess.run(command, check=True)
+# The console commands the demo runs, and their modules (``python -m`` runs the same code
+# without relying on the command being on the PATH).
+_TOOLS = {'bingo-convert': 'bingo_jax.convert', 'bingo-export': 'bingo_jax.export'}
+
+
+def _tool(command: str, *args: str) -> None:
+  """Runs a console command of this package as a user would, in a new process."""
+  print('$ ' + ' '.join([command] + [os.path.relpath(a) if os.path.exists(a) else a
+                                     for a in args]), flush=True)
+  subprocess.run([sys.executable, '-m', _TOOLS[command], *args], check=True)
 
 
 class Stages:
@@ -66,8 +70,8 @@ class Stages:
 
 def _demo_config(epochs: Optional[int], max_steps: Optional[int], train_split: Optional[str],
                  eval_split: Optional[str], quick_eval: bool):
-  """``configs/fmnist_demo.py`` with ``run``'s overrides (see its Args)."""
-  from configs import eval_fmnist, fmnist_demo
+  """``bingo_jax/configs/fmnist_demo.py`` with ``run``'s overrides (see its Args)."""
+  from bingo_jax.configs import eval_fmnist, fmnist_demo
   config = fmnist_demo.get_config()
   if epochs is not None:
     config.train.epochs = epochs
@@ -115,7 +119,7 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
   Args:
     workdir: output directory; a rerun resumes there.
     teacher_checkpoint: PyTorch teacher checkpoint (default ``DEFAULT_TEACHER``).
-    epochs, max_steps: distillation length (default ``configs/fmnist_demo.py``).
+    epochs, max_steps: distillation length (default ``bingo_jax/configs/fmnist_demo.py``).
     train_split, eval_split: Fashion-MNIST splits (TFDS slicing, e.g. ``'train[:1024]'``)
       for bagging/training/kNN bank and for evaluation; reduced runs use them.
     quick_eval: shorten the fast linear probe to 2 epochs (smoke runs).
@@ -139,7 +143,7 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
   # 1. Teacher: PyTorch checkpoint -> model file, through the public conversion tool.
   stages.begin('teacher: convert the PyTorch checkpoint')
   if not os.path.exists(os.path.join(teacher_dir, model_io.MODEL_RECORD)):
-    _tool('convert_torch_teacher.py', teacher_checkpoint, teacher_dir)
+    _tool('bingo-convert', teacher_checkpoint, teacher_dir)
   stages.end('teacher')
 
   # 2. Bags: teacher features + exact kNN, bag report (purity, grid).
@@ -166,7 +170,7 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
   stages.begin('export: student -> PyTorch')
   exported = os.path.join(workdir, 'student_r18w8_moco.pth.tar')
   if not os.path.exists(exported):
-    _tool('export_torch.py', train_dir, exported, '--format', 'moco')
+    _tool('bingo-export', train_dir, exported, '--format', 'moco')
   stages.end('export')
 
   result = {'table': table, 'train': summary, 'exported_student': exported,
@@ -201,7 +205,7 @@ def _percent(value) -> str:
 _WORKDIR = cli.shared(cli.WORKDIR)  # default runs/demo
 _TEACHER = cli.shared(cli.TEACHER)  # a PyTorch checkpoint here; default DEFAULT_TEACHER
 _EPOCHS = flags.DEFINE_integer('epochs', None,
-                               'Distillation epochs (default: configs/fmnist_demo.py).')
+                               'Distillation epochs (default: bingo_jax/configs/fmnist_demo.py).')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None,
                                   'Stop distillation after this many steps.')
 _TRAIN_SPLIT = flags.DEFINE_string('train_split', None,
@@ -219,5 +223,10 @@ def main(argv: list[str]) -> None:
       _TRAIN_SPLIT.value, _EVAL_SPLIT.value, _QUICK_EVAL.value)
 
 
+def cli_main() -> None:
+  """The ``bingo-demo`` console command (and ``python -m bingo_jax.demo``)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli_main()

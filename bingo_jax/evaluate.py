@@ -2,7 +2,7 @@ r"""Evaluation of a network: ``python -m bingo_jax.evaluate``.
 
 ::
 
-  python -m bingo_jax.evaluate --config configs/X.py --checkpoint PATH \
+  python -m bingo_jax.evaluate --config NAME --checkpoint PATH \
       --protocol knn|linear|linear_fast|finetune|analysis --workdir DIR [--step N]
 
 ``PATH`` is a model file (converted teacher, exported student), a training workdir (latest
@@ -33,7 +33,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bingo_jax import bad_images, fileio
 from bingo_jax import checkpointing, cli, data_sources, features as features_lib
@@ -372,6 +372,10 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
+def cli_main() -> None:
+  """The ``bingo-eval`` console command (and ``python -m bingo_jax.evaluate``)."""
+  cli.run(main, ('config', 'checkpoint', 'protocol', 'workdir'))
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'checkpoint', 'protocol', 'workdir'])
-  app.run(main)
+  cli_main()

@@ -7,7 +7,7 @@ A model file is a directory::
                           "metadata": {source file, source format, ...}}
       variables/         orbax checkpoint of {"params": ..., "batch_stats": ...}
 
-Converted teachers (``tools/convert_torch_teacher.py``) and exported students are model
+Converted teachers (``bingo-convert``) and exported students are model
 files. The directory is written under a temporary name and renamed into place, so a crash
 never leaves a half-written model file behind.
 """
@@ -177,7 +177,7 @@ def read_record(path: str) -> dict:
   if not fileio.isfile(record_path):
     raise FileNotFoundError(
         f'{path} is not a bingo_jax model file: {MODEL_RECORD} is missing. Convert PyTorch '
-        f'checkpoints with tools/convert_torch_teacher.py first.')
+        f'checkpoints with bingo-convert first.')
   with fileio.open_file(record_path, 'r') as f:
     try:
       record = json.load(f)

@@ -1,4 +1,4 @@
-r"""BINGO distillation: ``python -m bingo_jax.train --config configs/X.py --workdir DIR``.
+r"""BINGO distillation: ``python -m bingo_jax.train --config NAME --workdir DIR``.
 
 ``train_and_evaluate`` reads top to bottom: config checks -> mesh -> teacher -> data and bags
 -> student and its state (fresh or restored) -> jitted step -> loop (logs, checkpoints,
@@ -11,8 +11,8 @@ the key encoder lives in the train state; docs/training.md).
 
 Examples::
 
-  python -m bingo_jax.train --config configs/r18_r50w2.py --workdir runs/r18_r50w2
-  python -m bingo_jax.train --config configs/r18_r50w2.py:bf16 --workdir runs/r18_bf16 \
+  python -m bingo_jax.train --config r18_r50w2 --workdir runs/r18_r50w2
+  python -m bingo_jax.train --config r18_r50w2:bf16 --workdir runs/r18_bf16 \
       --config.train.batch_size=512
 """
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bingo_jax import bad_images
 from bingo_jax import bag_file
@@ -90,10 +90,10 @@ def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
   path = config.teacher.path
   if not path:
     raise ValueError('config.teacher.path is not set: give the converted teacher model file '
-                     '(tools/convert_torch_teacher.py), e.g. --config.teacher.path=teachers/x.')
+                     '(bingo-convert), e.g. --config.teacher.path=teachers/x.')
   if not fileio.exists(path):
     raise FileNotFoundError(f'config.teacher.path = {path!r}: {fileio.absolute(path)} does not '
-                            'exist. Convert the PyTorch teacher with tools/convert_torch_teacher.py.')
+                            'exist. Convert the PyTorch teacher with bingo-convert.')
   try:
     record = model_io.read_record(path)
   except (FileNotFoundError, ValueError) as e:
@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Distils the configured teacher into the student, resuming from ``workdir`` if possible.
 
   Args:
-    config: the experiment config (``configs/*.py``).
+    config: the experiment config (``bingo_jax/configs/*.py``).
     workdir: where checkpoints, ``config.json``, ``student_model.json``, TensorBoard events
       and ``train_summary.json`` go.
     simulate_preemption_at_step: testing aid: send this process SIGTERM after that step.
@@ -654,6 +654,10 @@ def main(argv: list[str]) -> None:
     sys.exit(EXIT_PREEMPTED)
 
 
+def cli_main() -> None:
+  """The ``bingo-train`` console command (and ``python -m bingo_jax.train``)."""
+  cli.run(main, ('config', 'workdir'))
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli_main()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional
 
 import numpy as np
@@ -27,7 +26,7 @@ def small_setup():
   import jax.numpy as jnp
 
   from bingo_jax.models import heads, layers, registry
-  from configs.common import base_config
+  from bingo_jax.configs.common import base_config
 
   class TinyBackbone(nn.Module):
     """Two conv-BN-ReLU layers and a mean pool: a ResNet's structure in miniature."""
@@ -92,7 +91,6 @@ def main() -> None:
   args = parser.parse_args()
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices_per_process}'
   os.environ['JAX_PLATFORMS'] = 'cpu'
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
   import jax
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')

@@ -15,7 +15,7 @@ from bingo_jax import parallel
 from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def test_bf16_step_loss_is_within_one_percent_of_the_fp32_step():
 def test_imagenet_configs_compute_in_bf16_on_accelerators_fp32_on_cpu():
   import importlib
   for name in ('r18_r50', 'r18_r50w2', 'r34_r50w2', 'r34_r152', 'effb0_r50w2'):
-    assert importlib.import_module(f'configs.{name}').get_config().train.compute_dtype == 'auto'
+    assert importlib.import_module(f'bingo_jax.configs.{name}').get_config().train.compute_dtype == 'auto'
   assert tiny_test.get_config().train.compute_dtype == 'float32'
   expected = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
   assert parallel.resolve_compute_dtype('auto') == expected

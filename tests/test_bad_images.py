@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from bingo_jax import bad_images, data_sources, input_pipeline
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +161,7 @@ def test_training_pipeline_names_the_step_and_file(tmp_path):
 def test_data_check_lists_every_bad_image(tmp_path):
   list_path, bad = _with_bad_files(tmp_path)
   result = subprocess.run(
-      [sys.executable, '-m', 'bingo_jax.data_check', '--config', 'configs/tiny_test.py',
+      [sys.executable, '-m', 'bingo_jax.data_check', '--config', 'tiny_test',
        f'--config.data.path={list_path}', '--splits=train',
        f'--output={tmp_path / "report.json"}'],
       cwd=REPO, capture_output=True, text=True, timeout=600,

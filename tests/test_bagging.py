@@ -143,7 +143,7 @@ def test_label_bags_and_purity_follow_definitions():
 
 @pytest.mark.parametrize('method', ['random-teacher', 'labels'])
 def test_compute_bags_writes_bag_file_and_report(tmp_path, method):
-  from configs import common
+  from bingo_jax.configs import common
   config = common.base_config()
   config.data.image_size = 16
   config.bags.method = method

@@ -16,7 +16,6 @@ import argparse
 import gc
 import hashlib
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,9 @@ from bingo_jax import model_io, torch_checkpoints
 from bingo_jax.models import create_model
 from bingo_jax.torch_checkpoints import CheckpointError
 
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # noqa: E402
-from tool_runner import run_tool  # noqa: E402
-from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
+import torch_reference
+from tool_runner import run_tool
+from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)
 
 TOLERANCE = 1e-5
 
@@ -260,7 +258,7 @@ def test_efficientnet_heads_parity_and_round_trip(tmp_path):
 
 
 def test_cli_random_checkpoint_convert_load_and_embed(tmp_path):
-  """tools/make_random_torch_checkpoint.py -> tools/convert_torch_teacher.py -> load_model:
+  """tools/make_random_torch_checkpoint.py -> bingo-convert -> load_model:
   the file loads strictly into the reference ResNet-18, and the model file's ``embed`` (the
   full ``Model.__call__``) matches it at 224 px; the metadata record describes the source."""
   source = str(tmp_path / 'r18_moco.pth')

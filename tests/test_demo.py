@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ import torch
 
 from bingo_jax import bag_file, checkpointing, data_sources, demo, images, model_io
 
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # noqa: E402
-from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
+import torch_reference
+from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)
 
 TRAIN_SPLIT, EVAL_SPLIT = 'train[:1024]', 'test[:500]'
 
@@ -119,7 +117,7 @@ def test_committed_teacher_beats_its_random_initialisation(demo_run, tmp_path):
   """The committed teacher was trained without labels; on real images its kNN classifier must
   clearly beat a randomly initialised network of the same architecture (docs/results.md)."""
   from bingo_jax import evaluate
-  from configs import fmnist_demo
+  from bingo_jax.configs import fmnist_demo
   workdir, result = demo_run
   config = fmnist_demo.get_config()
   config.data.train_split, config.data.eval_split = TRAIN_SPLIT, EVAL_SPLIT

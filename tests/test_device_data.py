@@ -19,7 +19,7 @@ from PIL import Image
 from bingo_jax import bag_file, checkpointing, data_sources, device_data, input_pipeline
 from bingo_jax import model_io, parallel
 from bingo_jax.models import create_model, init_variables
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,7 +209,7 @@ def fashion_files(tmp_path_factory):
 
 
 def _train_command(files, workdir, *extra):
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
           '--workdir', str(workdir), '--config.data.source=fashion_mnist',
           f'--config.data.path={files}', f'--config.data.data_dir={files / "no_tfds"}',
           '--config.train.monitor_every_epochs=0', '--config.data.on_device=always',

@@ -110,7 +110,7 @@ def test_cli_driver_writes_json_and_table_for_pixel_knn(tmp_path, capsys):
   from PIL import Image
 
   from bingo_jax import evaluate
-  from configs import common
+  from bingo_jax.configs import common
   rng = np.random.default_rng(0)
   for split, count in (('train', 12), ('val', 6)):
     for label, (low, high) in enumerate(((0, 60), (190, 256))):
@@ -140,7 +140,7 @@ def test_feature_cache_is_reused_and_stale_files_are_recomputed(tmp_path, monkey
   the wrong number of rows is ignored."""
   from bingo_jax import data_sources, evaluate
   from bingo_jax import features as features_lib
-  from configs import common
+  from bingo_jax.configs import common
   config = common.base_config()
   config.data.image_size = 8
   config.eval.batch_size = 8

@@ -9,8 +9,6 @@ descriptions), and the ``efficientnet_pytorch`` package.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import jax
 import numpy as np
@@ -19,10 +17,9 @@ import torch
 
 from bingo_jax import model_io, torch_checkpoints
 
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # noqa: E402
-from tool_runner import run_tool  # noqa: E402
-from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
+import torch_reference
+from tool_runner import run_tool
+from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)
 
 
 def make_model_file(tmp_path, arch='resnet18', head='moco', name='model', **kwargs):

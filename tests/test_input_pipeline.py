@@ -102,7 +102,7 @@ def test_eval_shards_cover_in_order_with_masked_padding():
 
 # ---------------------------------------------------------------- training batches
 
-from configs.common import base_config  # noqa: E402
+from bingo_jax.configs.common import base_config  # noqa: E402
 from bingo_jax import bag_file  # noqa: E402
 
 NUM_IMAGES, GLOBAL_BATCH, IMAGE_SIZE = 40, 8, 16

@@ -1,7 +1,6 @@
 """The kNN monitor: its accuracy equals a numpy brute-force weighted kNN on the same features,
 its subsets are the documented draw, and it is off without labels."""
 
-import os
 
 import jax
 import ml_collections
@@ -11,7 +10,7 @@ from PIL import Image
 
 from bingo_jax import data_sources, features, knn_monitor, model_io, parallel
 from bingo_jax.models import create_model, init_variables
-from configs import common
+from bingo_jax.configs import common
 
 STUDENT = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=16,
                head_output_dim=8)
@@ -136,7 +135,7 @@ def test_training_logs_the_monitor_and_it_matches_brute_force_on_the_final_stude
   from tensorboard.backend.event_processing import event_accumulator
   import tensorflow as tf
   from bingo_jax import bag_file, checkpointing, train
-  from configs import tiny_test
+  from bingo_jax.configs import tiny_test
   rng = np.random.default_rng(0)
   lines = []
   for i in range(NUM_IMAGES):

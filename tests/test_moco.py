@@ -19,7 +19,7 @@ from PIL import Image
 import multihost_train_worker
 from bingo_jax import checkpointing, data_sources, images as images_lib, input_pipeline
 from bingo_jax import config_checks, parallel, steps, train, train_step as train_step_lib
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOMENTUM = 0.9
@@ -140,7 +140,7 @@ def test_moco_cli_runs_without_teacher_or_bags_and_resumes(tmp_path):
     lines.append(f'images/{i:03d}.png 0')
   (tmp_path / 'images.txt').write_text('\n'.join(lines) + '\n')
   workdir = str(tmp_path / 'run')
-  command = [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+  command = [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
              '--workdir', workdir, f'--config.data.path={tmp_path / "images.txt"}',
              '--config.train.method=moco', '--config.train.max_steps=2']
   environment = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',

@@ -10,8 +10,6 @@ chunks' updates (the replicas' average, which is what any one replica holds in e
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +21,8 @@ from bingo_jax.models import available_archs, create_model
 from bingo_jax.models.layers import BatchNorm
 from bingo_jax import torch_mapping
 
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # noqa: E402
-from torch_reference import one_torch_thread  # noqa: E402,F401  (autouse: torch on one thread)
+import torch_reference
+from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)
 
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from bingo_jax import bag_file, checkpointing, data_sources, model_io, workdir_lock
 from bingo_jax import checkpoint_integrity, train, workdir_records
 from bingo_jax.models import create_model, init_variables
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 48
@@ -62,7 +62,7 @@ def inputs(tmp_path_factory):
 
 
 def _command(inputs: dict, workdir: str, *extra: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
           '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
           f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
           '--config.train.epochs=4', *extra]
@@ -264,7 +264,7 @@ def test_damaged_latest_step_falls_back_for_export_and_training(inputs, straight
 
   # Export (read-only): one warning line, then the older step's student; an explicit --step
   # on the damaged one names the cause without a traceback.
-  export = [sys.executable, 'tools/export_torch.py', workdir, str(tmp_path / 'student.pth'),
+  export = [sys.executable, '-m', 'bingo_jax.export', workdir, str(tmp_path / 'student.pth'),
             '--format', 'torchvision']
   rc, stderr = _run(inputs, export)
   assert rc == 0, stderr[-3000:]
@@ -288,7 +288,7 @@ def test_damaged_latest_step_falls_back_for_export_and_training(inputs, straight
 
 def _evaluate(inputs: dict, checkpoint: str, output: str) -> tuple[int, str]:
   return _run(inputs, [sys.executable, '-m', 'bingo_jax.evaluate', '--config',
-                       'configs/tiny_test.py', '--checkpoint', checkpoint, '--protocol', 'knn',
+                       'tiny_test', '--checkpoint', checkpoint, '--protocol', 'knn',
                        '--workdir', output, f'--config.data.path={inputs["images"]}',
                        '--config.eval.knn_weighted_k=20'])  # 48 images
 
@@ -398,8 +398,12 @@ def test_failed_save_stops_the_run_at_once_and_the_resume_equals_the_straight_ru
 # 1 (--overwrite) and 8 (non-finite teachers): the converter's command line
 
 
+# The console commands' modules (bingo-convert, bingo-export).
+_TOOLS = {'convert_torch_teacher.py': 'bingo_jax.convert', 'export_torch.py': 'bingo_jax.export'}
+
+
 def _tool(name: str, *args: str) -> tuple[int, str]:
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'tools', name), *args],
+  result = subprocess.run([sys.executable, '-m', _TOOLS[name], *args],
                           cwd=REPO, text=True, capture_output=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   return result.returncode, result.stderr
@@ -407,7 +411,6 @@ def _tool(name: str, *args: str) -> tuple[int, str]:
 
 def _small_resnet_state(nan_key: str = None) -> dict:
   """A torchvision-layout ResNet-18 of width 8 (cifar stem) with random weights."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_reference  # pylint: disable=import-outside-toplevel
   reference = torch_reference.make_resnet('resnet18', head='linear', base_width=8, stem='cifar')
   state = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -485,7 +488,7 @@ def test_non_finite_teacher_is_refused_by_the_converter_and_the_loader(inputs, t
                      '--workdir', str(tmp_path / 'eval'), *data],
   }
   for stage, command in commands.items():
-    rc, stderr = _run(inputs, [sys.executable, *command[:2], '--config', 'configs/tiny_test.py',
+    rc, stderr = _run(inputs, [sys.executable, *command[:2], '--config', 'tiny_test',
                                *command[2:]])
     last = stderr.strip().splitlines()[-1]
     assert rc == 1 and teacher in last and "['params']['backbone']['layer2_0']" in last, (
@@ -560,7 +563,7 @@ def test_bad_image_in_bagging_is_named(inputs, tmp_path):
   broken = _copy_data(inputs, str(tmp_path / 'broken'))
   open(tmp_path / 'broken' / 'images' / '017.png', 'wb').close()  # zero bytes
   rc, stderr = _run(inputs, [
-      sys.executable, '-m', 'bingo_jax.bagging', '--config', 'configs/tiny_test.py',
+      sys.executable, '-m', 'bingo_jax.bagging', '--config', 'tiny_test',
       '--workdir', str(tmp_path / 'bags'), f'--config.teacher.path={inputs["teacher"]}',
       f'--config.data.path={broken["images"]}', f'--config.bags.path={tmp_path}/bags.npz',
       '--config.bags.batch_size=8', '--config.bags.shard_size=16'])

@@ -18,7 +18,7 @@ import fake_remote_fs
 from bingo_jax import (bag_file, checkpointing, data_sources, evaluate, fileio, model_io,
                        torch_checkpoints, train)
 from bingo_jax.models import create_model, init_variables
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 
 @pytest.fixture()
@@ -159,7 +159,7 @@ def test_train_resume_evaluate_export_with_urls_equals_local(remote, tmp_path):
 
 def test_bagging_with_url_workdir_and_feature_shards_equals_local(remote, tmp_path):
   from bingo_jax import bagging, features
-  from configs import common
+  from bingo_jax.configs import common
   config = common.base_config()
   config.data.image_size = 16
   config.bags.update(method='random-teacher', k=3, batch_size=8, shard_size=16)

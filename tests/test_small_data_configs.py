@@ -8,7 +8,6 @@ evaluation cached.
 
 import glob
 import importlib
-import os
 
 import jax
 import numpy as np
@@ -26,7 +25,7 @@ EXPECTED = {'cifar10': ('cifar10', 32, 'cifar', 10, 'train', 'train'),
 
 
 def _config(name: str):
-  return importlib.import_module(f'configs.{name}').get_config()
+  return importlib.import_module(f'bingo_jax.configs.{name}').get_config()
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED))

@@ -3,7 +3,7 @@
 import pytest
 
 from bingo_jax import config_checks, objectives, steps, views
-from configs.common import base_config
+from bingo_jax.configs.common import base_config
 
 # (method, loss, cutmix) -> the views the step reads, written out from the method's definition:
 # the released loss embeds the anchor and its bag positive on both sides; the paper's Eq. 8/9

@@ -21,7 +21,7 @@ from PIL import Image
 from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, model_io, progress
 from bingo_jax import config_checks, train
 from bingo_jax.models import create_model, init_variables
-from configs import tiny_test
+from bingo_jax.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 48
@@ -67,7 +67,7 @@ def tiny_inputs(tmp_path_factory):
 
 
 def _command(inputs: dict, workdir: str, *extra: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'configs/tiny_test.py',
+  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
           '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
           f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
           '--config.train.max_steps=4', *extra]
@@ -214,7 +214,7 @@ EXPERIMENTS = {  # config -> (student, teacher file, tau, weight decay)
 
 @pytest.mark.parametrize('name', sorted(EXPERIMENTS))
 def test_experiment_configs_have_the_released_hyperparameters(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'bingo_jax.configs.{name}').get_config()
   student, teacher, temperature, weight_decay = EXPERIMENTS[name]
   assert config.student.arch == student and config.teacher.path == teacher
   assert config.bags.path.startswith('bags/') and config.bags.k == 5
@@ -231,7 +231,7 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
 
 
 def test_config_variants():
-  from configs import r18_r50w2
+  from bingo_jax.configs import r18_r50w2
   config = r18_r50w2.get_config('paper_eq8,bf16,frozen_teacher,labels')
   assert (config.train.loss, config.train.cutmix) == ('paper_eq8', 'none')
   assert config.train.compute_dtype == 'bfloat16' and config.teacher.bn_mode == 'frozen'

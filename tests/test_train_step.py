@@ -18,7 +18,7 @@ from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
-from configs.common import base_config
+from bingo_jax.configs.common import base_config
 
 IMAGE_SIZE = 16
 SMALL_MODEL = dict(head='moco', base_width=8, stem='cifar', head_hidden_dim=64,

@@ -1,8 +1,8 @@
 """Runs the Fashion-MNIST ablation (paper Tables 7/8) and writes its table.
 
-  python tools/fmnist_ablation.py --teacher runs/demo/teacher --workdir runs/ablation
+  python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random,
+For each row of ``bingo_jax/configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random,
 paper_eq8) and each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN
 and the fast linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
 with the teacher (knn), the labels, and a randomly initialised network of the teacher's
@@ -28,21 +28,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bingo_jax import cli  # noqa: E402
+from bingo_jax import cli
 
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
 _WORKDIR = cli.shared(cli.WORKDIR)  # required; resumable
-_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of configs/fmnist_ablation.py.')
+_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of bingo_jax/configs/fmnist_ablation.py.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every row, KEY=VALUE, e.g. '
                                  'train.epochs=3 (repeatable).')
@@ -71,8 +68,8 @@ def _override(config, assignment: str) -> None:
 
 
 def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: list):
-  """The config of one run: ``configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
-  from configs import fmnist_ablation
+  """The config of one run: ``bingo_jax/configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
+  from bingo_jax.configs import fmnist_ablation
   config = fmnist_ablation.get_config(row)
   for assignment in overrides:
     _override(config, assignment)
@@ -87,7 +84,7 @@ def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: li
 def make_bags(method: str, teacher: str, workdir: str, overrides: list) -> tuple[str, float]:
   """Bag file of ``method`` (made once); returns (path, purity)."""
   from bingo_jax import bagging
-  from configs import fmnist_ablation
+  from bingo_jax.configs import fmnist_ablation
   row = next(r for r, m in fmnist_ablation.ROW_BAGS.items() if m == method)
   path = os.path.join(workdir, f'bags_{method}.npz')
   config = row_config(row, 0, teacher, {}, overrides)
@@ -154,7 +151,7 @@ def summarise(results: list[dict]) -> dict:
 
 
 def format_markdown(table: dict, references: dict, purities: dict, hardware: str) -> str:
-  from configs import fmnist_ablation
+  from bingo_jax.configs import fmnist_ablation
   lines = [f'Hardware: {hardware}.', '',
            '| row | bag purity | 10-NN top-1 (%) | fast linear top-1 (%) | minutes per run |',
            '|---|---|---|---|---|']
@@ -188,7 +185,7 @@ def main(argv: list[str]) -> None:
   from absl import logging
 
   from bingo_jax import fileio, progress
-  from configs import fmnist_ablation
+  from bingo_jax.configs import fmnist_ablation
   logging.set_verbosity(logging.INFO)
   progress.quiet_library_logs()
 

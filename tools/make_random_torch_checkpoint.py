@@ -2,8 +2,8 @@
 
 For demos and tests while no real checkpoint is at hand (nothing here can download one):
 
-  python tools/make_random_torch_checkpoint.py --arch resnet18 --format moco --out r18_moco.pth
-  python tools/make_random_torch_checkpoint.py --arch resnet50w2 --format swav --out swav.pth
+  python -m tools.make_random_torch_checkpoint --arch resnet18 --format moco --out r18_moco.pth
+  python -m tools.make_random_torch_checkpoint --arch resnet50w2 --format swav --out swav.pth
 
 The file looks like the real thing: ``moco`` is ``{'state_dict': {'module.encoder_q.*',
 'module.encoder_k.*', 'module.queue', 'module.queue_ptr'}, 'epoch', 'arch', 'optimizer'}``;
@@ -14,18 +14,14 @@ Weights are He-normal, BatchNorm statistics and affine parameters random (not th
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Optional
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bingo_jax import cli, torch_checkpoints, torch_mapping  # noqa: E402
-from bingo_jax.models import resnet as resnet_lib  # noqa: E402
-from bingo_jax.torch_mapping.common import set_path  # noqa: E402
+from bingo_jax import cli, torch_checkpoints, torch_mapping
+from bingo_jax.models import resnet as resnet_lib
+from bingo_jax.torch_mapping.common import set_path
 
 DEFAULT_HEAD = {'moco': 'moco', 'swav': 'swav', 'torchvision': 'linear', 'efficientnet': 'linear'}
 

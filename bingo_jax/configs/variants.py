@@ -1,4 +1,4 @@
-"""Named variants selected by a config's argument: ``--config configs/r18_r50w2.py:bf16,paper_eq8``.
+"""Named variants selected by a config's argument: ``--config r18_r50w2:bf16,paper_eq8``.
 
 Each experiment config calls ``apply_variants(config, arg)`` last, so a variant changes the
 released set-up in one documented way; anything else is ``--config.a.b=value``.

@@ -15,8 +15,8 @@ of 200 epochs on 8 GPUs:
 
 The committed demo teacher (``bingo_jax/demo_data/``, see ``docs/results.md``) was made with::
 
-  python -m bingo_jax.train --config configs/moco_fmnist.py --workdir W/moco
-  python tools/export_torch.py W/moco teacher.pth.tar --format moco --step N
+  python -m bingo_jax.train --config moco_fmnist --workdir W/moco
+  bingo-export W/moco teacher.pth.tar --format moco --step N
 
 The result is loaded with ``checkpointing.load_student(W/moco)`` (the query encoder) and can be
 saved as a teacher model file for BINGO.
@@ -26,7 +26,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import common, eval_fmnist, variants
+from bingo_jax.configs import common, eval_fmnist, variants
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

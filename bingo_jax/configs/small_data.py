@@ -26,7 +26,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import common
+from bingo_jax.configs import common
 
 
 def small_data_config(name: str, *, image_size: int, stem: str, train_split: str,

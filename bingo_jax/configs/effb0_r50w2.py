@@ -2,19 +2,19 @@
 
 Released hyper-parameters (docs/method.md §7): SGD momentum 0.9, batch 256, lr 0.03, cosine
 over 200 epochs set once per epoch, queue 65536, BatchNorm groups of 32, shuffled-BN teacher.
-Prepare the teacher with tools/convert_torch_teacher.py and the bags with
+Prepare the teacher with bingo-convert and the bags with
 python -m bingo_jax.bagging (same config), then train:
 
-  python -m bingo_jax.train --config configs/effb0_r50w2.py --workdir WORKDIR
+  python -m bingo_jax.train --config effb0_r50w2 --workdir WORKDIR
 
-The argument selects variants (configs/variants.py), e.g. ``configs/effb0_r50w2.py:bf16,paper_eq8``.
+The argument selects variants (variants.py), e.g. ``effb0_r50w2:bf16,paper_eq8``.
 """
 
 from typing import Optional
 
 import ml_collections
 
-from configs import common, variants
+from bingo_jax.configs import common, variants
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

@@ -1,11 +1,11 @@
 """The ablation of paper Tables 7/8 on Fashion-MNIST: one row per argument.
 
-Every row trains the demo's student (``configs/fmnist_demo.py``: ResNet-18 at base width 8,
+Every row trains the demo's student (``fmnist_demo.py``: ResNet-18 at base width 8,
 12,800 images, 2 epochs, batch 128) with the same data, schedule and budget; only the
 training signal changes:
 
   moco         (a) MoCo v2 alone, no teacher: a momentum key encoder of the student
-                   (momentum 0.99, as ``configs/moco_fmnist.py``), temperature 0.2.
+                   (momentum 0.99, as ``moco_fmnist.py``), temperature 0.2.
   anchor_only  (b) the teacher's parameters only: CE(q, k) against the teacher's key of the
                    same image, no bags, no CutMix (SEED-like distillation).
   knn          (c) BINGO, bags = 5 nearest neighbours in the teacher's feature space.
@@ -21,17 +21,17 @@ without bags (``moco``, ``anchor_only``) need none. ``tools/fmnist_ablation.py``
 table (bags, 3 seeds per row, kNN and fast linear evaluation) and writes the results; one row
 by hand::
 
-  python -m bingo_jax.train --config configs/fmnist_ablation.py:knn --workdir W/knn_s0 \\
+  python -m bingo_jax.train --config fmnist_ablation:knn --workdir W/knn_s0 \\
       --config.teacher.path=W/teacher --config.bags.path=W/bags_knn.npz --config.train.seed=0
 
-Further comma-separated names are ``configs/variants.py`` variants (``knn,cutmix_sample``).
+Further comma-separated names are ``variants.py`` variants (``knn,cutmix_sample``).
 """
 
 from typing import Optional
 
 import ml_collections
 
-from configs import fmnist_demo, variants
+from bingo_jax.configs import fmnist_demo, variants
 
 ROWS = {
     'moco': '(a) MoCo v2 alone, no teacher',
@@ -49,7 +49,7 @@ ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   names = [part.strip() for part in (arg or '').split(',') if part.strip()]
   if not names or names[0] not in ROWS:
-    raise ValueError(f'configs/fmnist_ablation.py needs a row name first, one of '
+    raise ValueError(f'bingo_jax/configs/fmnist_ablation.py needs a row name first, one of '
                      f'{", ".join(ROWS)}; got {arg!r}.')
   row, rest = names[0], names[1:]
   config = fmnist_demo.get_config()

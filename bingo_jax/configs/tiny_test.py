@@ -3,7 +3,7 @@
 The teacher model file, the image list and the bag file are made by the test
 (tests/test_train.py) and passed on the command line::
 
-  python -m bingo_jax.train --config configs/tiny_test.py --workdir /tmp/run \
+  python -m bingo_jax.train --config tiny_test --workdir /tmp/run \
       --config.teacher.path=/tmp/teacher --config.data.path=/tmp/images.txt \
       --config.bags.path=/tmp/bags.npz
 """
@@ -12,7 +12,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import common, variants
+from bingo_jax.configs import common, variants
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

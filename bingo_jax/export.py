@@ -1,11 +1,11 @@
 """Exports a bingo_jax model (a model file or a training workdir) as a PyTorch checkpoint.
 
   # MoCo layout: MoCo's main_lincls.py and detection/convert-pretrain-to-detectron2.py read it
-  python tools/export_torch.py workdirs/r18_bingo student_r18.pth.tar --format moco
+  bingo-export workdirs/r18_bingo student_r18.pth.tar --format moco
   # torchvision layout, backbone only: resnet18(); model.fc = nn.Identity(); strict load
-  python tools/export_torch.py workdirs/r18_bingo r18_backbone.pth --format torchvision --drop_head
+  bingo-export workdirs/r18_bingo r18_backbone.pth --format torchvision --drop_head
   # efficientnet_pytorch naming (EfficientNet-B0 students)
-  python tools/export_torch.py workdirs/effb0_bingo effb0.pth --format efficientnet
+  bingo-export workdirs/effb0_bingo effb0.pth --format efficientnet
 
 Layouts (docs/conversion.md has the full naming):
   torchvision   flat state dict; head: linear -> fc, MoCo MLP -> fc.0/fc.2,
@@ -19,14 +19,11 @@ The file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bingo_jax import checkpointing, cli, torch_checkpoints  # noqa: E402
+from bingo_jax import checkpointing, cli, fileio, torch_checkpoints
 
 
 _FORMAT = cli.shared(cli.FORMAT)  # default: moco
@@ -47,11 +44,16 @@ def main(argv: list[str]) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   state = obj['state_dict'] if layout == 'moco' else obj
-  print(f'{model} ({loaded.model_config}) -> {os.path.abspath(destination)}: '
+  print(f'{model} ({loaded.model_config}) -> {fileio.absolute(destination)}: '
         f'{layout} layout, {len(state)} tensors'
         + (', no head' if _DROP_HEAD.value or not loaded.model_config.get('head') else ''))
   return 0
 
 
+def cli_main() -> None:
+  """The ``bingo-export`` console command (and ``python -m bingo_jax.export``)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli_main()

@@ -5,20 +5,20 @@ is the student architecture below (ResNet-18, base width 16, CIFAR stem) randoml
 initialised; ``pixels`` uses the normalised pixels. These give the floor a trained student
 must beat::
 
-  python -m bingo_jax.evaluate --config configs/eval_fmnist.py --checkpoint random \
+  python -m bingo_jax.evaluate --config eval_fmnist --checkpoint random \
       --protocol knn --workdir /tmp/fm_eval
-  python -m bingo_jax.evaluate --config configs/eval_fmnist.py --checkpoint pixels \
+  python -m bingo_jax.evaluate --config eval_fmnist --checkpoint pixels \
       --protocol linear_fast --workdir /tmp/fm_eval
 
-The argument shortens the training-based protocols for smoke runs: ``configs/eval_fmnist.py:
-quick`` (2 epochs each).
+The argument shortens the training-based protocols for smoke runs: ``eval_fmnist:quick``
+(2 epochs each).
 """
 
 from typing import Optional
 
 import ml_collections
 
-from configs import common
+from bingo_jax.configs import common
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -55,5 +55,5 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.eval.linear_epochs = 1
     config.eval.finetune_epochs = 1
   elif arg:
-    raise ValueError(f'configs/eval_fmnist.py: unknown argument {arg!r} (expected "quick").')
+    raise ValueError(f'eval_fmnist: unknown argument {arg!r} (expected "quick").')
   return config

@@ -4,16 +4,16 @@ No converted teacher exists for 28 px grey images, so the feature-based default 
 paper's lower bound, a randomly initialised ResNet-18 (base width 16, CIFAR stem) at 32 px
 (images resized to 37 and centre-cropped, as 256 -> 224). The argument picks the method::
 
-  python -m bingo_jax.bagging --config configs/bagging_fmnist.py:labels --workdir /tmp/fm_labels
-  python -m bingo_jax.bagging --config configs/bagging_fmnist.py:random-teacher --workdir ...
-  python -m bingo_jax.bagging --config configs/bagging_fmnist.py:kmeans --workdir ...
+  python -m bingo_jax.bagging --config bagging_fmnist:labels --workdir /tmp/fm_labels
+  python -m bingo_jax.bagging --config bagging_fmnist:random-teacher --workdir ...
+  python -m bingo_jax.bagging --config bagging_fmnist:kmeans --workdir ...
 """
 
 from typing import Optional
 
 import ml_collections
 
-from configs import common, eval_fmnist
+from bingo_jax.configs import common, eval_fmnist
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@ subset keeps the run within minutes on 2 CPU cores), the 10k test images for eva
 Student: ResNet-18 at base width 8 with the CIFAR stem (64-d features, 0.18M parameters in
 the backbone); teacher: the model file that ``bingo_jax.demo`` converts from the committed
 PyTorch MoCo-layout checkpoint (ResNet-18 at base width 16, 0.7M, trained by
-``configs/moco_fmnist.py``). Hyper-parameters are the released ones scaled to a run of minutes
+``moco_fmnist.py``). Hyper-parameters are the released ones scaled to a run of minutes
 on a CPU: batch 128 (lr scaled linearly), a queue of 4096 keys, BatchNorm groups of 32, the
 student's MLP head 4x its feature width (released: 2048 for ResNet-18's 512).
 
@@ -14,9 +14,9 @@ No warm-up epoch: the released code weighs only the own-view terms for 11 of 200
 
 The stages can be run one by one with this config too::
 
-  python -m bingo_jax.bagging --config configs/fmnist_demo.py --workdir W/bagging \
+  python -m bingo_jax.bagging --config fmnist_demo --workdir W/bagging \
       --config.teacher.path=W/teacher --config.bags.path=W/bags.npz
-  python -m bingo_jax.train --config configs/fmnist_demo.py --workdir W/train \
+  python -m bingo_jax.train --config fmnist_demo --workdir W/train \
       --config.teacher.path=W/teacher --config.bags.path=W/bags.npz
 """
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import common, eval_fmnist, variants
+from bingo_jax.configs import common, eval_fmnist, variants
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

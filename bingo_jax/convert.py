@@ -1,9 +1,9 @@
 """Converts a PyTorch checkpoint (MoCo v1/v2, SwAV, torchvision, efficientnet_pytorch) into a
 bingo_jax model file that every stage loads by path (``bingo_jax.model_io.load_model``).
 
-  python tools/convert_torch_teacher.py moco_v2_800ep_pretrain.pth.tar teachers/r50_mocov2
-  python tools/convert_torch_teacher.py swav_RN50w2_400ep_pretrain.pth.tar teachers/r50w2_swav
-  python tools/convert_torch_teacher.py resnet152-b121ed2d.pth teachers/r152 --head none
+  bingo-convert moco_v2_800ep_pretrain.pth.tar teachers/r50_mocov2
+  bingo-convert swav_RN50w2_400ep_pretrain.pth.tar teachers/r50w2_swav
+  bingo-convert resnet152-b121ed2d.pth teachers/r152 --head none
 
 The layout (--format), the architecture (--arch) and the head (--head) are detected from the
 tensor names and shapes unless given. The conversion is exact (see docs/conversion.md); any
@@ -12,17 +12,14 @@ missing, surplus or mis-shaped tensor stops it with an error that names the file
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bingo_jax import cli, torch_checkpoints  # noqa: E402
+from bingo_jax import cli, fileio, torch_checkpoints
 
 
 _FORMAT = cli.shared(cli.FORMAT)  # default: detected from the tensor names
@@ -51,7 +48,7 @@ def main(argv: list[str]) -> int:
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
   meta = converted.metadata
   num_params = sum(v.size for v in jax.tree.leaves(converted.variables.get('params', {})))
-  print(f'{source} ({meta["source_format"]} layout) -> {os.path.abspath(destination)}')
+  print(f'{source} ({meta["source_format"]} layout) -> {fileio.absolute(destination)}')
   print(f'  model: {converted.model_config}')
   print(f'  {num_params / 1e6:.1f}M parameters; ignored: {meta["ignored_tensors"] or "nothing"}'
         + (f'; dropped head: {len(meta["dropped_head_tensors"])} tensors'
@@ -60,5 +57,10 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def cli_main() -> None:
+  """The ``bingo-convert`` console command (and ``python -m bingo_jax.convert``)."""
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli_main()

@@ -1,6 +1,6 @@
 """The config schema shared by every stage (bagging, training, evaluation).
 
-Each experiment config (``configs/r18_r50w2.py`` ...) starts from ``base_config()`` and changes
+Each experiment config (``r18_r50w2.py`` ...) starts from ``base_config()`` and changes
 what differs. Values are the released BINGO hyper-parameters (docs/method.md) unless noted.
 Override any key on the command line: ``--config.train.batch_size=512``.
 """
@@ -8,9 +8,9 @@ Override any key on the command line: ``--config.train.batch_size=512``.
 import ml_collections
 
 
+# size: one listing of the whole schema, section by section, each key with its comment, so
+# that every key and its default are found in one place.
 def base_config() -> ml_collections.ConfigDict:
-  # One listing of the whole schema, section by section, each key with its comment: longer
-  # than 80 lines on purpose, so that every key and its default are found in one place.
   config = ml_collections.ConfigDict()
 
   # ---- data: what images, read how (bingo_jax/data_sources/) ----
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.on_bad_image = 'error'   # an undecodable image: 'error' stops naming the file,
                                        # 'skip' reads the next good image instead (counted)
 
-  # ---- teacher: a converted model file (tools/convert_torch_teacher.py) ----
+  # ---- teacher: a converted model file (bingo-convert) ----
   config.teacher = ml_collections.ConfigDict()
   config.teacher.path = ml_collections.FieldReference(None, field_type=str)
   config.teacher.bn_mode = 'shuffle'   # 'shuffle' (released: batch statistics on permuted

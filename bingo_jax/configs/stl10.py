@@ -7,11 +7,11 @@ convolution and max-pool): the CIFAR stem at 96 px would run the first stage on 
 instead of 24x24, 16x its compute. The decoded unlabelled split takes 2.8 GB of host memory
 (``data.in_memory``); with ``data.in_memory=False`` TFDS reads it with random access from the
 array_record format (``tfds build stl10 --file_format=array_record``). The shared choices and
-their reasons are in configs/small_data.py::
+their reasons are in small_data.py::
 
-  python -m bingo_jax.bagging --config configs/stl10.py --workdir bags/stl10
-  python -m bingo_jax.train --config configs/stl10.py --workdir runs/stl10
-  python -m bingo_jax.evaluate --config configs/stl10.py --checkpoint runs/stl10 \
+  python -m bingo_jax.bagging --config stl10 --workdir bags/stl10
+  python -m bingo_jax.train --config stl10 --workdir runs/stl10
+  python -m bingo_jax.evaluate --config stl10 --checkpoint runs/stl10 \
       --protocol knn --workdir runs/stl10/eval
 """
 
@@ -19,7 +19,7 @@ from typing import Optional
 
 import ml_collections
 
-from configs import small_data, variants
+from bingo_jax.configs import small_data, variants
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
