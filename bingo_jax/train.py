@@ -9,6 +9,10 @@ with status 75 (``EXIT_PREEMPTED``: rerun to continue). One run at a time holds 
 ``config.train.method = 'moco'`` the same loop pre-trains MoCo v2 (no teacher or bag file;
 the key encoder lives in the train state; docs/training.md).
 
+The loop itself is ``train_loop.run_loop`` (logs, saves, the NaN policy), the signal handling
+``preemption``, and the run's record ``run_summary``; this module sets the run up and reads in
+the order the run happens.
+
 Examples::
 
   python -m bingo_jax.train --config r18_r50w2 --workdir runs/r18_r50w2
@@ -16,22 +20,13 @@ Examples::
       --config.train.batch_size=512
 """
 
-# size: the fault handling of issue 12 (lock, run records, NaN stop) landed here last; moving the
-# loop and the run record into their own module is an open follow-up of issue 11.
-
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import sys
-import time
 from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
 
 from bingo_jax import bad_images
@@ -46,24 +41,22 @@ from bingo_jax import input_pipeline
 from bingo_jax import knn_monitor
 from bingo_jax import model_io
 from bingo_jax import parallel
+from bingo_jax import preemption as preemption_lib
 from bingo_jax import progress
+from bingo_jax import run_summary
 from bingo_jax import steps
+from bingo_jax import train_loop
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
 from bingo_jax import workdir_lock
 from bingo_jax import workdir_records
 from bingo_jax.models import create_model
 
-# Metrics shown on the console; TensorBoard gets every metric of the step.
-CONSOLE_METRICS = ('loss', 'top1', 'top5', 'learning_rate')
-SUMMARY_RECORD = 'train_summary.json'
+# WORKDIR/train_summary.json: the run's record and the history of the workdir's runs.
+SUMMARY_RECORD = run_summary.SUMMARY_RECORD
 # Exit status of a run stopped by SIGTERM/SIGINT after saving (sysexits.h EX_TEMPFAIL: "try
 # again later"), so a scheduler can requeue it; errors exit 1, a finished run 0.
 EXIT_PREEMPTED = 75
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss (or another training metric) became NaN or Inf (config.train.nan_policy='stop')."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,52 +137,6 @@ def student_model_config(config: ml_collections.ConfigDict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preemption
-
-
-class PreemptionWatcher:
-  """Turns SIGTERM and SIGINT into a flag the loop polls, so it can save and exit between steps.
-
-  A second SIGINT (Ctrl-C pressed again) interrupts at once, without saving. With several
-  processes every host must stop at the same step: JAX's preemption service (started by
-  ``jax.distributed.initialize``) agrees on that step, read through orbax's
-  ``reached_preemption``; with one process a Python signal handler suffices.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self._checkpointer: Optional[checkpointing.TrainCheckpointer] = None
-    self.signalled: Optional[int] = None
-    self._previous_handlers: dict = {}
-    if jax.process_count() == 1:
-      for signum in self.SIGNALS:
-        self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-  def attach(self, checkpointer: checkpointing.TrainCheckpointer) -> None:
-    self._checkpointer = checkpointer
-
-  def _on_signal(self, signum, frame) -> None:
-    del frame
-    if signum == signal.SIGINT and self.signalled == signal.SIGINT:
-      raise KeyboardInterrupt  # Ctrl-C twice: stop now
-    logging.warning('Received %s: saving a checkpoint after this step, then exiting%s.',
-                    signal.Signals(signum).name,
-                    ' (Ctrl-C again to stop without saving)' if signum == signal.SIGINT else '')
-    self.signalled = signum
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1 or self._checkpointer is None:
-      return self.signalled is not None
-    return self._checkpointer.reached_preemption(step)
-
-  def close(self) -> None:
-    for signum, handler in self._previous_handlers.items():
-      signal.signal(signum, handler)
-    self._previous_handlers = {}
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -211,13 +158,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Raises:
     workdir_lock.WorkdirLockedError: another run holds the workdir.
     checkpointing.CheckpointError: a checkpoint save failed (the run stops at once).
-    NonFiniteLossError: a non-finite loss or metric (config.train.nan_policy = 'stop').
+    train_loop.NonFiniteLossError: a non-finite loss or metric (config.train.nan_policy =
+      'stop').
     bad_images.BadImageError: an undecodable image (config.data.on_bad_image = 'error'),
       after saving the steps done.
   """
   # SIGTERM/SIGINT from here on only set a flag; the lock is taken once the inputs are checked.
   lock = workdir_lock.WorkdirLock(workdir)
-  preemption = PreemptionWatcher()
+  preemption = preemption_lib.PreemptionWatcher()
   try:
     return _train_and_evaluate(config, workdir, lock, preemption, simulate_preemption_at_step)
   finally:
@@ -225,10 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lock.release()
 
 
-# size: the run's sections in order (config, data, lock, state, step, loop, record); to be
-# split with the module.
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        lock: workdir_lock.WorkdirLock, preemption: 'PreemptionWatcher',
+                        lock: workdir_lock.WorkdirLock,
+                        preemption: preemption_lib.PreemptionWatcher,
                         simulate_preemption_at_step: Optional[int]) -> dict:
   """``train_and_evaluate`` with the lock (not yet taken) and the signal handlers installed."""
   # ---- config and mesh ----
@@ -244,12 +191,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- teacher (a model file; never trained, never checkpointed), data and bags ----
   teacher = _load_teacher_unless_moco(config)
   source, bags = _training_data(config, batch_views)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(source), global_batch_size)
-  total_steps = config.train.epochs * steps_per_epoch
-  if config.train.max_steps is not None:
-    total_steps = min(total_steps, config.train.max_steps)
-  logging.info('%d training images, %d steps per epoch, training to step %d.', len(source),
-               steps_per_epoch, total_steps)
+  steps_per_epoch, total_steps = _steps_of_the_run(config, len(source))
 
   # ---- the workdir: one run at a time; the config recorded by the run that saved ----
   fileio.makedirs(workdir)
@@ -270,11 +212,69 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'global_batch_size': global_batch_size, 'seed': config.train.seed,
       'steps_per_epoch': steps_per_epoch})
 
-  # ---- the step: the builder of config.train.method ----
+  # ---- the step (the builder of config.train.method) and its data feed ----
   key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)
   train_step = steps.step_builder(config)(config, student, key_model, mesh, steps_per_epoch)
+  run_step = _data_feed(config, train_step, teacher_variables, source, bags, mesh, batch_views,
+                        start_step=start_step, local_batch_size=local_batch_size,
+                        steps_per_epoch=steps_per_epoch)
 
-  # ---- the data feed: views from the host, canvases from the host, or data on the devices --
+  # ---- the loop ----
+  # Elapsed time and core-hours continue from the checkpoint's record (progress.py).
+  chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
+                                previous=stored_progress)
+  monitor_step = _monitor_step(config, mesh, student, chrono, steps_per_epoch)
+
+  def progress_record(step: int) -> dict:
+    # The step alone fixes the data position; the rest makes a wrong resume loud.
+    return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
+            'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
+            'epoch': step // steps_per_epoch, **chrono.record()}
+
+  run_record = run_summary.start_record(start_step, config_changes)
+  outcome = train_loop.LoopOutcome(step=start_step)
+  failed = True
+  try:
+    train_loop.run_loop(config, workdir, state, run_step, checkpointer, chrono, progress_record,
+                        preemption, outcome, total_steps=total_steps,
+                        simulate_preemption_at_step=simulate_preemption_at_step,
+                        monitor_step=monitor_step)
+    failed = False
+  except BaseException as e:
+    run_record['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    raise
+  finally:
+    # ---- summary: this run's record, appended to those of the earlier runs ----
+    run_summary.finish_record(
+        run_record, outcome, chrono, total_steps=total_steps,
+        global_batch_size=global_batch_size, num_devices=int(mesh.devices.size),
+        bad_images_skipped=bad_images.replacements_of(source).records(), failed=failed)
+    summary = run_summary.write_summary(workdir, run_record,
+                                        trained=outcome.step > start_step or failed)
+  return summary
+
+
+def _steps_of_the_run(config: ml_collections.ConfigDict, num_images: int) -> tuple[int, int]:
+  """``(steps_per_epoch, total_steps)``: the epochs' steps, or ``train.max_steps`` if fewer."""
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_images, config.train.batch_size)
+  total_steps = config.train.epochs * steps_per_epoch
+  if config.train.max_steps is not None:
+    total_steps = min(total_steps, config.train.max_steps)
+  logging.info('%d training images, %d steps per epoch, training to step %d.', num_images,
+               steps_per_epoch, total_steps)
+  return steps_per_epoch, total_steps
+
+
+def _data_feed(config: ml_collections.ConfigDict, train_step: Callable, teacher_variables: Any,
+               source: Any, bags: Optional[bag_file.Bags], mesh: jax.sharding.Mesh,
+               batch_views: tuple[str, ...], *, start_step: int, local_batch_size: int,
+               steps_per_epoch: int) -> Callable:
+  """``run_step(state) -> (state, metrics)`` on the next batch, from one of three feeds.
+
+  Views drawn in the step from images held on the devices (``augment_on = 'device'`` and a
+  source that fits), views drawn in the step from canvases the host decodes (``'device'``),
+  or views augmented on the host (``'host'``).
+  """
   if device_data.augment_on(config) == 'device' and device_data.use_on_device_source(config,
                                                                                    source):
     logging.info('Training images held on the devices; views drawn in the step.')
@@ -284,27 +284,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
       return device_step(state, teacher_variables, data)
-  else:
-    host_views = device_data.augment_on(config) == 'host'
-    batches = input_pipeline.create_train_iterator(
-        config, source, bags, start_step=start_step, local_batch_size=local_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        views=batch_views, output='views' if host_views else 'canvases')
-    # The pipeline's anchor_index / positive_index stay on the host: the step reads views,
-    # or the canvases, sizes and view keys it draws them from.
-    keys = batch_views if host_views else device_data.canvas_keys(batch_views)
-    if not host_views:
-      train_step = device_data.canvas_step(train_step, config, mesh, batch_views)
+    return run_step
+  host_views = device_data.augment_on(config) == 'host'
+  batches = input_pipeline.create_train_iterator(
+      config, source, bags, start_step=start_step,
+      local_batch_size=local_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      views=batch_views, output='views' if host_views else 'canvases')
+  # The pipeline's anchor_index / positive_index stay on the host: the step reads views,
+  # or the canvases, sizes and view keys it draws them from.
+  keys = batch_views if host_views else device_data.canvas_keys(batch_views)
+  if not host_views:
+    train_step = device_data.canvas_step(train_step, config, mesh, batch_views)
 
-    def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
-      local_batch = next(batches)
-      batch = parallel.global_batch({key: local_batch[key] for key in keys}, mesh)
-      return train_step(state, teacher_variables, batch)
+  def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
+    local_batch = next(batches)
+    batch = parallel.global_batch({key: local_batch[key] for key in keys}, mesh)
+    return train_step(state, teacher_variables, batch)
+  return run_step
 
-  # ---- the loop ----
-  # Elapsed time and core-hours continue from the checkpoint's record (progress.py).
-  chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
-                                previous=stored_progress)
+
+def _monitor_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, student: Any,
+                  chrono: progress.Chronometer, steps_per_epoch: int) -> Callable:
+  """``(step, state) -> kNN monitor metrics, or None when the monitor is off or not due``."""
   monitor = knn_monitor.KnnMonitor.from_config(config, mesh)
   monitor_every = config.train.get('monitor_every_epochs', 0) or 0
 
@@ -315,51 +317,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with chrono.paused():
       return monitor.evaluate(student, {'params': state.params,
                                         'batch_stats': state.batch_stats})
-
-  def progress_record(step: int) -> dict:
-    # The step alone fixes the data position; the rest makes a wrong resume loud.
-    return {'step': step, 'global_batch_size': global_batch_size, 'seed': config.train.seed,
-            'steps_per_epoch': steps_per_epoch, 'images_seen': step * global_batch_size,
-            'epoch': step // steps_per_epoch, **chrono.record()}
-
-  run_record = {'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                'host': socket.gethostname(), 'pid': os.getpid(), 'start_step': start_step,
-                'status': 'failed'}
-  if config_changes:
-    run_record['config_changes'] = config_changes
-  loop = {'step': start_step, 'preempted': False, 'last_metrics': {}, 'monitor': {}}
-  failed = True
-  try:
-    _train_loop(config, workdir, state, run_step, checkpointer, chrono, progress_record,
-                preemption, loop, start_step=start_step, total_steps=total_steps,
-                simulate_preemption_at_step=simulate_preemption_at_step,
-                monitor_step=monitor_step)
-    failed = False
-  except BaseException as e:
-    run_record['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    raise
-  finally:
-    # ---- summary: this run's record, appended to those of the earlier runs ----
-    step = loop['step']
-    run_record.update({
-        'step': step, 'total_steps': total_steps, 'preempted': loop['preempted'],
-        'wall_seconds': chrono.wall_seconds, 'images_per_second': chrono.images_per_second(),
-        'core_hours': chrono.core_hours(), 'core_hours_this_run': chrono.core_hours_this_run(),
-        'elapsed_seconds': chrono.elapsed_seconds, 'global_batch_size': global_batch_size,
-        'num_devices': int(mesh.devices.size), 'final_metrics': loop['last_metrics'],
-        'monitor': loop['monitor']})
-    if loop.get('skipped_steps'):
-      run_record['non_finite_steps_skipped'] = loop['skipped_steps']
-    skipped = bad_images.replacements_of(source).records()
-    if skipped:
-      run_record['bad_images_skipped'] = skipped
-      logging.warning('%d undecodable training image(s) were replaced by others: %s',
-                      len(skipped), ', '.join(f'{r["index"]} ({r["file"]})' for r in skipped))
-    if not failed:
-      run_record['status'] = ('preempted' if loop['preempted'] else
-                              'done' if step > start_step else 'nothing to do')
-    summary = _record_run(workdir, run_record, trained=step > start_step or failed)
-  return summary
+  return monitor_step
 
 
 def _load_teacher_unless_moco(config: ml_collections.ConfigDict
@@ -424,182 +382,6 @@ def _key_side(config: ml_collections.ConfigDict, student_config: dict,
   return key_model, parallel.replicate({}, mesh)
 
 
-# size: the loop with its signal, NaN, monitor and save checks; to be split with the module.
-def _train_loop(config: ml_collections.ConfigDict, workdir: str,
-                state: train_step_lib.TrainState, run_step: Callable,
-                checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,
-                progress_record: Callable[[int], dict], preemption: PreemptionWatcher,
-                loop: dict, *, start_step: int, total_steps: int,
-                simulate_preemption_at_step: Optional[int],
-                monitor_step: Optional[Callable] = None) -> None:
-  """Steps from ``start_step`` to ``total_steps``: logs, checkpoints, preemption, faults.
-
-  Args:
-    run_step: ``state -> (state, metrics)`` on the next batch.
-    loop: updated in place, also when an error stops the loop: ``step`` (the last step done),
-      ``preempted``, ``last_metrics``, ``monitor`` (the last kNN monitor metrics).
-    monitor_step: ``(step, state) -> metrics or None`` after each step (the kNN monitor,
-      when due); its metrics are logged.
-  Raises:
-    NonFiniteLossError: a non-finite metric (``config.train.nan_policy = 'stop'``); that
-      step's state is not saved.
-    checkpointing.CheckpointError: a save failed.
-    bad_images.BadImageError: an undecodable image; the steps done are saved first.
-  The checkpointer is closed (after an error, a save in flight is still waited for).
-  """
-  writer = progress.MetricWriter(workdir)
-  preemption.attach(checkpointer)
-  skip_policy = config.train.get('nan_policy', 'stop') == 'skip'
-  loop.setdefault('skipped_steps', [])
-
-  # Metrics stay on the device until a log or a save needs them (no per-step host sync);
-  # they are checked for NaN/Inf then, before anything is logged or saved.
-  unchecked: list[tuple[int, Any]] = []   # (step, device metrics)
-  pending_metrics: list[dict] = []         # host metrics since the last log, all finite
-
-  def check_finite() -> None:
-    nonlocal unchecked
-    if not unchecked:
-      return
-    host = jax.device_get([m for _, m in unchecked])
-    if skip_policy:
-      # nan_policy='skip': the step kept the previous state; its metrics are left out.
-      for (at_step, _), metrics in zip(unchecked, host):
-        if metrics.get('skipped', 0) > 0:
-          loop['skipped_steps'].append(at_step)
-          logging.warning('Step %d: non-finite loss (%s), gradient norm (%s) or updated '
-                          "state; the update was skipped (config.train.nan_policy = 'skip').",
-                          at_step, float(metrics['loss']), float(metrics['grad_norm']))
-      pending_metrics.extend(m for m in host if not m.get('skipped', 0) > 0)
-      unchecked = []
-      return
-    for (at_step, _), metrics in zip(unchecked, host):
-      bad = {k: float(np.asarray(v).ravel()[0]) for k, v in sorted(
-          metrics.items(), key=lambda item: (item[0] != 'loss', item[0]))
-             if not np.all(np.isfinite(v))}
-      if bad:
-        latest = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f'Step {at_step}: non-finite ' + ', '.join(f'{k} = {v}' for k, v in bad.items()) +
-            " (config.train.nan_policy = 'stop'). The run stops without saving it; " +
-            (f'the last checkpoint, step {latest}, holds finite values' if latest else
-             'no checkpoint was saved before it') +
-            f'. Lower config.train.base_lr (now {config.train.base_lr}) or check the inputs, '
-            'and rerun with --config.train.allow_config_change=true.')
-    pending_metrics.extend(host)
-    unchecked = []
-
-  def save(step: int) -> None:
-    with chrono.paused():
-      check_finite()  # the state after a non-finite step is never saved
-      checkpointer.save(step, state, progress_record(step))
-
-  step, last_saved = start_step, start_step
-  closed = False
-  try:
-    if preemption.should_stop(step):
-      loop['preempted'] = True  # signalled while starting: nothing new to save
-      logging.warning('Preempted before the first step; rerun the same command to continue.')
-    while step < total_steps and not loop['preempted']:
-      checkpointer.check_saves()  # an earlier save's failure stops the run here
-      try:
-        state, metrics = run_step(state)
-      except bad_images.BadImageError:
-        # config.data.on_bad_image='error': keep the steps done so far, then stop.
-        if step != last_saved:
-          save(step)
-          last_saved = step
-        raise
-      step += 1
-      loop['step'] = step
-      unchecked.append((step, metrics))
-      if step == start_step + 1:
-        # The first step includes compilation: end it here so throughput excludes it.
-        jax.block_until_ready(metrics)
-        logging.info('First step (with compilation) done after %.1f s.', chrono.wall_seconds)
-      chrono.tick(step)
-
-      if step % config.train.log_every_steps == 0 or step == total_steps:
-        check_finite()
-        if pending_metrics:
-          loop['last_metrics'] = _mean_metrics(pending_metrics)
-          pending_metrics.clear()
-          writer.log(step, loop['last_metrics'], chrono, console_keys=CONSOLE_METRICS)
-
-      if simulate_preemption_at_step is not None and step == simulate_preemption_at_step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      loop['preempted'] = preemption.should_stop(step)
-      if loop['preempted'] or step % config.train.checkpoint_every_steps == 0:
-        save(step)
-        last_saved = step
-      if loop['preempted']:
-        logging.warning('Preempted: saved step %d; rerun the same command to continue.', step)
-        break
-      measured = monitor_step(step, state) if monitor_step is not None else None
-      if measured:
-        loop['monitor'] = measured
-        writer.log(step, measured, None)
-    if step != last_saved:
-      save(step)
-    check_finite()
-    if pending_metrics:
-      loop['last_metrics'] = _mean_metrics(pending_metrics)
-    checkpointer.close()  # waits for the last save; raises if it failed
-    closed = True
-  finally:
-    if not closed:
-      checkpointer.close(failed=True)  # after an error: waits for a save in flight, if sound
-    writer.close()
-
-
-def _record_run(workdir: str, run_record: dict, trained: bool) -> dict:
-  """Logs the run and writes ``train_summary.json``: this run's record, plus ``runs``.
-
-  ``runs`` holds the records of every run on the workdir, this one last. A rerun of a
-  finished run trains nothing: the top-level record (final metrics, wall time) stays that of
-  the run that trained, and the rerun is only appended to ``runs``.
-
-  Returns:
-    The summary written (process 0) or that would be written (other processes).
-  """
-  path = fileio.join(workdir, SUMMARY_RECORD)
-  previous: dict = {}
-  if fileio.isfile(path):
-    try:
-      previous = fileio.read_json(path)
-    except (OSError, ValueError) as e:
-      logging.warning('%s is unreadable (%s); starting a new one.', path, e)
-  runs = list(previous.get('runs', []))
-  if previous and not runs:  # a summary written before runs were recorded
-    runs = [{k: v for k, v in previous.items() if k != 'runs'}]
-  runs.append(run_record)
-  if trained or not previous:
-    summary = {k: v for k, v in run_record.items() if k not in ('host', 'pid')}
-    last_metrics = summary['final_metrics']
-    logging.info('Training %s at step %d/%d: %.1f s, %s img/s, final %s.',
-                 {'preempted': 'stopped (preempted)', 'failed': 'failed'}.get(
-                     summary['status'], 'done'), summary['step'], summary['total_steps'],
-                 summary['wall_seconds'],
-                 'n/a' if summary['images_per_second'] is None
-                 else f'{summary["images_per_second"]:.1f}',
-                 ', '.join(f'{k} {last_metrics[k]:.4f}' for k in CONSOLE_METRICS
-                           if k in last_metrics))
-  else:
-    logging.info('Nothing to train: the workdir is at step %d of %d already.',
-                 run_record['step'], run_record['total_steps'])
-    summary = {k: v for k, v in previous.items() if k != 'runs'}
-  summary['runs'] = runs
-  if jax.process_index() == 0:
-    fileio.write_json_atomically(path, summary)
-  return summary
-
-
-def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
-  """Averages the per-step metrics since the last log (one device-to-host copy)."""
-  host = jax.device_get(metrics)
-  return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
-
-
 def _check_resumable(stored: dict, current: dict, directory: str, step: int) -> None:
   """Refuses to resume when the data order would differ from the interrupted run's.
 
@@ -642,9 +424,9 @@ def main(argv: list[str]) -> None:
   try:
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                  simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
-  except (checkpointing.CheckpointError, workdir_records.ConfigChangedError, NonFiniteLossError,
-          workdir_lock.WorkdirLockedError, bad_images.BadImageError,
-          model_io.NonFiniteModelError) as e:
+  except (checkpointing.CheckpointError, workdir_records.ConfigChangedError,
+          train_loop.NonFiniteLossError, workdir_lock.WorkdirLockedError,
+          bad_images.BadImageError, model_io.NonFiniteModelError) as e:
     # Faults with a known cause: the message is the whole story (no traceback to dig through).
     logging.error('%s', e)
     sys.exit(1)
