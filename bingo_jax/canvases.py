@@ -95,7 +95,6 @@ def canvas_size_of(config, source: ImageSource) -> tuple[int, int]:
   return side, side
 
 
-# size: one reader for both output modes and the bad-image guard; to be split with the module.
 def canvas_batches(dataset, config, source: ImageSource, views: tuple[str, ...],
                    view_seed_slots: list[int], local_batch_size: int, parallel: int,
                    read_images: Optional[Callable] = None):
