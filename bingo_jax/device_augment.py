@@ -71,6 +71,15 @@ def luma(image: jax.Array) -> jax.Array:
   return jnp.floor(weighted / float(1 << 16))
 
 
+def grey_levels(image: jax.Array) -> jax.Array:
+  """``luma`` of an RGB image ``(..., 3)``; a grey image ``(..., 1)`` is its own luma.
+
+  For R = G = B = g (uint8 values), ``luma`` is ``floor(g + 1/2) = g`` exactly, so the
+  one-channel form of a grey image gives the same values as its RGB form.
+  """
+  return image[..., 0] if image.shape[-1] == 1 else luma(image)
+
+
 # ---------------------------------------------------------------- RandomResizedCrop
 
 
@@ -155,11 +164,11 @@ def crop_and_resize(canvas: jax.Array, window: jax.Array, image_size: int) -> ja
   """The window of a canvas resized to ``image_size`` (antialiased bilinear), rounded.
 
   Args:
-    canvas: uint8 or float ``(Hc, Wc, 3)``.
+    canvas: uint8 or float ``(Hc, Wc, C)``.
     window: float32 ``(4,)`` ``[top, left, height, width]`` in canvas pixels.
     image_size: S.
   Returns:
-    float32 ``(S, S, 3)`` holding uint8 values.
+    float32 ``(S, S, C)`` holding uint8 values.
   """
   rows = resize_weights(window[0], window[2], canvas.shape[0], image_size)
   cols = resize_weights(window[1], window[3], canvas.shape[1], image_size)
@@ -180,18 +189,24 @@ def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
 
 def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL ``ImageEnhance.Contrast``: blend with the grey level ``int(mean(L) + 0.5)``."""
-  mean = jnp.floor(jnp.mean(luma(image)) + 0.5)
+  mean = jnp.floor(jnp.mean(grey_levels(image)) + 0.5)
   return _quantise(mean + factor * (image - mean), 'floor')
 
 
 def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL ``ImageEnhance.Color``: blend with the image's own ``L`` conversion."""
-  gray = luma(image)[..., None]
+  gray = grey_levels(image)[..., None]
   return _quantise(gray + factor * (image - gray), 'floor')
 
 
 def adjust_hue(image: jax.Array, delta: jax.Array) -> jax.Array:
-  """Rotates the HSV hue by ``delta`` turns (``tf.image.adjust_hue`` on ``image / 255``)."""
+  """Rotates the HSV hue by ``delta`` turns (``tf.image.adjust_hue`` on ``image / 255``).
+
+  A grey image (one channel) has no hue (chroma 0): it is returned as it is, which is what
+  the RGB formula gives for R = G = B after rounding.
+  """
+  if image.shape[-1] == 1:
+    return image
   x = image / 255.0
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
   value = jnp.maximum(jnp.maximum(r, g), b)
@@ -232,7 +247,7 @@ def jitter_draws(key: jax.Array, strength: Sequence[float] = JITTER_STRENGTH
 def _blend(image: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:
   """Brightness (op 0), contrast (1) or saturation (2): PIL's blend with a reference image
   (black, the mean grey level, the image's own grey), ``floor(clip(ref + f * (x - ref)))``."""
-  gray = luma(image)[..., None]
+  gray = grey_levels(image)[..., None]
   mean = jnp.floor(jnp.mean(gray) + 0.5)
   reference = jnp.where(op == 0, 0.0, jnp.where(op == 1, mean, gray))
   return _quantise(reference + factors[jnp.minimum(op, 2)] * (image - reference), 'floor')
@@ -245,7 +260,8 @@ def color_jitter(image: jax.Array, order: jax.Array, factors: jax.Array) -> jax.
   ``adjust_hue`` one after the other in ``order``, but vectorisable without evaluating every
   op at every position (a ``switch`` under ``vmap`` computes all its branches): the three
   blends share one formula, and the hue rotation, the expensive op, runs once, between the
-  blends that precede it and those that follow it.
+  blends that precede it and those that follow it. On a grey image (one channel) the
+  saturation blend and the hue rotation are identities, and the hue rotation is skipped.
   """
   hue_position = jnp.argmax(order == 3)
   for position in range(3):  # the blends before the hue rotation: order[:hue_position]
@@ -262,7 +278,9 @@ def color_jitter(image: jax.Array, order: jax.Array, factors: jax.Array) -> jax.
 
 
 def to_grayscale(image: jax.Array) -> jax.Array:
-  """PIL ``L`` luma replicated to three channels."""
+  """PIL ``L`` luma replicated to three channels; a grey image (one channel) is unchanged."""
+  if image.shape[-1] == 1:
+    return image
   return jnp.repeat(luma(image)[..., None], 3, axis=-1)
 
 
@@ -295,11 +313,11 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array,
   XLA:CPU that way).
 
   Args:
-    image: float ``(H, W, 3)``.
+    image: float ``(H, W, C)``.
     sigma: standard deviation in pixels.
     radius: kernel half-width.
   Returns:
-    float ``(H, W, 3)``.
+    float ``(H, W, C)``.
   """
   rows = blur_matrix(sigma, image.shape[0], radius)
   cols = blur_matrix(sigma, image.shape[1], radius)
@@ -354,12 +372,15 @@ def apply_view(canvas: jax.Array, sizes: jax.Array, draws: dict[str, jax.Array],
   """The MoCo v2 ops in torchvision's order with the given ``view_draws``.
 
   Args:
-    canvas: uint8 ``(Hc, Wc, 3)``, the image in its top-left ``valid_height x valid_width``.
+    canvas: uint8 ``(Hc, Wc, C)``, the image in its top-left ``valid_height x valid_width``;
+      C = 3 (RGB) or 1 (a grey image, for which saturation, hue and RandomGrayscale are
+      identities: the result is the RGB path's on the grey image replicated to three
+      channels, one channel of it).
     sizes: int32 ``(4,)`` ``[valid_height, valid_width, original_height, original_width]``.
     draws: ``view_draws(key, sizes)``.
     image_size: output side S.
   Returns:
-    uint8 ``(S, S, 3)``.
+    uint8 ``(S, S, C)``.
   """
   view = crop_and_resize(canvas, canvas_window(draws['window'], sizes), image_size)
   view = jnp.where(draws['jitter'], color_jitter(view, draws['order'], draws['factors']), view)
@@ -374,12 +395,12 @@ def moco_v2_view(canvas: jax.Array, sizes: jax.Array, key: jax.Array,
   """One MoCo v2 view of one canvas (vmap it over views): ``apply_view(view_draws(key))``.
 
   Args:
-    canvas: uint8 ``(Hc, Wc, 3)``, the image in its top-left ``valid_height x valid_width``.
+    canvas: uint8 ``(Hc, Wc, C)``, C = 3 or 1 (``apply_view``).
     sizes: int32 ``(4,)`` ``[valid_height, valid_width, original_height, original_width]``.
     key: PRNG key (typed, or raw uint32 ``(2,)`` key data).
     image_size: output side S.
   Returns:
-    uint8 ``(S, S, 3)``.
+    uint8 ``(S, S, C)``.
   """
   return apply_view(canvas, sizes, view_draws(key, sizes), image_size)
 
@@ -389,12 +410,12 @@ def augment_views(canvases: jax.Array, sizes: jax.Array, keys: jax.Array,
   """Several views of each canvas: ``keys[i, j]`` draws view ``j`` of canvas ``i``.
 
   Args:
-    canvases: uint8 ``(N, Hc, Wc, 3)``.
+    canvases: uint8 ``(N, Hc, Wc, C)``, C = 3 or 1 (grey images, ``apply_view``).
     sizes: int32 ``(N, 4)`` (``moco_v2_view``).
     keys: uint32 ``(N, V, 2)`` raw key data.
     image_size: S.
   Returns:
-    uint8 ``(N, V, S, S, 3)``. The canvas is not copied per view: the inner vmap shares it.
+    uint8 ``(N, V, S, S, C)``. The canvas is not copied per view: the inner vmap shares it.
   """
   per_canvas = jax.vmap(moco_v2_view, in_axes=(None, None, 0, None))
   return jax.vmap(per_canvas, in_axes=(0, 0, 0, None))(canvases, sizes, keys, image_size)

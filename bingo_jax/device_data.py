@@ -64,7 +64,8 @@ def views_from_canvases(batch: dict, views: Sequence[str], image_size: int) -> d
   """The step's uint8 views from a canvas batch (``create_train_iterator(output='canvases')``).
 
   Args:
-    batch: ``anchor_canvas`` ``(B, Hc, Wc, 3)``, ``anchor_size`` ``(B, 4)``, the same for
+    batch: ``anchor_canvas`` ``(B, Hc, Wc, C)`` (C = 3, or 1 for grey images, which are
+      augmented on one channel and replicated to RGB at the end), ``anchor_size`` ``(B, 4)``, the same for
       ``positive_*`` when a view of the positive is asked for, ``view_keys`` uint32
       ``(B, len(views), 2)`` in ``views`` order.
     views: view names (``VIEW_KEYS`` subset): ``pos_*`` views come from the positive.
@@ -81,6 +82,8 @@ def views_from_canvases(batch: dict, views: Sequence[str], image_size: int) -> d
       continue
     drawn = device_augment.augment_views(batch[f'{image}_canvas'], batch[f'{image}_size'],
                                          batch['view_keys'][:, np.asarray(slots)], image_size)
+    if drawn.shape[-1] == 1:  # grey canvases: drawn on one channel, shipped as RGB
+      drawn = jnp.repeat(drawn, 3, axis=-1)
     for column, slot in enumerate(slots):
       out[views[slot]] = drawn[:, column]
   return out
@@ -243,16 +246,14 @@ def device_batch(data: dict, step: jax.Array, *, seed: int, steps_per_epoch: int
   sizes = jnp.broadcast_to(jnp.asarray([height, width, height, width], jnp.int32),
                            (global_batch_size, 4))
 
-  def canvases(indices):
-    gathered = images[indices]
-    return jnp.repeat(gathered, 3, axis=-1) if gathered.shape[-1] == 1 else gathered
-
-  batch = {'anchor_canvas': canvases(anchor), 'anchor_size': sizes,
+  # Grey images stay one channel: views_from_canvases draws them on one channel (saturation,
+  # hue and RandomGrayscale are identities there) and replicates the views to RGB.
+  batch = {'anchor_canvas': images[anchor], 'anchor_size': sizes,
            'view_keys': jax.random.key_data(example_keys[:, slots]),
            'anchor_index': anchor.astype(jnp.int32),
            'positive_index': positive.astype(jnp.int32)}
   if with_positive:
-    batch.update(positive_canvas=canvases(positive), positive_size=sizes)
+    batch.update(positive_canvas=images[positive], positive_size=sizes)
   return batch
 
 

@@ -131,6 +131,26 @@ def test_whole_views_equal_the_tf_host_ops_with_the_same_draws():
     assert 0 < np.asarray(draws[flag]).sum() < len(keys), flag
 
 
+def test_grey_views_drawn_on_one_channel_equal_the_tf_host_ops():
+  """A grey canvas is augmented on one channel (saturation, hue and RandomGrayscale are
+  skipped as identities). Reference: the TF host ops on the grey image stored as RGB, whose
+  views must themselves be grey."""
+  image = np.repeat(_test_image(40, 36, seed=5)[..., :1], 3, axis=-1)
+  sizes = jnp.asarray([40, 36, 40, 36], jnp.int32)
+  size = 20
+  keys = jax.random.key_data(jax.random.split(jax.random.key(1), 32))
+  draws = jax.jit(jax.vmap(dev.view_draws, in_axes=(0, None)))(keys, sizes)
+  grey = np.asarray(dev.augment_views(jnp.asarray(_canvas(image, 48)[None, ..., :1]),
+                                      sizes[None], keys[None], size)[0])
+  assert grey.shape == (32, size, size, 1)
+  host = np.stack([_tf_view(image, jax.tree.map(lambda x, i=i: np.asarray(x)[i], draws), size)
+                   for i in range(len(keys))])
+  np.testing.assert_array_equal(host, np.repeat(host[..., :1], 3, axis=-1))
+  _close(np.repeat(grey, 3, axis=-1), host, 'grey MoCo v2 views')
+  for flag in ('jitter', 'gray', 'blur', 'flip'):
+    assert 0 < np.asarray(draws[flag]).sum() < len(keys), flag
+
+
 def test_canvas_window_maps_original_to_canvas_pixels():
   # A 400 x 600 image held down-scaled by 2 in its canvas (200 x 300 valid pixels).
   window = dev.canvas_window(jnp.asarray([40, 100, 200, 300]), jnp.asarray([200, 300, 400, 600]))

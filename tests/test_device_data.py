@@ -135,9 +135,9 @@ def test_on_device_order_is_a_permutation_per_epoch_with_bag_positives():
   for batch in batches:
     anchors, positives = batch['anchor_index'], batch['positive_index']
     assert all(p in neighbours[a] for a, p in zip(anchors, positives))
-    # Canvases are the stored images (grey replicated to RGB), with their own size.
-    np.testing.assert_array_equal(batch['anchor_canvas'], np.repeat(images[anchors], 3, -1))
-    np.testing.assert_array_equal(batch['positive_canvas'], np.repeat(images[positives], 3, -1))
+    # Canvases are the stored images (grey ones kept on one channel), with their own size.
+    np.testing.assert_array_equal(batch['anchor_canvas'], images[anchors])
+    np.testing.assert_array_equal(batch['positive_canvas'], images[positives])
     np.testing.assert_array_equal(batch['anchor_size'], np.tile([5, 6, 5, 6], (batch_size, 1)))
     assert len({tuple(k) for k in batch['view_keys'].reshape(-1, 2)}) == batch_size * 4
   # The positive is a uniform draw from the bag (chi-square over the bag slots).
