@@ -80,7 +80,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'processes ({num_processes}).')
   choices = {'config.train.method': (method(config), METHODS),
-             'config.train.loss': (train.loss, objectives.LOSS_NAMES),
              'config.train.cutmix': (train.cutmix, CUTMIX_CHOICES),
              'config.train.lr_schedule': (train.lr_schedule, LR_SCHEDULES),
              'config.train.compute_dtype': (train.compute_dtype, COMPUTE_DTYPES),
@@ -92,6 +91,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
                                           ('error', 'skip'))}
   for key, (value, allowed) in choices.items():
     _check_choice(key, value, allowed)
+  objectives.check_loss_name(train.loss)  # two groups of names: BINGO's and the baselines
   groups = [('student', config.student.bn_group_size)]
   if key_encoder_shuffles(config):
     groups.append(('teacher', config.teacher.bn_group_size))

@@ -1,7 +1,7 @@
 """The BINGO distillation step (``config.train.method = 'bingo'``; docs/method.md §4 to §6).
 
-The teacher embeds the objective's key views (``key``, and ``pos_k`` for the released loss)
-under ``stop_gradient``; the student, the objective's student views. ``config.teacher.bn_mode``:
+The teacher embeds the objective's key views (``key``, and ``pos_k`` for the released loss;
+``query`` too for the Table 9 baselines, ``objectives.TEACHER_QUERY``) under ``stop_gradient``; the student, the objective's student views. ``config.teacher.bn_mode``:
 
 * ``'shuffle'`` (released, docs/method.md §5): training-mode BatchNorm on groups of
   ``config.teacher.bn_group_size`` examples of a freshly permuted global batch, a separate
@@ -29,6 +29,13 @@ from bingo_jax import views
 # The PRNG streams of each step, in the order they are split from the state's key (their
 # order fixes the random numbers a seed gives).
 RNG_STREAMS = ('cutmix', views.KEY, views.POS_K)
+
+
+def rng_streams(objective: objectives.Objective) -> tuple[str, ...]:
+  """``RNG_STREAMS``, plus the batch shuffle of the teacher's ``TEACHER_QUERY`` pass for the
+  objectives that have one (appended, so the released loss's streams stay as they were)."""
+  extra = tuple(view for view in objective.teacher_views if view not in RNG_STREAMS)
+  return RNG_STREAMS + extra
 
 
 def batch_views(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -65,7 +72,7 @@ def make_distill_step(config: ml_collections.ConfigDict, student_model: nn.Modul
                                                 bn_mode, rngs[view])
             for view, view_images in images.items()}, {}
 
-  method = train_step.StepMethod(name='train_step',
-                                 objective=objectives.make_objective(config.train),
-                                 rng_streams=RNG_STREAMS, embed_keys=embed_keys)
+  objective = objectives.make_objective(config.train)
+  method = train_step.StepMethod(name='train_step', objective=objective,
+                                 rng_streams=rng_streams(objective), embed_keys=embed_keys)
   return train_step.build_train_step(config, student_model, mesh, steps_per_epoch, method)

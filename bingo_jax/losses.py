@@ -1,4 +1,5 @@
-"""The BINGO contrastive loss (docs/method.md §6) and the (1+K)-way accuracy.
+"""The BINGO contrastive loss (docs/method.md §6), the Table 9 baselines (KD, RKD) and the
+(1+K)-way accuracy.
 
 Every term is an InfoNCE cross-entropy ``CE(s, t)``: the logits of a student embedding ``s``
 are ``[s.t, s.queue_1, ..., s.queue_K] / tau`` and the target is index 0. All embeddings are
@@ -152,6 +153,48 @@ def paper_eq8_loss(anchor_embeddings: jax.Array, positive_embeddings: jax.Array,
            'ce_p_k': jnp.mean(info_nce(positive_embeddings, anchor_teacher_keys,
                                        negative_queue, temperature))}
   return terms['ce_q_k'] + terms['ce_p_k'], terms
+
+
+def kd_l2_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
+  """Table 9's KD baseline: ``mean_i ||s_i - t_i||^2`` (squared Euclidean, batch mean).
+
+  Args:
+    student: ``(batch, dim)`` L2-normalised student embeddings (q).
+    teacher: ``(batch, dim)`` L2-normalised teacher embeddings of the same images (tq).
+  Returns:
+    float32 scalar in [0, 4] (``2 - 2 s.t`` per pair of unit vectors).
+  """
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  difference = student.astype(jnp.float32) - teacher
+  return jnp.mean(jnp.sum(jnp.square(difference), axis=-1))
+
+
+def cosine_similarity_matrix(embeddings: jax.Array) -> jax.Array:
+  """``(batch, dim)`` L2-normalised rows -> ``(batch, batch)`` float32 inner products."""
+  embeddings = embeddings.astype(jnp.float32)
+  return jnp.einsum('id,jd->ij', embeddings, embeddings, precision=jax.lax.Precision.HIGHEST)
+
+
+def similarity_matching_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
+  """Table 9's RKD baseline, similarity-preserving form: the student's in-batch cosine-
+  similarity matrix matched to the teacher's.
+
+  ``mean over i != j of (s_i.s_j - t_i.t_j)^2``: the diagonal (1 for both) is left out, so the
+  value is the mean squared error of the B(B-1) relations. Not RKD's distance or angle terms.
+
+  Args:
+    student: ``(batch, dim)`` L2-normalised student embeddings (q), batch >= 2.
+    teacher: ``(batch, dim)`` L2-normalised teacher embeddings of the same images (tq).
+  Returns:
+    float32 scalar.
+  """
+  batch = student.shape[0]
+  if batch < 2:
+    raise ValueError(f'similarity_matching_loss needs a batch of 2 or more, got {batch}.')
+  gap = (cosine_similarity_matrix(student)
+         - jax.lax.stop_gradient(cosine_similarity_matrix(teacher)))
+  off_diagonal = 1.0 - jnp.eye(batch, dtype=jnp.float32)
+  return jnp.sum(jnp.square(gap) * off_diagonal) / (batch * (batch - 1))
 
 
 def accuracy_topk(logits: jax.Array, labels: jax.Array,

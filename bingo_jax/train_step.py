@@ -261,7 +261,7 @@ def build_train_step(config: ml_collections.ConfigDict, student_model: nn.Module
     normalize = lambda images: images_lib.normalize(images, compute_dtype)  # noqa: E731
     student_images, lam = _student_images(config, objective, batch, batch_size, rngs)
     keys, key_state = method.embed_keys(
-        state, teacher_variables, {view: normalize(batch[view])
+        state, teacher_variables, {view: normalize(batch[objectives.source_view(view)])
                                    for view in objective.teacher_views}, rngs)
     inputs = objectives.LossInputs(state.negative_queue, train.temperature, epoch, lam)
 

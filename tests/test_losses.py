@@ -1,5 +1,7 @@
-"""The BINGO loss against a PyTorch transcription of docs/method.md §6."""
+"""The BINGO loss against a PyTorch transcription of docs/method.md §6; the Table 9 baselines
+(KD, RKD) against numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,3 +112,54 @@ def test_l2_normalize_matches_torch():
   x[0] = 0  # torch's epsilon keeps zero rows at zero
   np.testing.assert_allclose(np.asarray(losses.l2_normalize(jnp.asarray(x))),
                              F.normalize(torch.from_numpy(x), dim=1).numpy(), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 9 baselines: KD and the similarity-preserving RKD, against numpy written from the
+# formulas (values and gradients in float64)
+
+
+def _numpy_kd(s: np.ndarray, t: np.ndarray) -> float:
+  s, t = s.astype(np.float64), t.astype(np.float64)
+  return float(np.mean([np.dot(a - b, a - b) for a, b in zip(s, t)]))
+
+
+def _numpy_similarity_mse(s: np.ndarray, t: np.ndarray) -> float:
+  s, t = s.astype(np.float64), t.astype(np.float64)
+  n = len(s)
+  total = sum((np.dot(s[i], s[j]) - np.dot(t[i], t[j])) ** 2
+              for i in range(n) for j in range(n) if i != j)
+  return total / (n * (n - 1))
+
+
+def test_kd_l2_loss_matches_numpy_and_its_gradient(embeddings):
+  s, t = embeddings['q'], embeddings['k']
+  value = losses.kd_l2_loss(jnp.asarray(s), jnp.asarray(t))
+  np.testing.assert_allclose(float(value), _numpy_kd(s, t), rtol=1e-6, atol=1e-6)
+  # Unit rows: ||s - t||^2 = 2 - 2 s.t.
+  np.testing.assert_allclose(float(value), np.mean(2 - 2 * np.sum(s * t, 1)), atol=1e-6)
+  # d/ds_i = 2 (s_i - t_i) / B; nothing flows into the teacher.
+  grad_s, grad_t = jax.grad(losses.kd_l2_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(grad_s), 2 * (s - t) / BATCH, atol=1e-6)
+  assert not np.asarray(grad_t).any()
+
+
+def test_similarity_matching_loss_matches_numpy_and_its_gradient(embeddings):
+  s, t = embeddings['q'], embeddings['k']
+  value = losses.similarity_matching_loss(jnp.asarray(s), jnp.asarray(t))
+  np.testing.assert_allclose(float(value), _numpy_similarity_mse(s, t), rtol=1e-6, atol=1e-7)
+  # Same relations (a rotation of the teacher's rows): zero loss, whatever the embedding.
+  rotation, _ = np.linalg.qr(np.random.RandomState(3).normal(size=(DIM, DIM)))
+  np.testing.assert_allclose(float(losses.similarity_matching_loss(
+      jnp.asarray(t @ rotation.astype(np.float32)), jnp.asarray(t))), 0.0, atol=1e-7)
+  # d/ds_i = 4 / (B (B - 1)) sum_{j != i} (s_i.s_j - t_i.t_j) s_j (the matrix is symmetric).
+  s64, t64 = s.astype(np.float64), t.astype(np.float64)
+  gap = s64 @ s64.T - t64 @ t64.T
+  np.fill_diagonal(gap, 0.0)
+  expected = 4 * gap @ s64 / (BATCH * (BATCH - 1))
+  grad_s, grad_t = jax.grad(losses.similarity_matching_loss, argnums=(0, 1))(
+      jnp.asarray(s), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(grad_s), expected, atol=1e-6)
+  assert not np.asarray(grad_t).any()
+  with pytest.raises(ValueError, match='batch of 2 or more, got 1'):
+    losses.similarity_matching_loss(jnp.asarray(s[:1]), jnp.asarray(t[:1]))

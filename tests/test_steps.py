@@ -48,3 +48,23 @@ def test_unknown_method_or_view_is_named():
     steps.step_builder(config)
   with pytest.raises(ValueError, match=r"Unknown views \['mix_q'\]"):
     views.ordered(['query', 'mix_q'])
+
+
+@pytest.mark.parametrize('loss', ['kd', 'rkd'])
+def test_table9_baselines_read_the_anchor_alone_and_have_rows(loss):
+  """KD and RKD: the student embeds ``query``, the teacher ``key`` (the queue) and ``query``
+  itself (the same augmented image); no bag file, no CutMix; a variant and an ablation row."""
+  from bingo_jax.configs import fmnist_ablation
+  assert loss in objectives.BASELINE_NAMES
+  config = base_config()
+  config.train.update(method='bingo', loss=loss, cutmix='batch')
+  objective = objectives.make_objective(config.train)
+  assert objective.student_views == ('query',)
+  assert objective.teacher_views == ('key', objectives.TEACHER_QUERY)
+  assert not objective.uses_cutmix
+  assert steps.batch_views(config) == ('query', 'key')
+  row = fmnist_ablation.get_config(loss)
+  assert (row.train.loss, row.train.cutmix, fmnist_ablation.ROW_BAGS[loss]) == (loss, 'none', None)
+  assert base_config().train.loss != loss
+  from bingo_jax.configs import variants
+  assert variants.apply_variants(base_config(), loss).train.loss == loss

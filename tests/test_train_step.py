@@ -424,3 +424,53 @@ def test_unknown_loss_name_is_a_clear_error():
     steps.make_train_step(config, student, student, mesh, 1)
   with pytest.raises(ValueError, match=message):
     config_checks.check_config(config, 1)
+
+
+@pytest.mark.parametrize('loss_name', ['kd', 'rkd'])
+def test_baseline_step_compares_student_and_teacher_on_the_same_query_image(loss_name):
+  """Table 9's KD and RKD through the registry: the step's loss is the numpy formula of the
+  student's and the (frozen) teacher's embeddings of the same ``query`` images, the batch
+  holds only the anchor's views, and the teacher's ``key`` embeddings still enter the queue.
+  In shuffle mode (the teacher's extra batch-shuffle stream) the loss is finite too."""
+  config, student, teacher, batch = multihost_train_worker.small_setup()
+  config.teacher.bn_mode, config.train.loss = 'frozen', loss_name
+  assert steps.batch_views(config) == ('query', 'key')
+  batch = {name: batch[name] for name in ('query', 'key')}
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
+                            parallel.global_batch(batch, mesh))
+
+  def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  (_, query_embeddings), _ = student.apply(
+      {'params': params, 'batch_stats': batch_stats}, images_lib.normalize(batch['query']),
+      train=True, mutable=['batch_stats'])
+  q = unit(query_embeddings)
+  tq = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['query']))[1])
+  k = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
+  if loss_name == 'kd':
+    expected, term = np.mean(np.sum((q - tq) ** 2, axis=1)), 'kd_l2'
+  else:
+    gap = q @ q.T - tq @ tq.T
+    expected = (np.sum(gap ** 2) - np.sum(np.diag(gap) ** 2)) / (len(q) * (len(q) - 1))
+    term = 'rkd_similarity_mse'
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics[term]), expected, rtol=1e-5, atol=1e-7)
+  # The pairing matters: against the key view's teacher embedding the value differs.
+  other = (np.mean(np.sum((q - k) ** 2, axis=1)) if loss_name == 'kd' else
+           np.sum((q @ q.T - k @ k.T) ** 2) / (len(q) * (len(q) - 1)))
+  assert not np.isclose(other, expected, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(new_state.negative_queue)[:len(k)], k, atol=1e-6)
+
+  config.teacher.bn_mode = 'shuffle'
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  _, metrics = step(state, parallel.replicate(teacher_variables, mesh),
+                    parallel.global_batch(batch, mesh))
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['loss']) > 0

@@ -2,8 +2,8 @@
 
   python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``bingo_jax/configs/fmnist_ablation.py`` (moco, anchor_only, knn, labels, random,
-paper_eq8) and each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN
+For each row of ``bingo_jax/configs/fmnist_ablation.py`` (by default moco, anchor_only, knn, labels,
+random, paper_eq8; ``--rows`` picks others, e.g. the Table 9 baselines ``kd,rkd``) and each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN
 and the fast linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
 with the teacher (knn), the labels, and a randomly initialised network of the teacher's
 architecture. Every run records its wall times. The seed changes the student's
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> None:
   rows = [row.strip() for row in _ROWS.value if row.strip()]
   unknown = [row for row in rows if row not in fmnist_ablation.ROWS]
   if unknown:
-    raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(ROW_ORDER)}.')
+    raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(fmnist_ablation.ROWS)}.')
   seeds = [int(seed) for seed in _SEEDS.value]
   teacher = os.path.abspath(_TEACHER.value)
 

@@ -15,6 +15,14 @@ training signal changes:
   paper_eq8    (f) the paper's Eq. 8/9 loss (CE(q, k) + CE(p, k), no CutMix) with the kNN
                    bags of (c).
 
+Paper Table 9's other distillation methods, through the same step (no bags, no CutMix; the
+teacher embeds the student's own ``query`` image, objectives.TEACHER_QUERY):
+
+  kd           KD: mean ||q - tq||^2 of the normalised student and teacher embeddings of the
+               same augmented image.
+  rkd          RKD, similarity-preserving form: the student's in-batch cosine-similarity
+               matrix matched to the teacher's (mean squared difference off the diagonal).
+
 ``knn`` is the demo's configuration. The bag files come from ``bingo_jax.bagging`` (methods
 ``knn``, ``labels``, ``random-teacher``) and are passed with ``--config.bags.path``; the rows
 without bags (``moco``, ``anchor_only``) need none. ``tools/fmnist_ablation.py`` runs the whole
@@ -40,10 +48,12 @@ ROWS = {
     'labels': '(d) BINGO, ground-truth label bags (upper bound)',
     'random': '(e) BINGO, kNN bags from a random network (lower bound)',
     'paper_eq8': "(f) paper's loss (intra + inter, no CutMix), kNN bags",
+    'kd': 'Table 9 KD: L2 of normalised embeddings of the same view, no bags',
+    'rkd': 'Table 9 RKD: in-batch cosine-similarity matrix matched, no bags',
 }
 # The bagging method whose bag file each row trains with (None: no bags).
 ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
-            'random': 'random-teacher', 'paper_eq8': 'knn'}
+            'random': 'random-teacher', 'paper_eq8': 'knn', 'kd': None, 'rkd': None}
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -57,7 +67,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   if row == 'moco':
     config.train.method = 'moco'
     config.train.moco_momentum = 0.99
-  elif row in ('anchor_only', 'paper_eq8'):
+  elif row in ('anchor_only', 'paper_eq8', 'kd', 'rkd'):
     config.train.loss = row
     config.train.cutmix = 'none'
   return variants.apply_variants(config, ','.join(rest))

@@ -22,6 +22,10 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'paper_eq8': lambda c: (c.train.update({'loss': 'paper_eq8', 'cutmix': 'none'})),
     # Table 8 "w/o bag" ablation (SEED-like): CE(q, k) of the anchor alone, no bags or CutMix.
     'anchor_only': lambda c: c.train.update({'loss': 'anchor_only', 'cutmix': 'none'}),
+    # Paper Table 9 baselines (objectives.BASELINES): KD (L2 of the normalised embeddings of
+    # the same view) and RKD (in-batch similarity matrices matched); no bags, no CutMix.
+    'kd': lambda c: c.train.update({'loss': 'kd', 'cutmix': 'none'}),
+    'rkd': lambda c: c.train.update({'loss': 'rkd', 'cutmix': 'none'}),
     # One CutMix box per sample instead of the released one box per batch.
     'cutmix_sample': lambda c: c.train.update({'cutmix': 'sample'}),
     # bfloat16 compute, float32 parameters and optimizer state.
