@@ -19,7 +19,13 @@ some larger, ~100 KB each) into a temporary directory, then for both
   backend (``--time_step`` also times the step, slow on a CPU);
 * what the canvas loses: for the images that do not fit the canvas (held DCT-scaled), the
   mean absolute difference between views drawn from the canvas and from the full-resolution
-  image with the same keys.
+  image with the same keys;
+* the decode floor: one thread's CPU-ms per image for libjpeg-turbo (through TF) decoding to
+  RGB with the accurate and the fast IDCT, and to grey only (the chroma is still entropy
+  decoded, but not transformed, upsampled or converted: below what any RGB decode of the same
+  bytes costs), on the generated set and on two photographs shipped with scikit-learn
+  (``china.jpg``, ``flower.jpg``) re-encoded at 500 x 375, quality 90. Two decodes per anchor
+  at that floor bound what any host pipeline that reads these JPEGs can reach.
 
 CPU time is ``time.process_time()`` (all threads of the process), so other jobs on a shared
 machine inflate it less than wall time; the load average is printed with the table.
@@ -280,6 +286,56 @@ _TIME_STEP = flags.DEFINE_bool('time_step', False,
 _DIR = flags.DEFINE_string('dir', None, 'Reuse/keep the JPEG folder here.')
 
 
+def _photographs() -> list[bytes]:
+  """scikit-learn's two sample photographs at 500 x 375, JPEG quality 90 (none if absent)."""
+  import io
+  try:
+    import sklearn.datasets
+  except ImportError:
+    return []
+  from PIL import Image
+  folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), 'images')
+  encoded = []
+  for name in ('china.jpg', 'flower.jpg'):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      buffer = io.BytesIO()
+      Image.open(path).convert('RGB').resize((500, 375), Image.BICUBIC).save(
+          buffer, format='JPEG', quality=90)
+      encoded.append(buffer.getvalue())
+  return encoded
+
+
+def decode_floor(directory: str, names: list[str]) -> list[tuple[str, int, float, dict]]:
+  """One thread's CPU-ms per image for three libjpeg-turbo decodes (RGB accurate / fast IDCT,
+  grey only), per image set: ``[(set, count, mean KB, {decode: ms})]``."""
+  import tensorflow as tf
+  sets = []
+  generated = []
+  for name in names:
+    with open(os.path.join(directory, name), 'rb') as f:
+      generated.append(f.read())
+  sets.append(('generated set (full size)', generated))
+  photographs = _photographs()
+  if photographs:
+    sets.append(('photographs, 500 x 375 q90', photographs))
+  decodes = {
+      'RGB, accurate IDCT': lambda e: tf.io.decode_jpeg(e, channels=3,
+                                                       dct_method='INTEGER_ACCURATE'),
+      'RGB, fast IDCT': lambda e: tf.io.decode_jpeg(e, channels=3, dct_method='INTEGER_FAST',
+                                                   fancy_upscaling=False),
+      'grey only': lambda e: tf.io.decode_jpeg(e, channels=1),
+  }
+  rows = []
+  for label, encoded in sets:
+    tensors = [tf.constant(e) for e in encoded]
+    repeats = max(1, 48 // len(tensors))
+    costs = {what: cpu_ms_per_call(tf.function(fn, autograph=False), tensors, repeats)
+             for what, fn in decodes.items()}
+    rows.append((label, len(encoded), np.mean([len(e) for e in encoded]) / 1024, costs))
+  return rows
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -349,6 +405,16 @@ def main(argv: list[str]) -> None:
           f'are held DCT-scaled; their views differ from full-resolution views (same keys) by '
           f'{loss["mean_abs_diff_resized"]:.2f} grey levels on average (99th percentile '
           f'{loss["p99_abs_diff_resized"]:.0f}); the other images lose nothing.')
+
+  print('\n## The decode floor (one thread, CPU-ms per image)')
+  floor = decode_floor(directory, names)
+  print('| images | count | mean KB | RGB, accurate IDCT | RGB, fast IDCT | grey only | '
+        'two grey-only decodes per anchor |')
+  print('|---|---|---|---|---|---|---|')
+  for label, count, kilobytes_mean, costs in floor:
+    print(f'| {label} | {count} | {kilobytes_mean:.0f} | {costs["RGB, accurate IDCT"]:.2f} | '
+          f'{costs["RGB, fast IDCT"]:.2f} | {costs["grey only"]:.2f} | '
+          f'{2 * costs["grey only"]:.2f} |')
   print(f'\n# load average at end {os.getloadavg()[0]:.2f}; {time.perf_counter() - began:.0f} s')
 
 

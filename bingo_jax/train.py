@@ -48,6 +48,7 @@ from bingo_jax import steps
 from bingo_jax import train_loop
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
+from bingo_jax import warm_start
 from bingo_jax import workdir_lock
 from bingo_jax import workdir_records
 from bingo_jax.models import create_model
@@ -211,6 +212,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step, state, stored_progress = _resume(checkpointer, state, {
       'global_batch_size': global_batch_size, 'seed': config.train.seed,
       'steps_per_epoch': steps_per_epoch})
+  state = warm_start.for_fresh_run(config, state, start_step, student_config, mesh)
 
   # ---- the step (the builder of config.train.method) and its data feed ----
   key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)

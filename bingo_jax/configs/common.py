@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.student.base_width = ml_collections.FieldReference(None, field_type=int)
   config.student.stem = 'imagenet'
   config.student.bn_group_size = ml_collections.FieldReference(32, field_type=int)  # None: global
+  # A model file to start a fresh run from (bingo_jax/warm_start.py); None: random init.
+  config.student.init_from = ml_collections.FieldReference(None, field_type=str)
 
   # ---- bags: bingo_jax/bagging.py ----
   config.bags = ml_collections.ConfigDict()
