@@ -46,6 +46,24 @@ def checked_method(config: ml_collections.ConfigDict) -> str:
   return method(config)
 
 
+def loss_key(config: ml_collections.ConfigDict) -> str:
+  """The config key that names the step's objective: ``config.train.loss`` (BINGO) or
+  ``config.train.moco_loss`` (MoCo; ``config.train.loss`` is not read there)."""
+  return 'config.train.moco_loss' if method(config) == 'moco' else 'config.train.loss'
+
+
+def loss_name(config: ml_collections.ConfigDict) -> str:
+  """The objective of the configured step (``objectives.OBJECTIVES``).
+
+  BINGO reads ``config.train.loss``; MoCo reads ``config.train.moco_loss``, default
+  ``'anchor_only'`` (plain MoCo v2); a bag objective there is the paper's "teacher relation
+  only" row (docs/method.md §6).
+  """
+  if method(config) == 'moco':
+    return config.train.get('moco_loss', objectives.ANCHOR_ONLY)
+  return config.train.loss
+
+
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
   if value not in allowed:
     raise ValueError(f'{key} = {value!r}; expected one of {allowed}.')
@@ -91,7 +109,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
                                           ('error', 'skip'))}
   for key, (value, allowed) in choices.items():
     _check_choice(key, value, allowed)
-  objectives.check_loss_name(train.loss)  # two groups of names: BINGO's and the baselines
+  if method(config) == 'moco':  # the key encoder in the teacher's place: BINGO's objectives
+    _check_choice('config.train.moco_loss', loss_name(config), objectives.LOSS_NAMES)
+  else:
+    objectives.check_loss_name(train.loss)  # two groups of names: BINGO's and the baselines
   groups = [('student', config.student.bn_group_size)]
   if key_encoder_shuffles(config):
     groups.append(('teacher', config.teacher.bn_group_size))
@@ -112,11 +133,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
 def _check_method_options(config: ml_collections.ConfigDict) -> None:
   """Options that only one method or objective reads."""
   train = config.train
-  if method(config) == 'moco':
-    if not 0.0 <= float(train.moco_momentum) <= 1.0:
-      raise ValueError(f'config.train.moco_momentum = {train.moco_momentum} must lie in [0, 1].')
-  elif (objectives.make_objective(train).uses_cutmix and train.cutmix == 'group'
-        and not config.student.bn_group_size):
+  if method(config) == 'moco' and not 0.0 <= float(train.moco_momentum) <= 1.0:
+    raise ValueError(f'config.train.moco_momentum = {train.moco_momentum} must lie in [0, 1].')
+  if (objectives.make_objective(train, loss_name(config)).uses_cutmix
+      and train.cutmix == 'group' and not config.student.bn_group_size):
     raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
                      f'but config.student.bn_group_size = {config.student.bn_group_size}.')
 

@@ -9,6 +9,14 @@ queue then receives the keys (FIFO). The key encoder's parameters follow
 ``k = m * k + (1 - m) * q`` with the updated query parameters: MoCo does this at the start of
 the next forward, which is the same sequence of values (at step 0 the two encoders are equal,
 so the update there is the identity).
+
+``config.train.moco_loss`` names the objective (``config_checks.loss_name``; default
+``'anchor_only'``, plain MoCo). A bag objective (``'bingo'``, ``'paper_eq8'``) is the paper's
+"teacher relation only" (Table 8 row 3, docs/method.md §6): the momentum key encoder takes the
+teacher's place, embedding every one of the objective's key views (``key``, and ``pos_k`` for
+the released loss) with its own shuffled BatchNorm pass, in that order, its running statistics
+threaded through the passes; the positives come from the bag file; only ``key`` enters the
+queue, as in BINGO.
 """
 
 from __future__ import annotations
@@ -26,13 +34,28 @@ from bingo_jax import train_step
 from bingo_jax import views
 
 BATCH_VIEWS = views.ANCHOR_VIEWS
-RNG_STREAMS = (views.KEY,)  # the key encoder's batch shuffle
+RNG_STREAMS = (views.KEY,)  # plain MoCo: the key encoder's batch shuffle
+
+
+def objective(config: ml_collections.ConfigDict) -> objectives.Objective:
+  """The objective of the MoCo step: ``config.train.moco_loss`` (plain MoCo: 'anchor_only')."""
+  return objectives.make_objective(config.train, config_checks.loss_name(config))
 
 
 def batch_views(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The views a MoCo step reads: the anchor's ``query`` and ``key``."""
-  del config
-  return BATCH_VIEWS
+  """The views a MoCo step reads: the anchor's ``query`` and ``key`` (plain MoCo), plus the
+  bag positive's views under a bag objective."""
+  return objective(config).batch_views
+
+
+def rng_streams(step_objective: objectives.Objective) -> tuple[str, ...]:
+  """The PRNG streams of the step: CutMix's when it mixes, then one shuffle per key view.
+
+  Plain MoCo gives ``RNG_STREAMS``, so its random numbers are those of the step before bag
+  objectives existed; the released loss gives ``distill_step.RNG_STREAMS``' order, so a
+  relation-only run draws the CutMix boxes of the BINGO run of the same seed.
+  """
+  return (('cutmix',) if step_objective.uses_cutmix else ()) + step_objective.teacher_views
 
 
 def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: jax.Array,
@@ -71,7 +94,8 @@ def make_moco_step(config: ml_collections.ConfigDict, student_model: nn.Module,
   """Builds the jitted MoCo v2 step ``(state, unused, batch) -> (state, metrics)``.
 
   Args:
-    config: the experiment config (``train.moco_momentum``, the optimizer keys).
+    config: the experiment config (``train.moco_momentum``, ``train.moco_loss``, the
+      optimizer keys).
     student_model: the query encoder, built with ``config.student.bn_group_size``.
     key_model: the key encoder: the student's architecture with ``bn_group_size`` =
       ``config.teacher.bn_group_size``.
@@ -79,11 +103,13 @@ def make_moco_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     steps_per_epoch: optimizer steps per epoch.
   Returns:
     ``train_step(state, unused_variables, batch)``; the second argument is ignored (pass
-    ``{}``), the batch needs ``'query'`` and ``'key'``; the state must come from
+    ``{}``), the batch needs ``batch_views(config)`` (``'query'`` and ``'key'`` for plain
+    MoCo; ``'pos_q'``, ``'pos_k'`` too for the released loss); the state must come from
     ``train_step.create_train_state`` under ``method = 'moco'`` (it holds the key encoder).
   """
   config_checks.check_step(config, student_model, key_model, mesh)
   momentum = float(config.train.moco_momentum)
+  step_objective = objective(config)
 
   def embed_keys(state: train_step.TrainState, unused_variables: Any,
                  images: train_step.Batch, rngs: train_step.Rngs
@@ -92,16 +118,20 @@ def make_moco_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     if state.key_params is None:
       raise ValueError('train_step (moco): the state has no key encoder; create it with '
                        "create_train_state under config.train.method = 'moco'.")
-    keys, key_batch_stats = shuffled_key_embeddings(
-        key_model, {'params': state.key_params, 'batch_stats': state.key_batch_stats},
-        images[views.KEY], rngs[views.KEY])
-    return {views.KEY: keys}, {'key_batch_stats': key_batch_stats}
+    # One pass per key view in the objective's order (``key`` first), each updating the key
+    # encoder's running statistics as encoder_k's forward does.
+    keys, key_batch_stats = {}, state.key_batch_stats
+    for view in step_objective.teacher_views:
+      keys[view], key_batch_stats = shuffled_key_embeddings(
+          key_model, {'params': state.key_params, 'batch_stats': key_batch_stats},
+          images[view], rngs[view])
+    return keys, {'key_batch_stats': key_batch_stats}
 
   def after_update(state: train_step.TrainState, params: Any) -> dict[str, Any]:
     return {'key_params': momentum_update(state.key_params, params, momentum)}
 
   method = train_step.StepMethod(
       name='train_step (moco)',
-      objective=objectives.make_objective(config.train, objectives.ANCHOR_ONLY),
-      rng_streams=RNG_STREAMS, embed_keys=embed_keys, after_update=after_update)
+      objective=step_objective, rng_streams=rng_streams(step_objective),
+      embed_keys=embed_keys, after_update=after_update)
   return train_step.build_train_step(config, student_model, mesh, steps_per_epoch, method)

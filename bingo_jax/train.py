@@ -6,8 +6,9 @@ preemption) -> summary. Rerunning the same command continues from the latest che
 ``WORKDIR/checkpoints`` that restores intact; a SIGTERM or SIGINT makes the loop save and exit
 with status 75 (``EXIT_PREEMPTED``: rerun to continue). One run at a time holds the workdir
 (``WORKDIR/train.lock``); faults and what each gets are in docs/reliability.md. With
-``config.train.method = 'moco'`` the same loop pre-trains MoCo v2 (no teacher or bag file;
-the key encoder lives in the train state; docs/training.md).
+``config.train.method = 'moco'`` the same loop pre-trains MoCo v2 (no teacher file; no bag
+file unless ``config.train.moco_loss`` is a bag objective; the key encoder lives in the train
+state; docs/training.md).
 
 The loop itself is ``train_loop.run_loop`` (logs, saves, the NaN policy), the signal handling
 ``preemption``, and the run's record ``run_summary``; this module sets the run up and reads in
@@ -340,13 +341,14 @@ def _training_data(config: ml_collections.ConfigDict,
                    batch_views: tuple[str, ...]) -> tuple[Any, Optional[bag_file.Bags]]:
   """The training source, and its bags when the step reads a view of the bag positive."""
   source = data_sources.make_source(config.data, config.data.train_split)
-  # MoCo and the 'anchor_only' loss use only the anchor's own views, so no bag file is read.
+  # Plain MoCo and the 'anchor_only' loss use only the anchor's own views: no bag file is read.
   if views.needs_bags(batch_views):
     return source, load_training_bags(config, source, len(source))
   if config.bags.get('path'):
     logging.info('config.bags.path = %s is unused: this run has no bag positives '
-                 "(config.train.method = %r, config.train.loss = %r).", config.bags.path,
-                 config_checks.method(config), config.train.loss)
+                 '(config.train.method = %r, %s = %r).', config.bags.path,
+                 config_checks.method(config), config_checks.loss_key(config),
+                 config_checks.loss_name(config))
   return source, None
 
 

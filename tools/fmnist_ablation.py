@@ -2,13 +2,15 @@
 
   python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``bingo_jax/configs/fmnist_ablation.py`` (by default moco, anchor_only, knn, labels,
-random, paper_eq8; ``--rows`` picks others, e.g. the Table 9 baselines ``kd,rkd``) and each seed: distil (``bingo_jax.train``), then evaluate the student with 10-NN
-and the fast linear probe (``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging``
-with the teacher (knn), the labels, and a randomly initialised network of the teacher's
-architecture. Every run records its wall times. The seed changes the student's
-initialisation, the data order, the augmentations and CutMix. The bags and the evaluation
-(probe initialisation, batch order) stay fixed.
+For each row of ``bingo_jax/configs/fmnist_ablation.py`` (by default moco, anchor_only, knn,
+labels, random, paper_eq8; ``--rows`` picks others, e.g. the Table 9 baselines ``kd,rkd`` or the
+relation-only rows ``relation_knn,relation_labels,relation_random``) and each seed: distil
+(``bingo_jax.train``), then evaluate the student with 10-NN and the fast linear probe
+(``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging`` with the teacher
+(knn), the labels, and a randomly initialised network of the teacher's architecture. Every run
+records its wall times. The seed changes the student's initialisation, the data order, the
+augmentations and CutMix. The bags and the evaluation (probe initialisation, batch order) stay
+fixed.
 
 Outputs in the workdir:
   bagging_<method>/        bag report (purity, grid) of each bag file;
@@ -74,7 +76,8 @@ def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: li
   for assignment in overrides:
     _override(config, assignment)
   config.train.seed = seed
-  config.teacher.path = None if row == 'moco' else teacher
+  # MoCo rows train without the teacher network (the relation rows need it only for bags).
+  config.teacher.path = None if row in fmnist_ablation.MOCO_ROWS else teacher
   method = fmnist_ablation.ROW_BAGS[row]
   config.bags.path = bag_paths.get(method) if method else None
   config.bags.class_names = list(config.eval.class_names)
@@ -88,6 +91,7 @@ def make_bags(method: str, teacher: str, workdir: str, overrides: list) -> tuple
   row = next(r for r, m in fmnist_ablation.ROW_BAGS.items() if m == method)
   path = os.path.join(workdir, f'bags_{method}.npz')
   config = row_config(row, 0, teacher, {}, overrides)
+  config.teacher.path = teacher  # the bagging network, whatever the row trains with
   config.bags.path = path
   config.bags.method = method
   report_dir = os.path.join(workdir, f'bagging_{method}')

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.method = 'bingo'        # 'bingo' (distil a teacher) | 'moco' (MoCo v2
   #   pre-training: the teacher is the student's momentum encoder; no teacher/bag files)
   config.train.moco_momentum = 0.999   # moco only: key encoder k = m * k + (1 - m) * q
+  # moco only, its objective: 'anchor_only' (plain MoCo v2) | 'bingo' / 'paper_eq8' (positives
+  # from config.bags.path: the paper's "teacher relation only", Table 8 row 3; method.md §6)
+  config.train.moco_loss = 'anchor_only'
   config.train.loss = 'bingo'          # docs/method.md §6: 'bingo' (released) | 'paper_eq8'
                                        # (the paper's Eq. 8/9: CE(q, k) + CE(p, k)) |
                                        # 'anchor_only' (CE(q, k) only: no bags, no CutMix)

@@ -23,11 +23,19 @@ teacher embeds the student's own ``query`` image, objectives.TEACHER_QUERY):
   rkd          RKD, similarity-preserving form: the student's in-batch cosine-similarity
                matrix matched to the teacher's (mean squared difference off the diagonal).
 
+Teacher relation only (paper Table 8 row 3): the MoCo v2 student of (a), its momentum key
+encoder in the teacher's place, trained with BINGO's loss and CutMix on bags; the teacher
+network makes the bags and is not used in training:
+
+  relation_knn     (g) the kNN bags of (c).
+  relation_labels  (h) the label bags of (d) (a supervised-contrastive upper bound).
+  relation_random  (i) the random-network bags of (e).
+
 ``knn`` is the demo's configuration. The bag files come from ``bingo_jax.bagging`` (methods
 ``knn``, ``labels``, ``random-teacher``) and are passed with ``--config.bags.path``; the rows
-without bags (``moco``, ``anchor_only``) need none. ``tools/fmnist_ablation.py`` runs the whole
-table (bags, 3 seeds per row, kNN and fast linear evaluation) and writes the results; one row
-by hand::
+without bags (``moco``, ``anchor_only``) need none, and the ``moco`` and ``relation_*`` rows no
+teacher file. ``tools/fmnist_ablation.py`` runs the whole table (bags, 3 seeds per row, kNN and
+fast linear evaluation) and writes the results; one row by hand::
 
   python -m bingo_jax.train --config fmnist_ablation:knn --workdir W/knn_s0 \\
       --config.teacher.path=W/teacher --config.bags.path=W/bags_knn.npz --config.train.seed=0
@@ -50,10 +58,17 @@ ROWS = {
     'paper_eq8': "(f) paper's loss (intra + inter, no CutMix), kNN bags",
     'kd': 'Table 9 KD: L2 of normalised embeddings of the same view, no bags',
     'rkd': 'Table 9 RKD: in-batch cosine-similarity matrix matched, no bags',
+    'relation_knn': '(g) teacher relation only: MoCo v2 + BINGO loss, kNN bags from the teacher',
+    'relation_labels': '(h) relation only, ground-truth label bags (supervised upper bound)',
+    'relation_random': '(i) relation only, kNN bags from a random network',
 }
 # The bagging method whose bag file each row trains with (None: no bags).
 ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
-            'random': 'random-teacher', 'paper_eq8': 'knn', 'kd': None, 'rkd': None}
+            'random': 'random-teacher', 'paper_eq8': 'knn', 'kd': None, 'rkd': None,
+            'relation_knn': 'knn', 'relation_labels': 'labels',
+            'relation_random': 'random-teacher'}
+# The rows trained as MoCo v2 (config.train.method = 'moco': no teacher network in training).
+MOCO_ROWS = ('moco', 'relation_knn', 'relation_labels', 'relation_random')
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -64,9 +79,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   row, rest = names[0], names[1:]
   config = fmnist_demo.get_config()
   config.bags.method = ROW_BAGS[row] or 'knn'
-  if row == 'moco':
+  if row in MOCO_ROWS:
     config.train.method = 'moco'
     config.train.moco_momentum = 0.99
+    # Relation only: the released loss (and CutMix) of (c), the key encoder as the teacher.
+    config.train.moco_loss = 'anchor_only' if row == 'moco' else 'bingo'
   elif row in ('anchor_only', 'paper_eq8', 'kd', 'rkd'):
     config.train.loss = row
     config.train.cutmix = 'none'
