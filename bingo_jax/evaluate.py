@@ -211,12 +211,16 @@ def _identifiers(source: Any) -> list[str]:
 def run_finetune(network, train_source, eval_source, config, workdir, mesh, writer) -> dict:
   if network is None:
     raise ValueError("--protocol finetune needs a network, not 'pixels'.")
+  export = config.eval.get('finetune_export')
+  if export and fileio.exists(export):  # refused before the training, not after it
+    raise FileExistsError(f'config.eval.finetune_export = {export!r} already exists; give a '
+                          'new path or remove it.')
   train_labels = _labelled(train_source, 'training split')
   indices, split_path = subsets.finetune_subset(
       _identifiers(train_source), train_labels, workdir=workdir,
       fraction=config.eval.finetune_fraction, seed=config.eval.seed,
       split_file=config.eval.finetune_split_file, write=jax.process_index() == 0)
-  metrics, _ = finetune.finetune(
+  metrics, finetuned = finetune.finetune(
       network, train_source, indices, eval_source,
       num_classes=_num_classes(train_source, eval_source), image_size=config.data.image_size,
       epochs=config.eval.finetune_epochs, batch_size=config.eval.batch_size,
@@ -226,7 +230,33 @@ def run_finetune(network, train_source, eval_source, config, workdir, mesh, writ
       writer=writer, progress=jax.process_index() == 0)
   metrics['subset_file'] = split_path
   metrics['labelled_fraction'] = len(indices) / len(train_source)
+  if export:
+    metrics['exported_model'] = export_finetuned(finetuned, config, metrics,
+                                                 train_source.description)
   return metrics
+
+
+def export_finetuned(finetuned: model_io.LoadedModel, config: ml_collections.ConfigDict,
+                     metrics: dict, train_description: str) -> Optional[str]:
+  """Writes the fine-tuned network to ``config.eval.finetune_export`` as a model file.
+
+  The file holds the backbone and the new ``linear`` classifier; ``bingo_jax.bagging`` reads it
+  as ``config.teacher.path`` (its pooled backbone features), which makes bags from a network
+  trained on the labels (paper Table 7). Process 0 writes; an existing path is refused.
+
+  Returns:
+    The model file's absolute path (None on the other processes).
+  """
+  if jax.process_index() != 0:
+    return None
+  metadata = dict(finetuned.metadata, supervised={
+      'protocol': 'finetune', 'train': train_description,
+      'labelled_fraction': metrics['labelled_fraction'], 'epochs': metrics['epochs'],
+      'eval_top1': float(metrics['top1']), 'eval_top5': float(metrics['top5'])})
+  path = model_io.save_model(config.eval.finetune_export, finetuned.model_config,
+                             finetuned.variables, metadata=metadata)
+  logging.info('fine-tuned network written to %s', path)
+  return path
 
 
 def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> dict:
@@ -365,9 +395,9 @@ def main(argv: list[str]) -> None:
   try:
     evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
   except (checkpointing.CheckpointError, bad_images.BadImageError,
-          model_io.NonFiniteModelError) as e:
-    # A damaged checkpoint, a bad image, a model file holding NaN/Inf: the cause in one
-    # message, not orbax's asyncio traceback.
+          model_io.NonFiniteModelError, FileExistsError) as e:
+    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken:
+    # the cause in one message, not orbax's asyncio traceback.
     logging.error('%s', e)
     sys.exit(1)
 

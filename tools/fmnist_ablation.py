@@ -2,18 +2,25 @@
 
   python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``bingo_jax/configs/fmnist_ablation.py`` (by default moco, anchor_only, knn,
-labels, random, paper_eq8; ``--rows`` picks others, e.g. the Table 9 baselines ``kd,rkd`` or the
-relation-only rows ``relation_knn,relation_labels,relation_random``) and each seed: distil
+For each row of ``bingo_jax/configs/fmnist_ablation.py`` and each seed: distil
 (``bingo_jax.train``), then evaluate the student with 10-NN and the fast linear probe
-(``bingo_jax.evaluate``). The bag files are made once, by ``bingo_jax.bagging`` with the teacher
-(knn), the labels, and a randomly initialised network of the teacher's architecture. Every run
-records its wall times. The seed changes the student's initialisation, the data order, the
-augmentations and CutMix. The bags and the evaluation (probe initialisation, batch order) stay
-fixed.
+(``bingo_jax.evaluate``). The default rows are moco, anchor_only, knn, labels, random,
+paper_eq8 (``ROW_ORDER``); ``--rows`` names others, ``EXTRA_ROWS``: the Table 9 baselines
+(``--rows kd,rkd``), the relation-only rows (``relation_knn,relation_labels,relation_random``),
+the Fig. 3 k sweep (``--rows knn_k1,knn,knn_k10,knn_k20``) and the Table 7 supervised-network
+bags (``--rows supervised``). The bag files are made once, by ``bingo_jax.bagging`` with the
+teacher (knn, for each k), the labels, a randomly initialised network of the teacher's
+architecture, and the supervised network (``--supervised_teacher``, or the teacher fine-tuned
+on the labels by the tool, once). Every run records its wall times. The seed changes the
+student's initialisation, the data order, the augmentations and CutMix. The bags and the
+evaluation (probe initialisation, batch order) stay fixed.
 
 Outputs in the workdir:
-  bagging_<method>/        bag report (purity, grid) of each bag file;
+  bags_<name>.npz          each bag file (``fmnist_ablation.BAGS``: knn, labels, random-teacher,
+                           knn_k1, knn_k10, knn_k20, supervised), method and k set by name;
+  bagging_<name>/          bag report (purity, grid) of each bag file;
+  supervised_teacher/      the supervised network (model/) and its fine-tuning record
+                           (eval_finetune.json), for the supervised row;
   runs/<row>_s<seed>/      the run's training workdir (train/), evaluation (eval/) and
                            result.json; a finished run is skipped on a rerun;
   reference/               kNN and fast linear of the teacher, the random student and the pixels
@@ -31,12 +38,18 @@ import os
 import platform
 import statistics
 import time
+from typing import Optional
 
 from absl import app, flags
 
 from bingo_jax import cli
 
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
+# Rows run only when --rows names them (the default table keeps its six rows and its length):
+# the Table 9 baselines, teacher relation only, the Fig. 3 bag sizes (knn is k = 5) and the
+# Table 7 supervised-network bags.
+EXTRA_ROWS = ('kd', 'rkd', 'relation_knn', 'relation_labels', 'relation_random', 'knn_k1',
+              'knn_k10', 'knn_k20', 'supervised')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
@@ -45,6 +58,10 @@ _ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of bingo_jax/configs/fm
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every row, KEY=VALUE, e.g. '
                                  'train.epochs=3 (repeatable).')
+_SUPERVISED_TEACHER = flags.DEFINE_string(
+    'supervised_teacher', None, 'Model file of the supervised network that bags the '
+    '"supervised" row; default: the teacher fine-tuned on the labels, made once in '
+    'WORKDIR/supervised_teacher/.')
 _SKIP_REFERENCES = flags.DEFINE_bool('skip_references', False,
                                      'Do not evaluate the teacher and the random student.')
 
@@ -78,28 +95,65 @@ def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: li
   config.train.seed = seed
   # MoCo rows train without the teacher network (the relation rows need it only for bags).
   config.teacher.path = None if row in fmnist_ablation.MOCO_ROWS else teacher
-  method = fmnist_ablation.ROW_BAGS[row]
-  config.bags.path = bag_paths.get(method) if method else None
+  bag = fmnist_ablation.ROW_BAGS[row]
+  config.bags.path = bag_paths.get(bag) if bag else None
   config.bags.class_names = list(config.eval.class_names)
   return config
 
 
-def make_bags(method: str, teacher: str, workdir: str, overrides: list) -> tuple[str, float]:
-  """Bag file of ``method`` (made once); returns (path, purity)."""
+def make_bags(bag: str, teacher: str, workdir: str, overrides: list,
+              bag_teacher: Optional[str] = None) -> tuple[str, float]:
+  """Bag file ``bag`` of ``fmnist_ablation.BAGS`` (made once), ``WORKDIR/bags_<bag>.npz``, its
+  report in ``WORKDIR/bagging_<bag>/``; returns (path, purity).
+
+  The method and k are the bag's (``BAGS``); ``bag_teacher`` is the model file whose features
+  are bagged instead of the teacher's (the supervised network). The kNN bags of the teacher
+  share one feature pass, that of ``knn`` (``bagging_knn/features``): only k differs.
+  """
   from bingo_jax import bagging
   from bingo_jax.configs import fmnist_ablation
-  row = next(r for r, m in fmnist_ablation.ROW_BAGS.items() if m == method)
-  path = os.path.join(workdir, f'bags_{method}.npz')
+  row = next(r for r, name in fmnist_ablation.ROW_BAGS.items() if name == bag)
+  path = os.path.join(workdir, f'bags_{bag}.npz')
   config = row_config(row, 0, teacher, {}, overrides)
   config.teacher.path = teacher  # the bagging network, whatever the row trains with
   config.bags.path = path
-  config.bags.method = method
-  report_dir = os.path.join(workdir, f'bagging_{method}')
+  config.bags.method, config.bags.k = fmnist_ablation.BAGS[bag]
+  if bag_teacher:
+    config.teacher.path = bag_teacher
+  elif config.bags.method == 'knn' and bag != 'knn':
+    config.bags.features_dir = os.path.join(workdir, 'bagging_knn', 'features')
+  report_dir = os.path.join(workdir, f'bagging_{bag}')
   report_path = os.path.join(report_dir, 'bag_report.json')
   if not (os.path.exists(path) and os.path.exists(report_path)):
     bagging.compute_bags(config, report_dir)
   with open(report_path) as f:
     return path, float(json.load(f)['purity'])
+
+
+def make_supervised_teacher(teacher: str, workdir: str, overrides: list) -> str:
+  """The supervised network of the ``supervised`` row (made once): the teacher fine-tuned on
+  every labelled training image (the row's eval settings,
+  ``fmnist_ablation.supervised_teacher_config``), written by the ``finetune`` protocol to
+  ``WORKDIR/supervised_teacher/model``; returns that path."""
+  from bingo_jax import evaluate
+  out = os.path.join(workdir, 'supervised_teacher')
+  path = os.path.join(out, 'model')
+  if not os.path.exists(path):  # written atomically: present means finished
+    config = row_config('supervised', 0, teacher, {}, overrides)
+    config.eval.finetune_export = path
+    evaluate.evaluate(config, teacher, 'finetune', out)
+  return path
+
+
+def check_overrides(overrides: list) -> None:
+  """Refuses ``--set`` of the bag method or k: every bag file is named by its row's bags
+  (``bags_<name>.npz``), so a table-wide k would make another file under the same name.
+  The k sweep is the rows ``knn_k1``, ``knn`` (k = 5), ``knn_k10``, ``knn_k20``."""
+  for assignment in overrides:
+    key = assignment.partition('=')[0].strip()
+    if key in ('bags.k', 'bags.method', 'bags.path'):
+      raise SystemExit(f'--set {assignment!r}: the bags are set per row (fmnist_ablation.BAGS);'
+                       ' for other k use the rows knn_k1, knn, knn_k10, knn_k20.')
 
 
 def evaluate_both(config, checkpoint: str, out: str) -> dict:
@@ -160,8 +214,8 @@ def format_markdown(table: dict, references: dict, purities: dict, hardware: str
            '| row | bag purity | 10-NN top-1 (%) | fast linear top-1 (%) | minutes per run |',
            '|---|---|---|---|---|']
   for row, stats in table.items():
-    method = fmnist_ablation.ROW_BAGS[row]
-    purity = f'{purities[method]:.3f}' if method in purities else '-'
+    bag = fmnist_ablation.ROW_BAGS[row]
+    purity = f'{purities[bag]:.3f}' if bag in purities else '-'
     cells = [f'{stats[m]["mean"]:.2f} ± {stats[m]["std"]:.2f} '
              f'({stats[m]["min"]:.2f}-{stats[m]["max"]:.2f})'
              for m in ('knn_top1', 'linear_fast_top1')]
@@ -200,10 +254,19 @@ def main(argv: list[str]) -> None:
   seeds = [int(seed) for seed in _SEEDS.value]
   teacher = os.path.abspath(_TEACHER.value)
 
-  methods = sorted({fmnist_ablation.ROW_BAGS[row] for row in rows} - {None})
+  check_overrides(_SET.value)
+  # The teacher's k = 5 bags first: the other kNN bags read its feature pass.
+  bags = sorted({fmnist_ablation.ROW_BAGS[row] for row in rows} - {None},
+                key=lambda name: (name != 'knn', name))
+  supervised = None
+  if set(bags) & set(fmnist_ablation.SUPERVISED_BAGS):
+    supervised = (os.path.abspath(_SUPERVISED_TEACHER.value) if _SUPERVISED_TEACHER.value else
+                  make_supervised_teacher(teacher, workdir, _SET.value))
   bag_paths, purities = {}, {}
-  for method in methods:
-    bag_paths[method], purities[method] = make_bags(method, teacher, workdir, _SET.value)
+  for bag in bags:
+    bag_paths[bag], purities[bag] = make_bags(
+        bag, teacher, workdir, _SET.value,
+        supervised if bag in fmnist_ablation.SUPERVISED_BAGS else None)
 
   table = {}
   for row in rows:
@@ -223,6 +286,9 @@ def main(argv: list[str]) -> None:
         'raw pixels (floor)': evaluate_both(
             reference_config, 'pixels', os.path.join(workdir, 'reference', 'pixels')),
     }
+    if supervised:
+      references['supervised network (bags of the supervised row)'] = evaluate_both(
+          reference_config, supervised, os.path.join(workdir, 'reference', 'supervised'))
   hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
       __import__('jax').devices()[0].device_kind)
   markdown = format_markdown(table, references, purities, hardware)

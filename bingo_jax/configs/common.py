@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.finetune_lr = 1.0        # backbone, at batch 256 (not published)
   config.eval.finetune_classifier_lr_multiplier = 10.0  # paper: new fc at lr 10
   config.eval.finetune_weight_decay = 0.0
+  # Write the fine-tuned network (backbone and classifier) as a model file at this path: a
+  # supervised network for bagging (paper Table 7; docs/evaluation.md). None: not written.
+  config.eval.finetune_export = ml_collections.FieldReference(None, field_type=str)
   config.eval.seed = 0                 # classifier init, batch order, subsets, t-SNE
   config.eval.cache_features = True    # WORKDIR/features/*.npy, keyed by model and data
   config.eval.analysis_normalize = True  # L2-normalise features for distances and t-SNE

@@ -31,11 +31,25 @@ network makes the bags and is not used in training:
   relation_labels  (h) the label bags of (d) (a supervised-contrastive upper bound).
   relation_random  (i) the random-network bags of (e).
 
+Paper Fig. 3, the bag size: BINGO with teacher-kNN bags of k = 1, 10, 20 neighbours (``knn`` is
+k = 5), each its own bag file (``BAGS``):
+
+  knn_k1, knn_k10, knn_k20
+
+Paper Table 7, bags from a network trained on the labels:
+
+  supervised   BINGO with the teacher as in (c), but the 5-NN bags are found in the features
+               of a supervised network: the teacher fine-tuned on the labels of all the
+               training images (the ``finetune`` protocol of ``bingo_jax.evaluate`` with the
+               settings of ``supervised_teacher_config``, exported with
+               ``eval.finetune_export``); tools/fmnist_ablation.py trains it once.
+
 ``knn`` is the demo's configuration. The bag files come from ``bingo_jax.bagging`` (methods
-``knn``, ``labels``, ``random-teacher``) and are passed with ``--config.bags.path``; the rows
-without bags (``moco``, ``anchor_only``) need none, and the ``moco`` and ``relation_*`` rows no
-teacher file. ``tools/fmnist_ablation.py`` runs the whole table (bags, 3 seeds per row, kNN and
-fast linear evaluation) and writes the results; one row by hand::
+``knn``, ``labels``, ``random-teacher``; ``BAGS`` gives each file's method and k) and are
+passed with ``--config.bags.path``; the rows without bags (``moco``, ``anchor_only``) need
+none, and the ``moco`` and ``relation_*`` rows no teacher file. ``tools/fmnist_ablation.py``
+runs the whole table (bags, 3 seeds per row, kNN and fast linear evaluation) and writes the
+results; one row by hand::
 
   python -m bingo_jax.train --config fmnist_ablation:knn --workdir W/knn_s0 \\
       --config.teacher.path=W/teacher --config.bags.path=W/bags_knn.npz --config.train.seed=0
@@ -61,14 +75,40 @@ ROWS = {
     'relation_knn': '(g) teacher relation only: MoCo v2 + BINGO loss, kNN bags from the teacher',
     'relation_labels': '(h) relation only, ground-truth label bags (supervised upper bound)',
     'relation_random': '(i) relation only, kNN bags from a random network',
+    'knn_k1': 'Fig. 3: BINGO, kNN bags from the teacher, k = 1',
+    'knn_k10': 'Fig. 3: BINGO, kNN bags from the teacher, k = 10',
+    'knn_k20': 'Fig. 3: BINGO, kNN bags from the teacher, k = 20',
+    'supervised': 'Table 7: BINGO, kNN bags from a supervised network (teacher fine-tuned '
+                  'on the labels)',
 }
-# The bagging method whose bag file each row trains with (None: no bags).
+# The bag file each row trains with, by name (None: no bags); tools/fmnist_ablation.py writes
+# it as bags_<name>.npz, so rows with different bags never share a file.
 ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
             'random': 'random-teacher', 'paper_eq8': 'knn', 'kd': None, 'rkd': None,
             'relation_knn': 'knn', 'relation_labels': 'labels',
-            'relation_random': 'random-teacher'}
+            'relation_random': 'random-teacher',
+            'knn_k1': 'knn_k1', 'knn_k10': 'knn_k10', 'knn_k20': 'knn_k20',
+            'supervised': 'supervised'}
 # The rows trained as MoCo v2 (config.train.method = 'moco': no teacher network in training).
 MOCO_ROWS = ('moco', 'relation_knn', 'relation_labels', 'relation_random')
+# Each bag file's bagging method and k (config.bags.method, config.bags.k; k is read by the
+# neighbour methods only).
+BAGS = {'knn': ('knn', 5), 'labels': ('labels', 5), 'random-teacher': ('random-teacher', 5),
+        'knn_k1': ('knn', 1), 'knn_k10': ('knn', 10), 'knn_k20': ('knn', 20),
+        'supervised': ('knn', 5)}
+# The bag files found in the supervised network's features instead of the teacher's.
+SUPERVISED_BAGS = ('supervised',)
+
+
+def supervised_teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fine-tuning that makes the supervised network of the ``supervised`` row: the whole
+  network (from the teacher) with a new classifier, on every labelled training image
+  (fraction 1), 10 epochs, one SGD learning rate 0.1 at batch 256 for backbone and classifier
+  (a plain supervised schedule rather than the semi-supervised protocol's 10x classifier),
+  weight decay 5e-4, cosine per epoch."""
+  config.eval.update(finetune_fraction=1.0, finetune_epochs=10, finetune_lr=0.1,
+                     finetune_classifier_lr_multiplier=1.0, finetune_weight_decay=5e-4)
+  return config
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -78,7 +118,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
                      f'{", ".join(ROWS)}; got {arg!r}.')
   row, rest = names[0], names[1:]
   config = fmnist_demo.get_config()
-  config.bags.method = ROW_BAGS[row] or 'knn'
+  if ROW_BAGS[row]:
+    config.bags.method, config.bags.k = BAGS[ROW_BAGS[row]]
   if row in MOCO_ROWS:
     config.train.method = 'moco'
     config.train.moco_momentum = 0.99
@@ -87,4 +128,6 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   elif row in ('anchor_only', 'paper_eq8', 'kd', 'rkd'):
     config.train.loss = row
     config.train.cutmix = 'none'
+  elif row == 'supervised':
+    supervised_teacher_config(config)  # read by the finetune protocol only
   return variants.apply_variants(config, ','.join(rest))

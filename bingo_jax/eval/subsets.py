@@ -115,7 +115,7 @@ def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
     identifiers: the training source's identifiers.
     labels: its ``(N,)`` labels.
     workdir: where a drawn subset is written.
-    fraction: labelled fraction (used when ``split_file`` is None).
+    fraction: labelled fraction (used when ``split_file`` is None); 1 takes every image.
     seed: draw seed.
     split_file: SimCLR-style split file to use instead of drawing.
     write: write a drawn subset (process 0 only on multi-host runs; the draw itself is the
@@ -126,7 +126,10 @@ def finetune_subset(identifiers: list[str], labels: np.ndarray, *, workdir: str,
   """
   if split_file:
     return read_split_file(split_file, identifiers), split_file
-  indices = class_balanced_subset(labels, fraction, seed)
+  # Fraction 1: every labelled image, whatever the class counts (a supervised network on the
+  # whole training split); a class-balanced draw would drop images of the larger classes.
+  indices = (np.arange(len(labels), dtype=np.int64) if fraction == 1 else
+             class_balanced_subset(labels, fraction, seed))
   path = fileio.join(workdir, f'finetune_subset_{fraction:g}_seed{seed}.txt')
   if write:
     write_split_file(path, indices, identifiers)
