@@ -15,6 +15,7 @@ import ml_collections
 
 from bingo_jax import cutmix as cutmix_lib
 from bingo_jax import objectives
+from bingo_jax import views
 
 # config.train.method: one step builder each (steps.STEP_BUILDERS).
 METHODS = ('bingo', 'moco')
@@ -29,6 +30,10 @@ ON_DEVICE = ('auto', 'always', 'never')
 # 'stop': a non-finite loss or gradient norm stops the run (train.py); 'skip': the step keeps
 # the previous state (parameters, optimizer, statistics, queue) and counts it in 'skipped'.
 NAN_POLICIES = ('stop', 'skip')
+# config.bags.source: a bag file, or bags recomputed from the student (bingo_jax/student_bags.py),
+# whose kNN search is one of the exact backends.
+BAG_SOURCES = ('file', 'student')
+STUDENT_BAG_SEARCH = ('knn', 'jax')
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -135,10 +140,35 @@ def _check_method_options(config: ml_collections.ConfigDict) -> None:
   train = config.train
   if method(config) == 'moco' and not 0.0 <= float(train.moco_momentum) <= 1.0:
     raise ValueError(f'config.train.moco_momentum = {train.moco_momentum} must lie in [0, 1].')
-  if (objectives.make_objective(train, loss_name(config)).uses_cutmix
-      and train.cutmix == 'group' and not config.student.bn_group_size):
+  objective = objectives.make_objective(train, loss_name(config))
+  if objective.uses_cutmix and train.cutmix == 'group' and not config.student.bn_group_size:
     raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
                      f'but config.student.bn_group_size = {config.student.bn_group_size}.')
+  _check_bag_source(config, objective)
+
+
+def _check_bag_source(config: ml_collections.ConfigDict,
+                      objective: objectives.Objective) -> None:
+  """``config.bags.source`` and ``refresh_every_epochs``: student bags need positives to
+  sample, a refresh period and an exact kNN search."""
+  bags = config.bags
+  source, every = bags.get('source', 'file'), bags.get('refresh_every_epochs', 0)
+  _check_choice('config.bags.source', source, BAG_SOURCES)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f'config.bags.refresh_every_epochs = {every!r} must be an integer >= 0.')
+  if source == 'file':
+    if every:
+      raise ValueError(f'config.bags.refresh_every_epochs = {every} recomputes the bags from '
+                       "the student: set config.bags.source = 'student' (or the period to 0).")
+    return
+  if every < 1:
+    raise ValueError("config.bags.source = 'student' needs config.bags.refresh_every_epochs "
+                     '>= 1 (the bags are recomputed every that many epochs).')
+  _check_choice('config.bags.method (with config.bags.source = \'student\')', bags.method,
+                STUDENT_BAG_SEARCH)
+  if not views.needs_bags(objective.batch_views):
+    raise ValueError(f"config.bags.source = 'student', but {loss_key(config)} = "
+                     f'{loss_name(config)!r} reads no bag positives.')
 
 
 def _built_group_size(model: nn.Module) -> Any:

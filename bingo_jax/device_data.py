@@ -186,13 +186,18 @@ def place_on_devices(source, bags, mesh: jax.sharding.Mesh) -> dict:
   array = source_array(source)
   if array is None:
     raise ValueError(f'{source.description} cannot be held on the devices.')
-  data = {'images': np.ascontiguousarray(array)}
-  if bags is not None:
-    keys = (('neighbors',) if bags.kind == 'fixed' else
-            ('group_of', 'group_offsets', 'group_members', 'position_in_group'))
-    for key in keys:
-      data[key] = np.asarray(getattr(bags, key), np.int32)
-  return parallel.replicate(data, mesh)
+  data = parallel.replicate({'images': np.ascontiguousarray(array)}, mesh)
+  return data if bags is None else dict(data, **bag_tables(bags, mesh))
+
+
+def bag_tables(bags, mesh: jax.sharding.Mesh) -> dict:
+  """The bags' tables as replicated int32 arrays (``neighbors``, or ``group_of`` /
+  ``group_offsets`` / ``group_members`` / ``position_in_group``): ``place_on_devices``'s, and
+  what a run whose bags change replaces (docs/method.md §1, student relation)."""
+  keys = (('neighbors',) if bags.kind == 'fixed' else
+          ('group_of', 'group_offsets', 'group_members', 'position_in_group'))
+  return parallel.replicate({key: np.asarray(getattr(bags, key), np.int32) for key in keys},
+                            mesh)
 
 
 def _positive(data: dict, anchor: jax.Array, key: jax.Array) -> jax.Array:

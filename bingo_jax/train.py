@@ -35,8 +35,8 @@ from bingo_jax import bag_file
 from bingo_jax import checkpointing
 from bingo_jax import cli
 from bingo_jax import config_checks
+from bingo_jax import data_feed
 from bingo_jax import data_sources
-from bingo_jax import device_data
 from bingo_jax import fileio
 from bingo_jax import input_pipeline
 from bingo_jax import knn_monitor
@@ -46,6 +46,7 @@ from bingo_jax import preemption as preemption_lib
 from bingo_jax import progress
 from bingo_jax import run_summary
 from bingo_jax import steps
+from bingo_jax import student_bags
 from bingo_jax import train_loop
 from bingo_jax import train_step as train_step_lib
 from bingo_jax import views
@@ -218,12 +219,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- the step (the builder of config.train.method) and its data feed ----
   key_model, teacher_variables = _key_side(config, student_config, teacher, mesh)
   train_step = steps.step_builder(config)(config, student, key_model, mesh, steps_per_epoch)
-  run_step = _data_feed(config, train_step, teacher_variables, source, bags, mesh, batch_views,
-                        start_step=start_step, local_batch_size=local_batch_size,
-                        steps_per_epoch=steps_per_epoch)
+  run_step = data_feed.make_data_feed(
+      config, train_step, teacher_variables, source, bags, mesh, batch_views,
+      start_step=start_step, local_batch_size=local_batch_size, steps_per_epoch=steps_per_epoch,
+      bag_source=student_bags.bag_source(config, workdir, student, source, mesh, steps_per_epoch))
 
-  # ---- the loop ----
-  # Elapsed time and core-hours continue from the checkpoint's record (progress.py).
+  # ---- the loop (elapsed time and core-hours continue from the checkpoint's, progress.py) ----
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
                                 previous=stored_progress)
   monitor_step = _monitor_step(config, mesh, student, chrono, steps_per_epoch)
@@ -268,45 +269,6 @@ def _steps_of_the_run(config: ml_collections.ConfigDict, num_images: int) -> tup
   return steps_per_epoch, total_steps
 
 
-def _data_feed(config: ml_collections.ConfigDict, train_step: Callable, teacher_variables: Any,
-               source: Any, bags: Optional[bag_file.Bags], mesh: jax.sharding.Mesh,
-               batch_views: tuple[str, ...], *, start_step: int, local_batch_size: int,
-               steps_per_epoch: int) -> Callable:
-  """``run_step(state) -> (state, metrics)`` on the next batch, from one of three feeds.
-
-  Views drawn in the step from images held on the devices (``augment_on = 'device'`` and a
-  source that fits), views drawn in the step from canvases the host decodes (``'device'``),
-  or views augmented on the host (``'host'``).
-  """
-  if device_data.augment_on(config) == 'device' and device_data.use_on_device_source(config,
-                                                                                   source):
-    logging.info('Training images held on the devices; views drawn in the step.')
-    data = device_data.place_on_devices(source, bags, mesh)
-    device_step = device_data.on_device_step(train_step, config, mesh, batch_views,
-                                             steps_per_epoch)
-
-    def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
-      return device_step(state, teacher_variables, data)
-    return run_step
-  host_views = device_data.augment_on(config) == 'host'
-  batches = input_pipeline.create_train_iterator(
-      config, source, bags, start_step=start_step,
-      local_batch_size=local_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      views=batch_views, output='views' if host_views else 'canvases')
-  # The pipeline's anchor_index / positive_index stay on the host: the step reads views,
-  # or the canvases, sizes and view keys it draws them from.
-  keys = batch_views if host_views else device_data.canvas_keys(batch_views)
-  if not host_views:
-    train_step = device_data.canvas_step(train_step, config, mesh, batch_views)
-
-  def run_step(state: train_step_lib.TrainState) -> tuple[train_step_lib.TrainState, dict]:
-    local_batch = next(batches)
-    batch = parallel.global_batch({key: local_batch[key] for key in keys}, mesh)
-    return train_step(state, teacher_variables, batch)
-  return run_step
-
-
 def _monitor_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, student: Any,
                   chrono: progress.Chronometer, steps_per_epoch: int) -> Callable:
   """``(step, state) -> kNN monitor metrics, or None when the monitor is off or not due``."""
@@ -342,6 +304,10 @@ def _training_data(config: ml_collections.ConfigDict,
   """The training source, and its bags when the step reads a view of the bag positive."""
   source = data_sources.make_source(config.data, config.data.train_split)
   # Plain MoCo and the 'anchor_only' loss use only the anchor's own views: no bag file is read.
+  if views.needs_bags(batch_views) and student_bags.uses_student_bags(config):
+    logging.info('Bags from the student, refreshed every %d epochs (config.bags.source).',
+                 config.bags.refresh_every_epochs)
+    return source, None
   if views.needs_bags(batch_views):
     return source, load_training_bags(config, source, len(source))
   if config.bags.get('path'):

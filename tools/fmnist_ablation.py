@@ -7,8 +7,9 @@ For each row of ``bingo_jax/configs/fmnist_ablation.py`` and each seed: distil
 (``bingo_jax.evaluate``). The default rows are moco, anchor_only, knn, labels, random,
 paper_eq8 (``ROW_ORDER``); ``--rows`` names others, ``EXTRA_ROWS``: the Table 9 baselines
 (``--rows kd,rkd``), the relation-only rows (``relation_knn,relation_labels,relation_random``),
-the Fig. 3 k sweep (``--rows knn_k1,knn,knn_k10,knn_k20``) and the Table 7 supervised-network
-bags (``--rows supervised``). The bag files are made once, by ``bingo_jax.bagging`` with the
+the Fig. 3 k sweep (``--rows knn_k1,knn,knn_k10,knn_k20``), the Table 7 supervised-network
+bags (``--rows supervised``) and the student relation (``student_relation``,
+``student_relation_teacher``: bags from the student, no bag file). The bag files are made once, by ``bingo_jax.bagging`` with the
 teacher (knn, for each k), the labels, a randomly initialised network of the teacher's
 architecture, and the supervised network (``--supervised_teacher``, or the teacher fine-tuned
 on the labels by the tool, once). Every run records its wall times. The seed changes the
@@ -46,10 +47,10 @@ from bingo_jax import cli
 
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 # Rows run only when --rows names them (the default table keeps its six rows and its length):
-# the Table 9 baselines, teacher relation only, the Fig. 3 bag sizes (knn is k = 5) and the
-# Table 7 supervised-network bags.
+# the Table 9 baselines, teacher relation only, the Fig. 3 bag sizes (knn is k = 5), the
+# Table 7 supervised-network bags and the student relation.
 EXTRA_ROWS = ('kd', 'rkd', 'relation_knn', 'relation_labels', 'relation_random', 'knn_k1',
-              'knn_k10', 'knn_k20', 'supervised')
+              'knn_k10', 'knn_k20', 'supervised', 'student_relation', 'student_relation_teacher')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file

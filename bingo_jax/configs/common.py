@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.bags.method = 'knn'           # 'knn' | 'approx' | 'jax' | 'kmeans' | 'labels' |
                                        # 'random-teacher'
   config.bags.k = 5
+  # Training's bags: 'file' (config.bags.path) | 'student': kNN in the student's own features,
+  # recomputed at epochs 0, N, 2N, ... (N = refresh_every_epochs; Table 8 "student relation",
+  # bingo_jax/student_bags.py; bags.method 'knn' or 'jax' searches them)
+  config.bags.source = 'file'
+  config.bags.refresh_every_epochs = 0
   config.bags.num_clusters = 20000     # kmeans
   config.bags.batch_size = 256         # teacher feature pass, global
   config.bags.shard_size = 65536       # images per feature shard on disk

@@ -44,6 +44,13 @@ Paper Table 7, bags from a network trained on the labels:
                settings of ``supervised_teacher_config``, exported with
                ``eval.finetune_export``); tools/fmnist_ablation.py trains it once.
 
+Student relation (paper Table 8 rows 2 and 5): the bags are the student's own 5 nearest
+neighbours, recomputed at the start of every epoch (``bags.source = 'student'``,
+``bags.refresh_every_epochs = 1``; the first from the initial student); no bag file:
+
+  student_relation          (j) the relation-only student of (g), no teacher network.
+  student_relation_teacher  (k) BINGO of (c) (teacher parameters), student bags.
+
 ``knn`` is the demo's configuration. The bag files come from ``bingo_jax.bagging`` (methods
 ``knn``, ``labels``, ``random-teacher``; ``BAGS`` gives each file's method and k) and are
 passed with ``--config.bags.path``; the rows without bags (``moco``, ``anchor_only``) need
@@ -80,6 +87,8 @@ ROWS = {
     'knn_k20': 'Fig. 3: BINGO, kNN bags from the teacher, k = 20',
     'supervised': 'Table 7: BINGO, kNN bags from a supervised network (teacher fine-tuned '
                   'on the labels)',
+    'student_relation': '(j) student relation: MoCo v2 + BINGO loss, bags from the student',
+    'student_relation_teacher': '(k) BINGO (teacher parameters), bags from the student',
 }
 # The bag file each row trains with, by name (None: no bags); tools/fmnist_ablation.py writes
 # it as bags_<name>.npz, so rows with different bags never share a file.
@@ -88,9 +97,12 @@ ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
             'relation_knn': 'knn', 'relation_labels': 'labels',
             'relation_random': 'random-teacher',
             'knn_k1': 'knn_k1', 'knn_k10': 'knn_k10', 'knn_k20': 'knn_k20',
-            'supervised': 'supervised'}
+            'supervised': 'supervised', 'student_relation': None,
+            'student_relation_teacher': None}
 # The rows trained as MoCo v2 (config.train.method = 'moco': no teacher network in training).
-MOCO_ROWS = ('moco', 'relation_knn', 'relation_labels', 'relation_random')
+MOCO_ROWS = ('moco', 'relation_knn', 'relation_labels', 'relation_random', 'student_relation')
+# The rows whose bags the student recomputes every epoch (no bag file).
+STUDENT_BAG_ROWS = ('student_relation', 'student_relation_teacher')
 # Each bag file's bagging method and k (config.bags.method, config.bags.k; k is read by the
 # neighbour methods only).
 BAGS = {'knn': ('knn', 5), 'labels': ('labels', 5), 'random-teacher': ('random-teacher', 5),
@@ -125,6 +137,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.train.moco_momentum = 0.99
     # Relation only: the released loss (and CutMix) of (c), the key encoder as the teacher.
     config.train.moco_loss = 'anchor_only' if row == 'moco' else 'bingo'
+  if row in STUDENT_BAG_ROWS:
+    config.bags.source, config.bags.refresh_every_epochs = 'student', 1
   elif row in ('anchor_only', 'paper_eq8', 'kd', 'rkd'):
     config.train.loss = row
     config.train.cutmix = 'none'
