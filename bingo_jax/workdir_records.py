@@ -11,12 +11,13 @@ except for ``RESUME_SAFE_KEYS`` (docs/reliability.md).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import jax
 from absl import logging
 
 from bingo_jax import fileio
+from bingo_jax.configs import common as config_common
 
 STUDENT_RECORD = 'student_model.json'
 CONFIG_RECORD = 'config.json'
@@ -39,21 +40,29 @@ def _flatten(record: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: record}
 
 
-def config_changes(previous: dict, current: dict) -> list[str]:
+def config_changes(previous: dict, current: dict,
+                   defaults: Optional[dict] = None) -> list[str]:
   """The keys whose values differ between two config records, as ``config.k: old -> new``.
 
   Args:
     previous, current: configs as JSON dicts (``config.json`` and this run's config).
+    defaults: the config schema's defaults as a JSON dict (``configs.common.base_config``).
+      A key the recorded config lacks and this run holds at its default is not a change: it
+      was added to the schema after the run was recorded, and a new key's default keeps the
+      computation it had before.
   Returns:
     One line per changed, added or removed key, except ``RESUME_SAFE_KEYS``.
   """
   old, new = _flatten(previous), _flatten(current)
+  schema = _flatten(defaults or {})
   missing = object()
   lines = []
   for key in sorted(set(old) | set(new)):
     if key in RESUME_SAFE_KEYS:
       continue
     before, after = old.get(key, missing), new.get(key, missing)
+    if before is missing and key in schema and after == schema[key]:
+      continue
     if before != after:
       lines.append(f'config.{key}: {"(absent)" if before is missing else repr(before)} -> '
                    f'{"(absent)" if after is missing else repr(after)}')
@@ -61,8 +70,8 @@ def config_changes(previous: dict, current: dict) -> list[str]:
 
 
 def write_workdir_records(workdir: str, student_model_config: dict, config_json: str,
-                          resuming: bool = False, allow_config_change: bool = False
-                          ) -> list[str]:
+                          resuming: bool = False, allow_config_change: bool = False,
+                          defaults: Optional[dict] = None) -> list[str]:
   """Writes ``student_model.json`` and ``config.json`` (process 0 only; others return).
 
   Args:
@@ -72,6 +81,7 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
     resuming: the workdir holds checkpoints this run continues from; its ``config.json`` is
       then compared with this run's config.
     allow_config_change: accept (and log) a resume with a different config.
+    defaults: the schema's defaults (``config_changes``); None: ``base_config()``'s.
   Returns:
     The config changes of a resume (``config_changes`` lines; empty for a fresh run).
   Raises:
@@ -90,7 +100,9 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
   current = json.loads(config_json)
   changes = []
   if resuming and fileio.isfile(config_path):
-    changes = config_changes(fileio.read_json(config_path), current)
+    if defaults is None:
+      defaults = json.loads(config_common.base_config().to_json_best_effort())
+    changes = config_changes(fileio.read_json(config_path), current, defaults)
     if changes and not allow_config_change:
       raise ConfigChangedError(
           f'{workdir} holds checkpoints of a run with another config ({config_path}); this '

@@ -1,5 +1,6 @@
 """``--config`` takes a built-in name (with variants) or a config file path."""
 
+import json
 import os
 
 import pytest
@@ -62,3 +63,23 @@ def test_the_flag_takes_names_and_overrides():
   expected = tiny_test.get_config()
   expected.lock()
   assert holder.value == expected
+
+
+def test_a_key_added_to_the_schema_later_is_no_change_at_its_default():
+  """A workdir recorded before a key existed resumes when this run holds the key at the
+  schema's default (the key's default keeps the old computation), not at another value."""
+  from bingo_jax import workdir_records  # pylint: disable=import-outside-toplevel
+  from bingo_jax.configs import common  # pylint: disable=import-outside-toplevel
+  defaults = json.loads(common.base_config().to_json_best_effort())
+  assert defaults['student']['init_from'] is None  # the key this test leaves out
+  current = json.loads(common.base_config().to_json_best_effort())
+  recorded = json.loads(json.dumps(current))
+  del recorded['student']['init_from']
+  assert workdir_records.config_changes(recorded, current, defaults) == []
+  current['student']['init_from'] = '/models/teacher'
+  assert workdir_records.config_changes(recorded, current, defaults) == [
+      "config.student.init_from: (absent) -> '/models/teacher'"]
+  # Without the schema, the absent key is reported as before.
+  current['student']['init_from'] = None
+  assert workdir_records.config_changes(recorded, current) == [
+      'config.student.init_from: (absent) -> None']
