@@ -5,8 +5,9 @@ References: the straight run's stored arrays (a separate workdir, never touched 
 PyTorch's own tensors for the converter, values written by the test itself. A run that
 recovers must end bit-identical to the straight run.
 
-The set-up is test_train.py's tiny one: 48 random PNG images, random-neighbour bags, a random
-ResNet-18 (width 8) teacher; 12 steps of batch 16, checkpoints every 2 steps, 2 kept.
+The set-up is the tests' tiny one (bingo_jax/testing/tiny_run.py): 48 random PNG images,
+random-neighbour bags, a random ResNet-18 (width 8) teacher; 12 steps of batch 16, checkpoints
+every 2 steps, 2 kept.
 """
 
 import json
@@ -22,60 +23,31 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bingo_jax import bag_file, checkpointing, data_sources, model_io, workdir_lock
 from bingo_jax import checkpoint_integrity, train, workdir_records
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_IMAGES = 48
 TOTAL_STEPS = 12
-TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
-               head_output_dim=16)
+TEACHER = tiny_run.TEACHER
 
 
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory):
-  root = tmp_path_factory.mktemp('reliability_inputs')
-  rng = np.random.default_rng(0)
-  os.makedirs(root / 'images')
-  lines = []
-  for i in range(NUM_IMAGES):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        root / 'images' / f'{i:03d}.png')
-    lines.append(f'images/{i:03d}.png {i % 4}')
-  (root / 'images.txt').write_text('\n'.join(lines) + '\n')
-  paths = {'images': str(root / 'images.txt'), 'bags': str(root / 'bags.npz'),
-           'teacher': str(root / 'teacher'), 'root': str(root)}
-  config = tiny_test.get_config()
-  config.data.path = paths['images']
-  source = data_sources.make_source(config.data, 'train')
-  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
-                         for i in range(NUM_IMAGES)])
-  bag_file.save_bags(paths['bags'], bag_file.Bags.from_neighbors(
-      neighbours, method='knn', fingerprint=source.fingerprint))
-  model_io.save_model(paths['teacher'], TEACHER,
-                      init_variables(create_model(**TEACHER), jax.random.key(7), 32))
-  return paths
+  return tiny_run.make_inputs(tmp_path_factory.mktemp('reliability_inputs'))
 
 
 def _command(inputs: dict, workdir: str, *extra: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
-          '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
-          f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
-          '--config.train.epochs=4', *extra]
+  return tiny_run.train_command(inputs, workdir, '--config.train.epochs=4', *extra)
 
 
 def _environment(inputs: dict) -> dict:
   # The persistent compilation cache makes every run reuse the first one's executables
   # (identical numerics, no recompilation).
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              JAX_COMPILATION_CACHE_DIR=os.path.join(inputs['root'], 'jax_cache'),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
-              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return tiny_run.environment(inputs)
 
 
 def _start(inputs: dict, command: list) -> subprocess.Popen:

@@ -12,13 +12,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fake_remote_fs
-from bingo_jax import (bag_file, checkpointing, data_sources, evaluate, fileio, model_io,
+from bingo_jax import (bag_file, checkpointing, data_sources, evaluate, fileio,
                        torch_checkpoints, train)
-from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.testing import tiny_run
 
 
 @pytest.fixture()
@@ -76,36 +75,20 @@ def test_bag_file_round_trip_through_a_url_equals_local(remote, tmp_path):
 # The acceptance round trip.
 
 NUM_IMAGES = 32
-TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
-               head_output_dim=16)
 
 
 def _images(root) -> str:
-  rng = np.random.default_rng(0)
-  os.makedirs(root / 'images')
-  lines = []
-  for i in range(NUM_IMAGES):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        root / 'images' / f'{i:03d}.png')
-    lines.append(f'images/{i:03d}.png {i % 4}')
-  (root / 'images.txt').write_text('\n'.join(lines) + '\n')
-  return str(root / 'images.txt')
+  return tiny_run.write_images(str(root), np.random.default_rng(0), NUM_IMAGES)
 
 
 def _inputs(base: str, images: str) -> dict:
   """The teacher model file and the bag file under ``base`` (a URL or a local directory)."""
   config = tiny_test.get_config()
   config.data.path = images
-  source = data_sources.make_source(config.data, 'train')
-  rng = np.random.default_rng(1)
-  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
-                         for i in range(NUM_IMAGES)])
   bags = fileio.join(base, 'bags.npz')
-  bag_file.save_bags(bags, bag_file.Bags.from_neighbors(neighbours, method='knn',
-                                                        fingerprint=source.fingerprint))
+  tiny_run.write_bags(bags, images, np.random.default_rng(1))
   teacher = fileio.join(base, 'teacher')
-  model_io.save_model(teacher, TEACHER, init_variables(create_model(**TEACHER),
-                                                       jax.random.key(7), 32))
+  tiny_run.write_teacher(teacher)
   config.teacher.path, config.bags.path = teacher, bags
   config.eval.update(knn_k=3, knn_weighted_k=8, batch_size=16)
   config.data.eval_split = 'train'

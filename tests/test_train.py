@@ -1,32 +1,28 @@
 """The training command: resume equals a straight run, bad inputs fail early and clearly,
 configs carry the released hyper-parameters, progress numbers and TensorBoard logs are right.
 
-The resume test runs the real CLI (``python -m bingo_jax.train``) in subprocesses on a tiny
-set-up made here: 48 random PNG images in a file list, random-neighbour bags, a randomly
-initialised small ResNet saved as the teacher model file.
+The resume test runs the real CLI (``python -m bingo_jax.train``) in subprocesses on the tests'
+tiny set-up (bingo_jax/testing/tiny_run.py): 48 random PNG images in a file list,
+random-neighbour bags, a randomly initialised small ResNet saved as the teacher model file.
 """
 
 import importlib
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
-from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, model_io, progress
+from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, progress
 from bingo_jax import config_checks, train
-from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_IMAGES = 48
-TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
-               head_output_dim=16)
+NUM_IMAGES = tiny_run.NUM_IMAGES
 
 
 def _tiny_config(inputs: dict, **train_overrides):
@@ -41,25 +37,7 @@ def _tiny_config(inputs: dict, **train_overrides):
 
 @pytest.fixture(scope='module')
 def tiny_inputs(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tiny_inputs')
-  rng = np.random.default_rng(0)
-  os.makedirs(root / 'images')
-  lines = []
-  for i in range(NUM_IMAGES):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        root / 'images' / f'{i:03d}.png')
-    lines.append(f'images/{i:03d}.png {i % 4}')
-  (root / 'images.txt').write_text('\n'.join(lines) + '\n')
-  inputs = {'images': str(root / 'images.txt'), 'bags': str(root / 'bags.npz'),
-            'teacher': str(root / 'teacher'), 'root': str(root)}
-  source = data_sources.make_source(_tiny_config(inputs).data, 'train')
-  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
-                         for i in range(NUM_IMAGES)])
-  bag_file.save_bags(inputs['bags'], bag_file.Bags.from_neighbors(
-      neighbours, method='knn', fingerprint=source.fingerprint))
-  teacher = create_model(**TEACHER)
-  model_io.save_model(inputs['teacher'], TEACHER, init_variables(teacher, jax.random.key(7), 32))
-  return inputs
+  return tiny_run.make_inputs(tmp_path_factory.mktemp('tiny_inputs'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,20 +45,13 @@ def tiny_inputs(tmp_path_factory):
 
 
 def _command(inputs: dict, workdir: str, *extra: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
-          '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
-          f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
-          '--config.train.max_steps=4', *extra]
+  return tiny_run.train_command(inputs, workdir, '--config.train.max_steps=4', *extra)
 
 
 def _environment(inputs: dict) -> dict:
   # Two devices keep the batch sharded; the persistent compilation cache lets the rerun skip
   # recompiling what the first runs compiled (identical executables, identical numerics).
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              JAX_COMPILATION_CACHE_DIR=os.path.join(inputs['root'], 'jax_cache'),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
-              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return tiny_run.environment(inputs)
 
 
 def _wait(process: subprocess.Popen, what: str) -> None:

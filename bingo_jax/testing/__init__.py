@@ -1,0 +1,1 @@
+"""Helpers for the tests and the bench scripts (not used by the package itself)."""
