@@ -1,27 +1,43 @@
-r"""Fault injection: kill a tiny training run at random moments, resume it, compare bit for bit.
+r"""Fault injection: kill a tiny training run at chosen moments, resume it, compare bit for bit.
 
   python -m bench.faults [--trials 20] [--seed 0] [--parallel 1] [--workdir /tmp/bingo_faults]
 
-Each trial starts ``python -m bingo_jax.train`` (the tiny test set-up: 48 random 32 px images,
-ResNet-18 of width 8, 12 steps, checkpoints every 2 steps, 2 kept) in a fresh workdir, sends it
-SIGKILL, SIGTERM or SIGINT after a random delay (uniform over the duration of an undisturbed
-run, start-up and compilation included, so the moment falls anywhere: imports, restore,
-compilation, a step, a checkpoint save; a run that ends before its signal is started again
-with half the delay), then reruns the same command until it exits 0. The
-final checkpoint must equal the undisturbed run's, every array bit for bit. The table gives,
-per trial, the signal, the delay, the last step the killed run logged ('start-up' before
-its first), the killed run's exit status (75: saved and stopped, a
-negative number: killed by that signal), the last checkpoint it left, the reruns needed and
-the verdict. docs/reliability.md quotes the result.
+Each trial starts ``python -m bingo_jax.train`` on the tiny run of the tests
+(``bingo_jax.testing.tiny_run``: 48 random 32 px images, ResNet-18 of width 8, 12 steps,
+checkpoints every 2 steps, 2 kept) in a fresh workdir and sends it SIGKILL, SIGTERM or SIGINT
+at a moment taken from the run's own progress, not from the clock:
 
-``--parallel N`` runs N trials at once (and times N undisturbed runs at once, so that the
-delays still cover a whole run under that load). Too slow for the test suite: a trial costs
-one to two runs, minutes each on a loaded 2-core machine.
+- ``start-up``: a random delay into start-up (imports, restore, compilation), drawn uniformly
+  over the undisturbed run's time to its first step line; if the first step line comes first,
+  the signal goes at that line (the row says so);
+- ``step N``: as soon as the run has logged step N (the log is read as it streams);
+- ``save S``: while the asynchronous save of step S is being written: when orbax's
+  temporary directory ``checkpoints/S.orbax-checkpoint-tmp`` appears, plus a random 0-200 ms
+  (a save of the tiny state takes 0.2-0.5 s; the row says whether the directory was still
+  there when the signal went).
+
+N and S are uniform over the steps (S over the saved ones) for SIGKILL, and up to step 10 for
+SIGTERM and SIGINT: after the last step these let the run finish its final save and exit 0,
+with nothing to resume. The (signal, moment kind) pairs are dealt in shuffled rounds of all
+nine, so 20 trials cover each pair at least twice. Then the same command is rerun until it
+exits 0 (at most 3 times), and its final checkpoint must equal the undisturbed run's, every
+array bit for bit. A trial is a *real fault* when the signal reached the running run and
+changed how it ended (killed, or saved and stopped with 75; exit 0 only for a signal after
+the last step); the summary counts the trials that were not. The table gives, per trial, the
+signal, the moment, the last step logged when the signal went / by the end of the killed run
+(0: start-up), its exit status (75: saved and stopped; a negative number: killed by that
+signal), the last checkpoint it left, the reruns and the verdict. docs/reliability.md quotes
+the result.
+
+``--parallel N`` runs N trials at once (the undisturbed run is run N times at once, to time
+the start-up under that load and to check that the copies agree). Too slow for the test
+suite: a trial costs one to two runs, a minute or more each on a loaded 2-core machine.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import os
 import platform
 import random
@@ -29,80 +45,90 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
+
+from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-NUM_IMAGES = 48
-TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
-               head_output_dim=16)
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+KINDS = ('start-up', 'step', 'save')
+TOTAL_STEPS = 12           # --config.train.epochs=4 of 48 images at batch 16
+SAVE_EVERY = 2             # tiny_test's train.checkpoint_every_steps
+STEP_LINE = re.compile(r'\[step (\d+)/\d+')
+POLL_SECONDS = 0.003
 
 
-def make_inputs(root: str) -> dict:
-  """Images, bags and a random teacher, as tests/test_train.py makes them."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from bingo_jax import bag_file, data_sources, model_io  # pylint: disable=import-outside-toplevel
-  from bingo_jax.models import create_model, init_variables  # pylint: disable=import-outside-toplevel
-  from bingo_jax.configs import tiny_test  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  os.makedirs(os.path.join(root, 'images'), exist_ok=True)
-  lines = []
-  for i in range(NUM_IMAGES):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        os.path.join(root, 'images', f'{i:03d}.png'))
-    lines.append(f'images/{i:03d}.png {i % 4}')
-  with open(os.path.join(root, 'images.txt'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  paths = {'images': os.path.join(root, 'images.txt'), 'bags': os.path.join(root, 'bags.npz'),
-           'teacher': os.path.join(root, 'teacher'), 'root': root}
-  config = tiny_test.get_config()
-  config.data.path = paths['images']
-  source = data_sources.make_source(config.data, 'train')
-  neighbours = np.stack([rng.choice(np.delete(np.arange(NUM_IMAGES), i), 3, replace=False)
-                         for i in range(NUM_IMAGES)])
-  bag_file.save_bags(paths['bags'], bag_file.Bags.from_neighbors(
-      neighbours, method='knn', fingerprint=source.fingerprint))
-  if not os.path.exists(paths['teacher']):
-    model_io.save_model(paths['teacher'], TEACHER,
-                        init_variables(create_model(**TEACHER), jax.random.key(7), 32))
-  return paths
+def command(inputs: dict, workdir: str) -> list:
+  return tiny_run.train_command(inputs, workdir, '--config.train.epochs=4')
 
 
-def command(paths: dict, workdir: str) -> list:
-  return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
-          '--workdir', workdir, f'--config.teacher.path={paths["teacher"]}',
-          f'--config.data.path={paths["images"]}', f'--config.bags.path={paths["bags"]}',
-          '--config.train.epochs=4']
+class Run:
+  """A training subprocess whose log is read as it streams (a full pipe must not stall it).
+
+  ``last_step`` is the last step line's step (0 before the first), ``first_step_seconds`` the
+  time from the start to that first line.
+  """
+
+  def __init__(self, inputs: dict, workdir: str):
+    self.workdir = workdir
+    self.start = time.time()
+    self.process = subprocess.Popen(command(inputs, workdir), cwd=REPO,
+                                    env=tiny_run.environment(inputs), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, bufsize=1)
+    self.lines: list[str] = []
+    self.last_step = 0
+    self.first_step_seconds = None
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    for line in self.process.stderr:
+      self.lines.append(line)
+      match = STEP_LINE.search(line)
+      if match:
+        if self.first_step_seconds is None:
+          self.first_step_seconds = time.time() - self.start
+        self.last_step = int(match.group(1))
+
+  def wait(self, timeout: float = 1800) -> tuple[int, str]:
+    rc = self.process.wait(timeout=timeout)
+    self._reader.join(timeout=60)
+    return rc, ''.join(self.lines)
+
+  def temporary_saves(self, step: int) -> list:
+    return glob.glob(os.path.join(self.workdir, 'checkpoints',
+                                  f'{step}.orbax-checkpoint-tmp*'))
 
 
-def environment(paths: dict) -> dict:
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              JAX_COMPILATION_CACHE_DIR=os.path.join(paths['root'], 'jax_cache'),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
-              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+def run_to_end(inputs: dict, workdir: str) -> tuple[int, str, Run]:
+  run = Run(inputs, workdir)
+  rc, log = run.wait()
+  return rc, log, run
 
 
-def run(paths: dict, workdir: str, kill_after: float = None, signum: int = None
-        ) -> tuple[int, str]:
-  process = subprocess.Popen(command(paths, workdir), cwd=REPO, env=environment(paths),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  if kill_after is not None:
-    try:  # reads the log meanwhile: a full pipe must not stall the run
-      _, stderr = process.communicate(timeout=kill_after)
-      return process.returncode, stderr
-    except subprocess.TimeoutExpired:
-      process.send_signal(signum)
-  _, stderr = process.communicate(timeout=1800)
-  return process.returncode, stderr
+def wait_for_moment(run: Run, kind: str, value: float, jitter: float) -> tuple[bool, str]:
+  """Waits for the trial's moment; returns (reached while running, what happened)."""
+  while run.process.poll() is None:
+    if kind == 'start-up':
+      if run.last_step >= 1:
+        return True, 'start-up overran: at step 1 line'
+      if time.time() - run.start >= value:
+        return True, f'start-up {value:.1f} s'
+    elif kind == 'step' and run.last_step >= value:
+      return True, f'step {int(value)} line'
+    elif kind == 'save' and run.temporary_saves(int(value)):
+      time.sleep(jitter)
+      still = 'mid-save' if run.temporary_saves(int(value)) else 'save done'
+      return True, f'save {int(value)} +{jitter * 1000:.0f} ms ({still})'
+    elif kind == 'save' and os.path.isdir(os.path.join(run.workdir, 'checkpoints',
+                                                      str(int(value)))):
+      return True, f'save {int(value)} (missed: done)'
+    time.sleep(POLL_SECONDS)
+  return False, f'{kind} {value:g}: the run ended first'
 
 
 def final_state(workdir: str) -> tuple[int, dict]:
@@ -116,12 +142,6 @@ def final_state(workdir: str) -> tuple[int, dict]:
                 for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
 
-def last_logged_step(stderr: str) -> str:
-  """Where the killed run was: 'start-up' before its first step's log line, else 'step N'."""
-  steps = re.findall(r'\[step (\d+)/\d+', stderr)
-  return f'step {steps[-1]}' if steps else 'start-up'
-
-
 def saved_steps(workdir: str) -> list:
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
@@ -129,37 +149,49 @@ def saved_steps(workdir: str) -> list:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def trial_result(paths: dict, workdir: str, signum: int, delay: float, reference_step: int,
-                 reference: dict, state_lock: threading.Lock) -> tuple[bool, str]:
-  """One trial: kill at ``delay`` with ``signum`` (halved while the run ends first), rerun
-  until done, compare; returns (same, row)."""
-  for attempt in range(4):
-    shutil.rmtree(workdir, ignore_errors=True)
-    start = time.time()
-    rc, killed_log = run(paths, workdir, kill_after=delay / 2**attempt, signum=signum)
-    if not (rc == 0 and time.time() - start < delay / 2**attempt):
-      break
-    # The run ended before the signal (it went faster than the timed one): no fault was
-    # tried. Again, with half the delay.
-  delay /= 2**attempt
+def trial_result(inputs: dict, workdir: str, plan: tuple, reference: tuple,
+                 state_lock: threading.Lock) -> tuple[bool, bool, str]:
+  """One trial: signal at the planned moment, rerun until done, compare.
+
+  Returns:
+    (real fault, bit-identical, table row).
+  """
+  signum, kind, value, jitter = plan
+  shutil.rmtree(workdir, ignore_errors=True)
+  killed = Run(inputs, workdir)
+  delivered, moment = wait_for_moment(killed, kind, value, jitter)
+  at_signal = killed.last_step
+  if delivered:
+    try:
+      killed.process.send_signal(signum)
+    except ProcessLookupError:
+      delivered = False  # it exited between the check and the signal
+  rc, killed_log = killed.wait()
+  # A real fault: the signal reached the running run and changed how it ended (killed, or
+  # stopped with 75). Exit 0 after a signal means the signal was lost, unless it came after
+  # the last step (then the run rightly finishes its final save and exits 0: nothing to
+  # resume; make_plan aims SIGTERM/SIGINT before that).
+  real = delivered and (rc != 0 or at_signal == TOTAL_STEPS)
+  logged = f'{at_signal}/{killed.last_step}'
   left = saved_steps(workdir)
-  logs = [killed_log]
-  reruns, rerun_rc, stderr = 0, rc, killed_log
+  logs, reruns, rerun_rc = [killed_log], 0, rc
   while rerun_rc != 0 and reruns < 3:
     reruns += 1
-    rerun_rc, stderr = run(paths, workdir)
-    logs.append(stderr)
+    rerun_rc, log, _ = run_to_end(inputs, workdir)
+    logs.append(log)
   same = False
   if rerun_rc != 0:
-    result = f'FAILED to finish (rc {rerun_rc}): {stderr.strip().splitlines()[-1][:120]}'
+    result = f'FAILED to finish (rc {rerun_rc}): {logs[-1].strip().splitlines()[-1][:120]}'
   else:
     with state_lock:  # one restore at a time in this process
       step, state = final_state(workdir)
-    same = step == reference_step and sorted(state) == sorted(reference) and all(
-        np.array_equal(state[k], v) for k, v in reference.items())
+    reference_step, reference_state = reference
+    same = step == reference_step and sorted(state) == sorted(reference_state) and all(
+        np.array_equal(state[k], v) for k, v in reference_state.items())
     result = 'bit-identical' if same else f'DIFFERENT (step {step})'
-  row = (f'{signal.Signals(signum).name:>8} {delay:>8.1f} {last_logged_step(killed_log):>9} '
-         f'{rc:>4} {(max(left) if left else "-")!s:>5} {reruns:>6}  {result}')
+  row = (f'{signal.Signals(signum).name:>8}  {moment:<36} {logged:>7} {rc:>4} '
+         f'{(max(left) if left else "-")!s:>5} {reruns:>6}  {"yes" if real else "NO":>4}  '
+         f'{result}')
   if same:
     shutil.rmtree(workdir, ignore_errors=True)
   else:  # kept for diagnosis, with every run's log
@@ -168,87 +200,127 @@ def trial_result(paths: dict, workdir: str, signum: int, delay: float, reference
       with open(os.path.join(workdir, f'run{i}.log'), 'w') as f:
         f.write(log)
     row += f'\n      kept {workdir} (run*.log: the killed run, then each rerun)'
-  return same, row
+  return real, same, row
+
+
+def make_plan(trials: int, seed: int, start_up_seconds: float) -> list:
+  """(signal, kind, value, jitter) per trial: the nine (signal, kind) pairs in shuffled rounds;
+  the start-up delay, the step or the saved step and the save's extra delay drawn at random."""
+  rng = random.Random(seed)
+  pairs = []
+  while len(pairs) < trials:
+    round_ = [(s, k) for s in SIGNALS for k in KINDS]
+    rng.shuffle(round_)
+    pairs += round_
+  plan = []
+  for signum, kind in pairs[:trials]:
+    # SIGTERM/SIGINT after the last step lets the run finish (exit 0, nothing to resume): aim
+    # them before it. SIGKILL may land anywhere, the final save included.
+    last = TOTAL_STEPS if signum == signal.SIGKILL else TOTAL_STEPS - SAVE_EVERY
+    if kind == 'start-up':
+      value = rng.uniform(0.0, start_up_seconds)
+    elif kind == 'step':
+      value = rng.randint(1, last)
+    else:
+      value = rng.choice(range(SAVE_EVERY, last + 1, SAVE_EVERY))
+    plan.append((signum, kind, value, rng.uniform(0.0, 0.2)))
+  return plan
+
+
+def prepare_inputs(root: str) -> dict:
+  """The tiny run's inputs, made afresh under root (the compilation cache there is kept)."""
+  for name in ('images', 'images.txt', 'bags.npz', 'teacher'):
+    path = os.path.join(root, name)
+    shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+  return tiny_run.make_inputs(root)
+
+
+def undisturbed_runs(inputs: dict, scratch: str, copies: int) -> tuple[float, tuple]:
+  """``copies`` undisturbed runs at once: their mean time to the first step line, and the
+  final state (the copies must agree bit for bit)."""
+  def one(i: int) -> tuple[float, str]:
+    directory = os.path.join(scratch, f'reference{i}')
+    shutil.rmtree(directory, ignore_errors=True)
+    rc, log, run = run_to_end(inputs, directory)
+    assert rc == 0, log[-3000:]
+    return run.first_step_seconds, directory
+
+  with concurrent.futures.ThreadPoolExecutor(copies) as pool:
+    references = list(pool.map(one, range(copies)))
+  reference = final_state(references[0][1])
+  for _, directory in references:
+    step, state = final_state(directory)
+    assert step == reference[0] and all(np.array_equal(state[k], v)
+                                        for k, v in reference[1].items()), directory
+    shutil.rmtree(directory)
+  return sum(s for s, _ in references) / copies, reference
+
+
+def load() -> str:
+  return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
 
 _TRIALS = flags.DEFINE_integer('trials', 20, 'Kill-and-resume trials.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the signals and delays.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the signals and moments.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Trials run at once (the undisturbed run is '
-                                 'timed as often at once, so the kill moments still spread '
-                                 'over a whole run).')
-_WORKDIR = flags.DEFINE_string('workdir', os.path.join(tempfile.gettempdir(), 'bingo_faults'),
-                               'Scratch directory (inputs, runs).')
+                                 'run as often at once, to time its start-up under that load).')
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/bingo_faults', 'Scratch directory (inputs, '
+                               'runs; failing trials are kept there).')
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax's lines of the final-state restores
+  if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # Started in the background by a shell (`cmd &`), this process ignores SIGINT, and so
+    # would the runs it starts, until their handler is installed: a SIGINT during their
+    # start-up would be lost. The runs get the default disposition, as from a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   print(f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {platform.node()} '
         f'({os.cpu_count()} CPUs): python -m bench.faults --trials {_TRIALS.value} '
-        f'--seed {_SEED.value} --parallel {_PARALLEL.value}', flush=True)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  paths = make_inputs(os.path.join(_WORKDIR.value, 'inputs'))
-  cache = os.path.join(paths['root'], 'jax_cache')
+        f'--seed {_SEED.value} --parallel {_PARALLEL.value}; load average {load()}', flush=True)
+  inputs = prepare_inputs(os.path.join(_WORKDIR.value, 'inputs'))
+  cache = os.path.join(inputs['root'], 'jax_cache')
   if not (os.path.isdir(cache) and os.listdir(cache)):
     warm_up = os.path.join(_WORKDIR.value, 'warm_up')
     shutil.rmtree(warm_up, ignore_errors=True)
-    run(paths, warm_up)  # fills the compilation cache
+    run_to_end(inputs, warm_up)  # fills the compilation cache
     shutil.rmtree(warm_up)
+  start_up, reference = undisturbed_runs(inputs, _WORKDIR.value, _PARALLEL.value)
+  print(f'undisturbed run ({_PARALLEL.value} at once, identical): first step line after '
+        f'{start_up:.1f} s, final step {reference[0]}; load average {load()}', flush=True)
 
-  # The undisturbed run, --parallel copies at once: its duration under the trials' load, and
-  # the copies must agree bit for bit.
-  def undisturbed(i: int) -> tuple[float, str]:
-    directory = os.path.join(_WORKDIR.value, f'reference{i}')
-    shutil.rmtree(directory, ignore_errors=True)
-    start = time.time()
-    rc, stderr = run(paths, directory)
-    assert rc == 0, stderr[-3000:]
-    return time.time() - start, directory
-
-  with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
-    references = list(pool.map(undisturbed, range(_PARALLEL.value)))
-  duration = sum(d for d, _ in references) / len(references)
-  reference_step, reference = final_state(references[0][1])
-  for _, directory in references[1:]:
-    step, state = final_state(directory)
-    assert step == reference_step and all(np.array_equal(state[k], v)
-                                          for k, v in reference.items()), directory
-  print(f'undisturbed run ({_PARALLEL.value} at once, identical): {duration:.1f} s to step '
-        f'{reference_step}; load average {os.getloadavg()[0]:.2f}', flush=True)
-
-  rng = random.Random(_SEED.value)
-  plan = [(trial, rng.choice(SIGNALS)) for trial in range(1, _TRIALS.value + 1)]
-  plan = [(trial, signum, rng.uniform(0.0, duration)) for trial, signum in plan]
-  header = (f'{"trial":>5} {"signal":>8} {"delay s":>8} {"logged":>9} {"rc":>4} {"left":>5} '
-            f'{"reruns":>6}  result')
-  print(header)
-  print('-' * len(header), flush=True)
+  plan = make_plan(_TRIALS.value, _SEED.value, start_up)
+  header = (f'{"trial":>5} {"signal":>8}  {"moment":<36} {"logged":>8} {"rc":>4} {"left":>5} '
+            f'{"reruns":>6}  {"real":>4}  result')
+  print(header + '\n' + '-' * len(header), flush=True)
   state_lock = threading.Lock()
+  rows = {}
   with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
-    futures = {pool.submit(trial_result, paths, os.path.join(_WORKDIR.value, f'trial{t:02d}'),
-                           signum, delay, reference_step, reference, state_lock): t
-               for t, signum, delay in plan}
-    rows = {}
+    futures = {pool.submit(trial_result, inputs, os.path.join(_WORKDIR.value, f'trial{t:02d}'),
+                           trial_plan, reference, state_lock): t
+               for t, trial_plan in enumerate(plan, 1)}
     for future in concurrent.futures.as_completed(futures):
-      same, row = future.result()
-      rows[futures[future]] = (same, row)
-      print(f'{futures[future]:>5} {row}', flush=True)  # in the order they finish
-  identical = sum(same for same, _ in rows.values())
-  print('\nBy trial:')
-  print(header)
+      rows[futures[future]] = future.result()
+      print(f'{futures[future]:>5} {rows[futures[future]][2]}', flush=True)  # as they finish
+  print('\nBy trial:\n' + header)
   for trial in sorted(rows):
-    print(f'{trial:>5} {rows[trial][1]}')
+    print(f'{trial:>5} {rows[trial][2]}')
   by_signal = {}
-  for trial, signum, _ in plan:
+  for trial, (signum, *_) in enumerate(plan, 1):
     counts = by_signal.setdefault(signal.Signals(signum).name, [0, 0])
     counts[0] += 1
-    counts[1] += rows[trial][0]
-  print('By signal: ' + ', '.join(f'{name} {ok}/{n}' for name, (n, ok) in sorted(
-      by_signal.items())))
-  print(f'{identical}/{_TRIALS.value} resumed runs bit-identical to the undisturbed run; '
-        f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} '
-        f'{os.getloadavg()[2]:.2f}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}')
-  return 0 if identical == _TRIALS.value else 1
+    counts[1] += rows[trial][1]
+  print('By signal (bit-identical/trials): ' + ', '.join(
+      f'{name} {ok}/{n}' for name, (n, ok) in sorted(by_signal.items())))
+  real = sum(r for r, _, _ in rows.values())
+  identical = sum(s for _, s, _ in rows.values())
+  print(f'{real}/{_TRIALS.value} real faults ({_TRIALS.value - real} signals did not reach a '
+        f'running run or were lost); {identical}/{_TRIALS.value} resumed runs bit-identical to the '
+        f'undisturbed run; load average {load()}; '
+        f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}')
+  return 0 if identical == real == _TRIALS.value else 1
 
 
 if __name__ == '__main__':
