@@ -13,8 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bingo_jax import fileio
-from bingo_jax import bag_file
+from bingo_jax import bad_images, bag_file, fileio
 
 
 def anchor_purity(bags: bag_file.Bags, labels: np.ndarray) -> np.ndarray:
@@ -103,7 +102,9 @@ def draw_bag_grid(bags: bag_file.Bags, source: Any, path: str, *, num_anchors: i
         axis.axis('off')
         continue
       index = int(anchor) if column == 0 else int(members[column - 1])
-      axis.imshow(source.read(index))
+      # With data.on_bad_image='skip' an undecodable image shows its replacement, as the
+      # feature pass read it.
+      axis.imshow(source.read(bad_images.replacements_of(source).replacement(index)))
       axis.set_title(('anchor ' if column == 0 else '') + name(index), fontsize=6)
       if column == 0:
         colour, width = 'black', 3
@@ -139,11 +140,15 @@ def write_report(bags: bag_file.Bags, source: Any, directory: str, *, num_anchor
     seed: which anchors are drawn.
     class_names: names of the label ids (default: ``source.class_names`` if any, else ids).
   Returns:
-    The report dictionary written to ``bag_report.json``.
+    The report dictionary written to ``bag_report.json``; ``bad_images_skipped`` holds the
+    ``count`` and the ``images`` (index, file, problem, replaced_by) of the undecodable
+    images this run's feature pass read as others (``data.on_bad_image='skip'``).
   """
   class_names = class_names or getattr(source, 'class_names', None)
+  skipped = bad_images.replacements_of(source).records()
   report: dict = {'method': bags.method, 'num_images': bags.num_images,
-                  'metadata': bags.metadata}
+                  'metadata': bags.metadata,
+                  'bad_images_skipped': {'count': len(skipped), 'images': skipped}}
   if source.labels is not None:
     report.update(purity_summary(bags, source.labels, class_names))
     print(format_purity(report))

@@ -323,6 +323,17 @@ PROTOCOL_LABELS = {
 }
 
 
+def _skipped_images(train_source, eval_source) -> dict:
+  """The undecodable images this evaluation read as others (``data.on_bad_image='skip'``),
+  per split: ``{'train': {'count', 'images': [index, file, problem, replaced_by]}, 'eval':
+  ...}``. Features read from the cache decode nothing, and record nothing."""
+  result = {}
+  for split, source in (('train', train_source), ('eval', eval_source)):
+    records = bad_images.replacements_of(source).records()
+    result[split] = {'count': len(records), 'images': records}
+  return result
+
+
 def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, workdir: str,
              step: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
   """Runs one protocol and writes ``WORKDIR/eval_<protocol>.json``.
@@ -337,7 +348,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
     mesh: device mesh (default all devices of all processes).
   Returns:
     The result record: ``protocol``, ``protocol_label``, ``checkpoint``, ``step``, ``model``,
-    ``data``, ``metrics``, ``wall_seconds``.
+    ``data`` (with ``bad_images_skipped``), ``metrics``, ``wall_seconds``.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'--protocol {protocol!r}; expected one of {PROTOCOLS}.')
@@ -369,7 +380,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
              'checkpoint': checkpoint, 'step': step, 'model': describe_network(network),
              'data': {'train': train_source.description, 'eval': eval_source.description,
                       'num_train': len(train_source), 'num_eval': len(eval_source),
-                      'image_size': config.data.image_size},
+                      'image_size': config.data.image_size,
+                      'bad_images_skipped': _skipped_images(train_source, eval_source)},
              'devices': jax.device_count(), 'processes': jax.process_count(),
              'metrics': metrics, 'wall_seconds': time.time() - started}
   if jax.process_index() == 0:

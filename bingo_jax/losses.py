@@ -199,11 +199,13 @@ def similarity_matching_loss(student: jax.Array, teacher: jax.Array) -> jax.Arra
 
 def accuracy_topk(logits: jax.Array, labels: jax.Array,
                   topk: Sequence[int] = (1, 5)) -> list[jax.Array]:
-  """Top-k accuracy in percent, as the released ``utils.accuracy``.
+  """Top-k accuracy in percent, as the released ``utils.accuracy``, but robust to ties.
 
-  A prediction counts as correct for ``k`` when fewer than ``k`` logits are strictly larger
-  than the label's logit (ties resolved in favour of the label), which avoids sorting the
-  65537 logits.
+  A prediction counts as correct for ``k`` when fewer than ``k`` other logits are greater
+  than *or equal to* the label's logit, or NaN. Ties count against the label: the released
+  ``topk`` breaks a tie by position, and the positive sits at index 0 of the contrastive
+  logits, so collapsed (all-equal) or NaN embeddings read 100% top-1 there
+  (docs/method.md §6). Counting avoids sorting the 65537 logits.
 
   Args:
     logits: ``(batch, classes)``.
@@ -213,7 +215,9 @@ def accuracy_topk(logits: jax.Array, labels: jax.Array,
     One float32 scalar in [0, 100] per k.
   """
   label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
-  rank = jnp.sum(logits > label_logit, axis=-1)
+  # ~(x < label) holds for x >= label and for NaN on either side; the label's own logit is
+  # one of them (also when it is NaN), hence the - 1.
+  rank = jnp.sum(~(logits < label_logit), axis=-1) - 1
   return [100.0 * jnp.mean((rank < k).astype(jnp.float32)) for k in topk]
 
 

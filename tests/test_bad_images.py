@@ -7,6 +7,7 @@ next good index.
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -214,3 +215,30 @@ def test_canvas_pipeline_names_the_bad_file_or_skips_it(tmp_path):
   records = bad_images.replacements_of(source).records()
   assert [(r['index'], r['file'], r['replaced_by']) for r in records] == [
       (i, f'images/{i:02d}.jpg', r) for i, r in sorted(replaced_by.items())]
+
+
+def test_bagging_and_evaluation_record_the_skipped_images(tmp_path):
+  """With 'skip', bag_report.json and eval_knn.json list the images read as others: the files
+  this test corrupted, each with the next good index."""
+  from bingo_jax import bagging, evaluate  # pylint: disable=import-outside-toplevel
+  list_path, bad = _with_bad_files(tmp_path)
+  expected = [(3, 'images/03.jpg', 5), (4, 'images/04.jpg', 5), (9, 'images/09.jpg', 10)]
+  assert sorted(f'images/{name}' for name in bad) == [file for _, file, _ in expected]
+  summary = lambda record: (record['count'], [  # noqa: E731
+      (r['index'], r['file'], r['replaced_by']) for r in record['images']])
+
+  config = _config(list_path, 'skip')
+  config.bags.update(method='random-teacher', k=3, batch_size=8, report_anchors=4)
+  config.bags.random_teacher.update({'arch': 'resnet18', 'base_width': 8, 'stem': 'cifar'})
+  bagging.compute_bags(config, str(tmp_path / 'bagging'), progress=False)
+  with open(tmp_path / 'bagging' / 'bag_report.json') as f:
+    assert summary(json.load(f)['bad_images_skipped']) == (3, expected)
+
+  config = _config(list_path, 'skip')
+  config.data.eval_split = 'train'
+  config.eval.update(knn_k=3, knn_weighted_k=8, batch_size=8)
+  evaluate.evaluate(config, 'random', 'knn', str(tmp_path / 'eval'))
+  with open(tmp_path / 'eval' / 'eval_knn.json') as f:
+    skipped = json.load(f)['data']['bad_images_skipped']
+  assert {split: summary(record) for split, record in skipped.items()} == {
+      'train': (3, expected), 'eval': (3, expected)}

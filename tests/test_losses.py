@@ -107,6 +107,32 @@ def test_contrastive_accuracy_matches_torch_topk(embeddings):
   np.testing.assert_allclose([float(top1), float(top5)], [reference1, reference5], atol=1e-4)
 
 
+def test_accuracy_counts_ties_and_nan_against_the_label():
+  """Closed form: a row is a hit at k when fewer than k other logits are >= the label's or
+  NaN; the released topk would rank the label (index 0) first among ties."""
+  nan = float('nan')
+  logits = jnp.asarray([[1.0, 1.0, 0.0],    # tie with a negative: others not below 1
+                        [2.0, 1.0, 0.0],    # strictly largest: 0
+                        [nan, 0.0, 0.0],    # NaN label: 2
+                        [1.0, nan, 0.0],    # a NaN negative: 1
+                        [0.0, 0.0, 0.0]],   # all equal (collapsed): 2
+                       jnp.float32)
+  top1, top2, top3 = losses.accuracy_topk(logits, jnp.zeros((5,), jnp.int32), (1, 2, 3))
+  np.testing.assert_allclose([float(top1), float(top2), float(top3)],
+                             [100 * 1 / 5, 100 * 3 / 5, 100.0], atol=1e-5)
+  # The label need not be column 0.
+  top1, = losses.accuracy_topk(logits[:, ::-1], jnp.full((5,), 2, jnp.int32), (1,))
+  np.testing.assert_allclose(float(top1), 20.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('value', [0.0, float('nan')])
+def test_collapsed_or_nan_embeddings_read_zero_top1(value):
+  q = jnp.full((BATCH, DIM), value, jnp.float32)
+  queue = jnp.full((QUEUE, DIM), value, jnp.float32)
+  top1, top5 = losses.contrastive_accuracy(q, q, queue, TAU)
+  assert (float(top1), float(top5)) == (0.0, 0.0)
+
+
 def test_l2_normalize_matches_torch():
   x = np.random.RandomState(2).normal(size=(4, DIM)).astype(np.float32)
   x[0] = 0  # torch's epsilon keeps zero rows at zero
