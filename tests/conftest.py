@@ -3,8 +3,10 @@
 import os
 import tempfile
 
+from bingo_jax.testing import cpu_xla_flags
+
 # Must happen before jax is imported by any test module.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('XLA_FLAGS', cpu_xla_flags(8))
 # XLA compilation dominates the suite's time on a CPU (tiny models, big graphs). A persistent
 # cache lets tests, pytest-xdist workers and the CLI subprocesses the tests start reuse each
 # other's compiled programs.

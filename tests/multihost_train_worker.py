@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from bingo_jax.testing import cpu_xla_flags
+
 NUM_STEPS = 3
 GLOBAL_BATCH = 16
 IMAGE_SIZE = 8
@@ -89,7 +91,7 @@ def main() -> None:
   parser.add_argument('--devices_per_process', type=int, default=2)
   parser.add_argument('--out', required=True)
   args = parser.parse_args()
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices_per_process}'
+  os.environ['XLA_FLAGS'] = cpu_xla_flags(args.devices_per_process)
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
   import jax

@@ -16,6 +16,7 @@ from bingo_jax import steps
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.testing import cpu_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def test_accelerator_bench_smoke_runs_without_tensorflow_faiss_torchvision(tmp_p
           'tensorflow', 'tensorflow_datasets', 'faiss', 'torchvision')))
   environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(tmp_path), REPO, os.environ.get('PYTHONPATH', '')]),
-      XLA_FLAGS='--xla_force_host_platform_device_count=2')
+      XLA_FLAGS=cpu_xla_flags(2))
   # float32 only: bfloat16 compiles slowly on XLA:CPU (the bf16 step is tested below).
   result = subprocess.run([sys.executable, 'bench/accelerator.py', '--smoke',
                            '--dtypes', 'float32'], cwd=REPO, env=environment,

@@ -20,6 +20,7 @@ from bingo_jax import bag_file, checkpointing, data_sources, device_data, input_
 from bingo_jax import model_io, parallel
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.testing import cpu_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,7 +220,7 @@ def _train_command(files, workdir, *extra):
 
 def test_cli_trains_from_device_data_without_tensorflow_and_resumes(fashion_files, tmp_path):
   environment = dict(
-      os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      os.environ, XLA_FLAGS=cpu_xla_flags(2),
       JAX_COMPILATION_CACHE_DIR=str(fashion_files / 'jax_cache'),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from bingo_jax import fileio
+from bingo_jax.testing import cpu_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ('bingo-convert', 'bingo-bag', 'bingo-train', 'bingo-eval', 'bingo-export',
@@ -106,7 +107,7 @@ def test_tiny_training_through_bingo_train_from_a_temporary_directory(installed,
                       init_variables(create_model(**teacher), jax.random.key(7), 32))
   run_dir = tmp_path / 'elsewhere'
   run_dir.mkdir()
-  environment = dict(_clean_environment(), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  environment = dict(_clean_environment(), XLA_FLAGS=cpu_xla_flags(2),
                      CUDA_VISIBLE_DEVICES='')
   for key in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'):
     if key in os.environ:  # the suite's compilation cache, shared with the other tests

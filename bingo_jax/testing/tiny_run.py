@@ -27,6 +27,7 @@ from PIL import Image
 from bingo_jax import bag_file, data_sources, fileio, model_io
 from bingo_jax.configs import tiny_test
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.testing import cpu_xla_flags
 
 NUM_IMAGES = 48
 TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
@@ -112,7 +113,7 @@ def train_command(inputs: dict, workdir: str, *extra: str) -> list[str]:
 
 def environment(inputs: dict) -> dict[str, str]:
   """The environment of a training subprocess (module docstring); cache in ``root``."""
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  return dict(os.environ, XLA_FLAGS=cpu_xla_flags(2),
               JAX_COMPILATION_CACHE_DIR=os.path.join(inputs['root'], 'jax_cache'),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
