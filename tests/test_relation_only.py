@@ -8,19 +8,18 @@ terms against the queue, the FIFO queue, the momentum update and the key encoder
 statistics after its two passes. Plain MoCo keeps its views and PRNG streams.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 import multihost_train_worker
-from bingo_jax import bag_file, config_checks, cutmix as cutmix_lib, data_sources
+from bingo_jax import bag_file, checkpointing, config_checks, cutmix as cutmix_lib, data_sources
 from bingo_jax import images as images_lib, moco_step, parallel, steps, train
 from bingo_jax import train_step as train_step_lib
 from bingo_jax.configs import fmnist_ablation, tiny_test
+from bingo_jax.testing import tiny_run
 
 MOMENTUM = 0.9
 
@@ -158,23 +157,11 @@ def test_plain_moco_keeps_its_views_streams_and_loss_key():
     config_checks.check_config(config, 1)
 
 
-def _images(tmp_path, count):
-  rng = np.random.default_rng(0)
-  os.makedirs(tmp_path / 'images')
-  lines = []
-  for i in range(count):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        tmp_path / 'images' / f'{i:03d}.png')
-    lines.append(f'images/{i:03d}.png 0')
-  (tmp_path / 'images.txt').write_text('\n'.join(lines) + '\n')
-  return str(tmp_path / 'images.txt')
-
-
 def test_relation_only_run_reads_the_bag_positives(tmp_path):
   """A tiny relation-only run reads the bag file (refused without one) and its positives
   change what is learnt: two bag files, two students."""
   config = _relation_config(tiny_test.get_config())
-  config.data.path = _images(tmp_path, 32)
+  config.data.path = tiny_run.write_images(str(tmp_path), np.random.default_rng(0), 32)
   config.train.max_steps, config.train.monitor_every_epochs = 1, 0
   source = data_sources.make_source(config.data, 'train')
   with pytest.raises(ValueError, match='config.bags.path is not set'):
@@ -188,7 +175,6 @@ def test_relation_only_run_reads_the_bag_positives(tmp_path):
     summary = train.train_and_evaluate(config, str(tmp_path / f'run_{shift}'))
     assert summary['step'] == 1
     assert {'ce_q_kp', 'ce_p_k', 'ce_m_kp'} <= set(summary['final_metrics'])
-    from bingo_jax import checkpointing  # pylint: disable=g-import-not-at-top
     checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / f'run_{shift}'), keep=1,
                                                    read_only=True)
     params.append(jax.tree.leaves(checkpointer.restore_arrays(1)['params']))

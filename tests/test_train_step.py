@@ -323,32 +323,43 @@ def test_bad_settings_are_clear_errors():
     steps.make_train_step(config, global_bn_student, student, mesh, 1)
 
 
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _frozen_teacher_step(config, student, teacher, batch):
+  """One training step on 2 devices with a frozen teacher of fresh variables. Returns the
+  state's (params, batch_stats, queue) before the step, the teacher's variables, the mesh,
+  the new state and the metrics."""
+  config.teacher.bn_mode = 'frozen'
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
+  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
+  before = jax.device_get(
+      (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
+  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
+  new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
+                            parallel.global_batch(batch, mesh))
+  return before, teacher_variables, mesh, new_state, metrics
+
+
 def test_step_loss_is_the_spec_formula_of_separately_embedded_views():
   """Warm-up step, frozen teacher, no CutMix: loss = (CE(q, k) + CE(p, kp)) / 2
   (docs/method.md §6), each view embedded on its own and the CE written out in numpy."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
-  config.teacher.bn_mode, config.train.cutmix = 'frozen', 'none'
-  mesh = parallel.make_mesh(jax.devices()[:2])
-  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
-  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
-  params, batch_stats, queue = jax.device_get(
-      (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
-  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
-  _, metrics = step(state, parallel.replicate(teacher_variables, mesh),
-                    parallel.global_batch(batch, mesh))
-
-  def unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+  config.train.cutmix = 'none'
+  (params, batch_stats, queue), teacher_variables, _, _, metrics = _frozen_teacher_step(
+      config, student, teacher, batch)
 
   def embed_student(images):  # training-mode BatchNorm in groups of 4, as the step
     (_, embeddings), _ = student.apply({'params': params, 'batch_stats': batch_stats},
                                        images_lib.normalize(images), train=True,
                                        mutable=['batch_stats'])
-    return unit(embeddings)
+    return _unit(embeddings)
 
   def embed_teacher(images):
-    return unit(teacher.apply(teacher_variables, images_lib.normalize(images))[1])
+    return _unit(teacher.apply(teacher_variables, images_lib.normalize(images))[1])
 
   def cross_entropy(s, t):
     logits = np.concatenate([np.sum(s * t, 1, keepdims=True), s @ np.asarray(queue).T], 1)
@@ -371,28 +382,18 @@ def test_anchor_only_loss_step_is_ce_of_query_against_its_own_teacher_key():
   out in float64 numpy from separately embedded views; one student pass; keys enter the
   queue."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
-  config.teacher.bn_mode, config.train.loss = 'frozen', 'anchor_only'
+  config.train.loss = 'anchor_only'
   config.train.cutmix = 'batch'  # ignored by 'anchor_only', as by 'paper_eq8'
   batch = {name: batch[name] for name in ('query', 'key')}  # no positive views are needed
-  mesh = parallel.make_mesh(jax.devices()[:2])
-  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
-  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
-  params, batch_stats, queue = jax.device_get(
-      (state.params, state.batch_stats, state.negative_queue))  # before the step donates them
-  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
-  new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
-                            parallel.global_batch(batch, mesh))
-
-  def unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+  (params, batch_stats, queue), teacher_variables, _, new_state, metrics = (
+      _frozen_teacher_step(config, student, teacher, batch))
 
   # Student: training-mode BatchNorm in groups of 4, as the step; teacher: frozen (eval mode).
   (_, query_embeddings), updates = student.apply(
       {'params': params, 'batch_stats': batch_stats}, images_lib.normalize(batch['query']),
       train=True, mutable=['batch_stats'])
-  q = unit(query_embeddings)
-  k = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
+  q = _unit(query_embeddings)
+  k = _unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
   logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ np.asarray(queue, np.float64).T],
                           1) / config.train.temperature
   top = logits.max(1)
@@ -433,27 +434,18 @@ def test_baseline_step_compares_student_and_teacher_on_the_same_query_image(loss
   holds only the anchor's views, and the teacher's ``key`` embeddings still enter the queue.
   In shuffle mode (the teacher's extra batch-shuffle stream) the loss is finite too."""
   config, student, teacher, batch = multihost_train_worker.small_setup()
-  config.teacher.bn_mode, config.train.loss = 'frozen', loss_name
+  config.train.loss = loss_name
   assert steps.batch_views(config) == ('query', 'key')
   batch = {name: batch[name] for name in ('query', 'key')}
-  mesh = parallel.make_mesh(jax.devices()[:2])
-  teacher_variables = init_variables(teacher, jax.random.key(1), 8)
-  state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
-  params, batch_stats = jax.device_get((state.params, state.batch_stats))
-  step = steps.make_train_step(config, student, teacher, mesh, steps_per_epoch=10)
-  new_state, metrics = step(state, parallel.replicate(teacher_variables, mesh),
-                            parallel.global_batch(batch, mesh))
-
-  def unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+  (params, batch_stats, _), teacher_variables, mesh, new_state, metrics = (
+      _frozen_teacher_step(config, student, teacher, batch))
 
   (_, query_embeddings), _ = student.apply(
       {'params': params, 'batch_stats': batch_stats}, images_lib.normalize(batch['query']),
       train=True, mutable=['batch_stats'])
-  q = unit(query_embeddings)
-  tq = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['query']))[1])
-  k = unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
+  q = _unit(query_embeddings)
+  tq = _unit(teacher.apply(teacher_variables, images_lib.normalize(batch['query']))[1])
+  k = _unit(teacher.apply(teacher_variables, images_lib.normalize(batch['key']))[1])
   if loss_name == 'kd':
     expected, term = np.mean(np.sum((q - tq) ** 2, axis=1)), 'kd_l2'
   else:

@@ -12,11 +12,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from bingo_jax import checkpointing, model_io, parallel, train, train_step, warm_start
 from bingo_jax.configs import tiny_test
 from bingo_jax.models import create_model
+from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,19 +74,12 @@ def test_warm_start_refuses_another_architecture_naming_the_key(tmp_path):
 
 
 def test_cli_run_from_a_model_file_at_learning_rate_zero_keeps_its_weights(tmp_path):
-  rng = np.random.default_rng(0)
-  os.makedirs(tmp_path / 'images')
-  lines = []
-  for i in range(32):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        tmp_path / 'images' / f'{i:03d}.png')
-    lines.append(f'images/{i:03d}.png 0')
-  (tmp_path / 'images.txt').write_text('\n'.join(lines) + '\n')
+  images = tiny_run.write_images(str(tmp_path), np.random.default_rng(0), 32)
   config = tiny_test.get_config()
   stored = _model_file(tmp_path / 'model', train.student_model_config(config), seed=3)
   workdir = str(tmp_path / 'run')
   command = [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
-             '--workdir', workdir, f'--config.data.path={tmp_path / "images.txt"}',
+             '--workdir', workdir, f'--config.data.path={images}',
              '--config.train.method=moco', '--config.train.max_steps=1',
              '--config.train.base_lr=0.0', f'--config.student.init_from={tmp_path / "model"}']
   environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
