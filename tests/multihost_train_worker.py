@@ -59,6 +59,26 @@ def small_setup():
   return config, tiny_model(4), tiny_model(4), batch
 
 
+def perturbed_key_encoder(host_state, mesh):
+  """``host_state`` (a MoCo train state on the host) with its key encoder's parameters and
+  BatchNorm statistics scaled and shifted by seeded noise, replicated on ``mesh``: a key
+  encoder that differs from the student, so that its passes and its momentum update are
+  visible in a step's output."""
+  import jax
+
+  from bingo_jax import parallel
+
+  noise = np.random.RandomState(1)
+
+  def perturb(x):
+    return (x * (1 + 0.3 * noise.normal(size=x.shape)) + 0.1).astype(np.float32)
+
+  key_params = jax.tree.map(perturb, host_state.key_params)
+  key_stats = jax.tree.map(lambda x: np.abs(perturb(x)), host_state.key_batch_stats)
+  return parallel.replicate(host_state.replace(key_params=key_params, key_batch_stats=key_stats),
+                            mesh)
+
+
 def run(mesh, local_batch: dict) -> dict:
   """``NUM_STEPS`` steps from a fixed initial state; returns host numpy leaves by name."""
   import jax

@@ -14,28 +14,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from bingo_jax import augment
 
+import transforms_reference
+
 _RANDOM_IMAGE = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-
-
-def _torchvision_crop_params(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-  """torchvision RandomResizedCrop.get_params, transcribed with numpy's RNG."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target_area * aspect)))
-    h = int(round(math.sqrt(target_area / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _views(image, count, seed_offset=0, encoded=False, size=16):
@@ -115,7 +96,7 @@ def test_crop_window_distribution_matches_torchvision():
   height, width, count = 60, 100, 3000
   ours = _tf_windows(height, width, count)
   rng = np.random.default_rng(0)
-  reference = np.array([_torchvision_crop_params(rng, height, width) for _ in range(count)])
+  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width) for _ in range(count)])
   for windows in (ours, reference):
     assert (windows[:, 0] >= 0).all() and (windows[:, 1] >= 0).all()
   assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()

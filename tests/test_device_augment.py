@@ -17,6 +17,8 @@ import tensorflow as tf
 from bingo_jax import augment
 from bingo_jax import device_augment as dev
 
+import transforms_reference
+
 
 def _test_image(height, width, seed=0):
   """A smooth colour gradient with noise: natural-image-like statistics, every level used."""
@@ -161,27 +163,6 @@ def test_canvas_window_maps_original_to_canvas_pixels():
 # ---------------------------------------------------------------- distributions of the draws
 
 
-def _torchvision_crop_params(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-  """torchvision RandomResizedCrop.get_params, transcribed with numpy's RNG."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target_area * aspect)))
-    h = int(round(math.sqrt(target_area / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
 def _windows(height, width, count):
   keys = jax.random.split(jax.random.key(1), count)
   return np.asarray(jax.jit(jax.vmap(dev.sample_crop_window, in_axes=(0, None, None)))(
@@ -193,7 +174,7 @@ def test_crop_window_distribution_matches_torchvision(height, width):
   count = 4000
   ours = _windows(height, width, count)
   rng = np.random.default_rng(0)
-  reference = np.array([_torchvision_crop_params(rng, height, width) for _ in range(count)])
+  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width) for _ in range(count)])
   assert (ours[:, :2] >= 0).all()
   assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
   for column, what in ((2, 'height'), (3, 'width')):

@@ -71,16 +71,8 @@ def test_relation_only_step_matches_numpy_reference():
   mesh = parallel.make_mesh(jax.devices()[:2])
   state = train_step_lib.create_train_state(config, student, jax.random.key(0), mesh)
   host = jax.device_get(state)
-  # A key encoder that differs from the student, so that its passes and update are visible.
-  noise = np.random.RandomState(1)
-
-  def perturb(x):
-    return (x * (1 + 0.3 * noise.normal(size=x.shape)) + 0.1).astype(np.float32)
-
-  key_params = jax.tree.map(perturb, host.key_params)
-  key_stats = jax.tree.map(lambda x: np.abs(perturb(x)), host.key_batch_stats)
-  state = parallel.replicate(host.replace(key_params=key_params, key_batch_stats=key_stats),
-                             mesh)
+  state = multihost_train_worker.perturbed_key_encoder(host, mesh)
+  key_params, key_stats = jax.device_get((state.key_params, state.key_batch_stats))
   assert steps.batch_views(config) == ('query', 'key', 'pos_q', 'pos_k')
   step = steps.make_train_step(config, student, key_model, mesh, steps_per_epoch=10)
   new_state, metrics = step(state, parallel.replicate({}, mesh),
