@@ -191,8 +191,33 @@ def format_table(table: dict, wall_seconds: float) -> str:
     lines.append(f'{label:45s} {_percent(metrics.get("knn10_top1")):>7s} '
                  f'{_percent(metrics.get("weighted_knn200_top1")):>16s} '
                  f'{_percent(metrics.get("linear_fast_top1")):>12s}')
+  lines.extend(comparison(table))
   lines.append(f'(wall time {wall_seconds / 60:.1f} min)')
   return '\n'.join(lines)
+
+
+_METRIC_NAMES = (('knn10_top1', '10-NN'), ('linear_fast_top1', 'fast linear'))
+
+
+def comparison(table: dict) -> list[str]:
+  """The distilled student against the raw pixels and the teacher, in words: one line per
+  reference, with the gap in points of 10-NN and of fast linear (``table`` as
+  ``format_table``'s, keyed by the labels of ``ROWS``)."""
+  student = table.get(ROWS[3][0])
+  if not student:
+    return []
+  lines = []
+  for reference in (ROWS[0][0], ROWS[1][0]):
+    gaps = []
+    for key, name in _METRIC_NAMES:
+      if student.get(key) is None or table.get(reference, {}).get(key) is None:
+        continue
+      gap = round(float(student[key]) - float(table[reference][key]), 2)
+      gaps.append(f'{abs(gap):.2f} points {"above" if gap > 0 else "below"} on {name}'
+                  if gap else f'level on {name}')
+    if gaps:
+      lines.append(f'Against the {reference}, the distilled student is {" and ".join(gaps)}.')
+  return lines
 
 
 def _percent(value) -> str:

@@ -113,6 +113,21 @@ def test_outputs_and_table(demo_run):
     assert json.load(f)['data'] == {'train': TRAIN_SPLIT, 'eval': EVAL_SPLIT}
 
 
+def test_table_says_how_the_student_compares_with_pixels_and_teacher():
+  row = lambda knn, linear: {'knn10_top1': knn, 'weighted_knn200_top1': 0.0,  # noqa: E731
+                             'linear_fast_top1': linear}
+  table = {'raw pixels': row(81.18, 82.97), 'teacher': row(82.19, 84.59),
+           'student before distillation (random init)': row(64.04, 64.12),
+           'student after distillation': row(81.99, 82.97)}
+  text = demo.format_table(table, 60.0)
+  assert ('Against the raw pixels, the distilled student is 0.81 points above on 10-NN and '
+          'level on fast linear.') in text
+  assert ('Against the teacher, the distilled student is 0.20 points below on 10-NN and '
+          '1.62 points below on fast linear.') in text
+  del table['student after distillation']
+  assert 'Against' not in demo.format_table(table, 60.0)
+
+
 def test_committed_teacher_beats_its_random_initialisation(demo_run, tmp_path):
   """The committed teacher was trained without labels; on real images its kNN classifier must
   clearly beat a randomly initialised network of the same architecture (docs/results.md)."""
