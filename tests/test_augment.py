@@ -96,7 +96,8 @@ def test_crop_window_distribution_matches_torchvision():
   height, width, count = 60, 100, 3000
   ours = _tf_windows(height, width, count)
   rng = np.random.default_rng(0)
-  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width) for _ in range(count)])
+  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width)
+                        for _ in range(count)])
   for windows in (ours, reference):
     assert (windows[:, 0] >= 0).all() and (windows[:, 1] >= 0).all()
   assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()

@@ -174,7 +174,8 @@ def test_crop_window_distribution_matches_torchvision(height, width):
   count = 4000
   ours = _windows(height, width, count)
   rng = np.random.default_rng(0)
-  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width) for _ in range(count)])
+  reference = np.array([transforms_reference.random_resized_crop_params(rng, height, width)
+                        for _ in range(count)])
   assert (ours[:, :2] >= 0).all()
   assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
   for column, what in ((2, 'height'), (3, 'width')):

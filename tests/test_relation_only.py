@@ -8,7 +8,6 @@ terms against the queue, the FIFO queue, the momentum update and the key encoder
 statistics after its two passes. Plain MoCo keeps its views and PRNG streams.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -329,9 +329,9 @@ def _unit(x):
 
 
 def _frozen_teacher_step(config, student, teacher, batch):
-  """One training step on 2 devices with a frozen teacher of fresh variables. Returns the
-  state's (params, batch_stats, queue) before the step, the teacher's variables, the mesh,
-  the new state and the metrics."""
+  """One training step on 2 devices with a frozen teacher of fresh variables (it sets
+  ``config.teacher.bn_mode = 'frozen'``). Returns the state's (params, batch_stats, queue)
+  before the step, the teacher's variables, the mesh, the new state and the metrics."""
   config.teacher.bn_mode = 'frozen'
   mesh = parallel.make_mesh(jax.devices()[:2])
   teacher_variables = init_variables(teacher, jax.random.key(1), 8)
