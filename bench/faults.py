@@ -51,19 +51,20 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from bingo_jax import testing
 from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 KINDS = ('start-up', 'step', 'save')
-TOTAL_STEPS = 12           # --config.train.epochs=4 of 48 images at batch 16
+TOTAL_STEPS = 12           # tiny_run.EPOCHS = 4 of 48 images at batch 16
 SAVE_EVERY = 2             # tiny_test's train.checkpoint_every_steps
 STEP_LINE = re.compile(r'\[step (\d+)/\d+')
 POLL_SECONDS = 0.003
 
 
 def command(inputs: dict, workdir: str) -> list:
-  return tiny_run.train_command(inputs, workdir, '--config.train.epochs=4')
+  return tiny_run.train_command(inputs, workdir)
 
 
 class Run:
@@ -281,7 +282,7 @@ def main(argv: list[str]) -> int:
         f'({os.cpu_count()} CPUs): python -m bench.faults --trials {_TRIALS.value} '
         f'--seed {_SEED.value} --parallel {_PARALLEL.value}; load average {load()}', flush=True)
   inputs = prepare_inputs(os.path.join(_WORKDIR.value, 'inputs'))
-  cache = os.path.join(inputs['root'], 'jax_cache')
+  cache = testing.compilation_cache_dir(os.path.join(inputs['root'], 'jax_cache'))
   if not (os.path.isdir(cache) and os.listdir(cache)):
     warm_up = os.path.join(_WORKDIR.value, 'warm_up')
     shutil.rmtree(warm_up, ignore_errors=True)

@@ -20,7 +20,7 @@ from bingo_jax import bag_file, checkpointing, data_sources, device_data, input_
 from bingo_jax import model_io, parallel
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
-from bingo_jax.testing import cpu_xla_flags
+from bingo_jax.testing import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,13 +219,8 @@ def _train_command(files, workdir, *extra):
 
 
 def test_cli_trains_from_device_data_without_tensorflow_and_resumes(fashion_files, tmp_path):
-  environment = dict(
-      os.environ, XLA_FLAGS=cpu_xla_flags(2),
-      JAX_COMPILATION_CACHE_DIR=str(fashion_files / 'jax_cache'),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-      PYTHONPATH=os.pathsep.join([str(fashion_files / 'block_tf'), REPO,
-                                  os.environ.get('PYTHONPATH', '')]))
+  environment = subprocess_environment(str(fashion_files / 'jax_cache'),
+                                       pythonpath=(str(fashion_files / 'block_tf'), REPO))
   probe = subprocess.run([sys.executable, '-c', 'import tensorflow'], env=environment,
                          capture_output=True, text=True)
   assert probe.returncode != 0 and 'import of tensorflow halted' in probe.stderr

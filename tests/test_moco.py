@@ -20,7 +20,7 @@ import multihost_train_worker
 from bingo_jax import checkpointing, data_sources, images as images_lib, input_pipeline
 from bingo_jax import config_checks, parallel, steps, train, train_step as train_step_lib
 from bingo_jax.configs import tiny_test
-from bingo_jax.testing import cpu_xla_flags
+from bingo_jax.testing import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOMENTUM = 0.9
@@ -136,11 +136,7 @@ def test_moco_cli_runs_without_teacher_or_bags_and_resumes(tmp_path):
   command = [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
              '--workdir', workdir, f'--config.data.path={tmp_path / "images.txt"}',
              '--config.train.method=moco', '--config.train.max_steps=2']
-  environment = dict(os.environ, XLA_FLAGS=cpu_xla_flags(2),
-                     JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
-                     PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  environment = subprocess_environment(str(tmp_path / 'jax_cache'), pythonpath=(REPO,))
 
   def run(*extra):
     result = subprocess.run(command + list(extra), cwd=REPO, env=environment, text=True,

@@ -41,7 +41,7 @@ def inputs(tmp_path_factory):
 
 
 def _command(inputs: dict, workdir: str, *extra: str) -> list:
-  return tiny_run.train_command(inputs, workdir, '--config.train.epochs=4', *extra)
+  return tiny_run.train_command(inputs, workdir, *extra)
 
 
 def _environment(inputs: dict) -> dict:

@@ -102,7 +102,7 @@ def test_resumed_run_equals_straight_run(tiny_inputs, tmp_path, augment_on):
   assert int(straight_state["['queue_pointer']"]) == 4 * 16 % 64
 
   # The batch after step 4 is the one a straight run would see next.
-  config = _tiny_config(tiny_inputs)
+  config = _tiny_config(tiny_inputs, epochs=tiny_run.EPOCHS)
   source = data_sources.make_source(config.data, 'train')
   bags = bag_file.load_bags(tiny_inputs['bags'])
   iterate = lambda start: input_pipeline.create_train_iterator(  # noqa: E731

@@ -10,9 +10,9 @@ image list, a bag file and a teacher model file. They are made here, from fixed 
 - ``write_teacher``: a randomly initialised ResNet-18 (width 8, MoCo head) model file.
 
 ``environment`` is the environment of a training subprocess: two host devices (the batch
-stays sharded) and a persistent compilation cache, so that every run reuses the first run's
-executables (identical numerics, no recompilation). Paths may be URLs (``fileio``), except
-the images, which the file-list source reads locally.
+stays sharded) and a persistent compilation cache (the suite's, else ``ROOT/jax_cache``), so
+that every run reuses the first run's executables (identical numerics, no recompilation).
+Paths may be URLs (``fileio``), except the images, which the file-list source reads locally.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from PIL import Image
 from bingo_jax import bag_file, data_sources, fileio, model_io
 from bingo_jax.configs import tiny_test
 from bingo_jax.models import create_model, init_variables
-from bingo_jax.testing import cpu_xla_flags
+from bingo_jax.testing import subprocess_environment
 
 NUM_IMAGES = 48
+EPOCHS = 4  # of the runs of train_command: 12 steps of batch 16
 TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
                head_output_dim=16)
 # The directory holding the bingo_jax package (a checkout or site-packages): a subprocess
@@ -104,17 +105,20 @@ def make_inputs(root: str, num_images: int = NUM_IMAGES) -> dict:
 
 
 def train_command(inputs: dict, workdir: str, *extra: str) -> list[str]:
-  """``python -m bingo_jax.train --config tiny_test`` on ``inputs``, then ``extra`` flags."""
+  """``python -m bingo_jax.train --config tiny_test`` on ``inputs`` for ``EPOCHS`` epochs
+  (12 steps), then ``extra`` flags.
+
+  Every caller trains with the same schedule (``train.max_steps`` may stop a run earlier; it
+  does not enter the compiled step), so the runs of all test modules share one set of
+  compiled programs through the compilation cache of ``environment``.
+  """
   return [sys.executable, '-m', 'bingo_jax.train', '--config', 'tiny_test',
           '--workdir', workdir, f'--config.teacher.path={inputs["teacher"]}',
           f'--config.data.path={inputs["images"]}', f'--config.bags.path={inputs["bags"]}',
-          *extra]
+          f'--config.train.epochs={EPOCHS}', *extra]
 
 
 def environment(inputs: dict) -> dict[str, str]:
-  """The environment of a training subprocess (module docstring); cache in ``root``."""
-  return dict(os.environ, XLA_FLAGS=cpu_xla_flags(2),
-              JAX_COMPILATION_CACHE_DIR=os.path.join(inputs['root'], 'jax_cache'),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TF_CPP_MIN_LOG_LEVEL='2',
-              PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  """The environment of a training subprocess (module docstring)."""
+  return subprocess_environment(os.path.join(inputs['root'], 'jax_cache'),
+                                pythonpath=(PACKAGE_PARENT,))
