@@ -138,7 +138,7 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
   config.teacher.path = teacher_dir
   config.bags.path = os.path.join(workdir, 'bags.npz')
   config.bags.class_names = list(config.eval.class_names)
-  stages = Stages({'teacher': 5, 'bags': 10, 'distil': 200, 'evaluate': 80, 'export': 5})
+  stages = Stages({'teacher': 5, 'bags': 10, 'distil': 520, 'evaluate': 80, 'export': 5})
 
   # 1. Teacher: PyTorch checkpoint -> model file, through the public conversion tool.
   stages.begin('teacher: convert the PyTorch checkpoint')
