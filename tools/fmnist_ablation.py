@@ -30,6 +30,12 @@ Outputs in the workdir:
 The rows run in one process one after another (an interrupted table resumes at the first
 unfinished run). The XLA compilation cache is kept in the workdir, so the runs after the
 first reuse the compiled programs.
+
+Runs spread over several invocations (``--seeds 0``, later ``--seeds 1,2``, or rows run in
+other sessions) are tabled together by ``--collect``: it trains and evaluates nothing, and
+writes ablation.json / ablation.md from every finished run of the named rows in the workdir,
+whatever its seed, with one line per run (accuracies, training minutes, images/s). The bag
+purities and the reference rows are read where an earlier invocation wrote them.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Optional
@@ -65,6 +72,13 @@ _SUPERVISED_TEACHER = flags.DEFINE_string(
     'WORKDIR/supervised_teacher/.')
 _SKIP_REFERENCES = flags.DEFINE_bool('skip_references', False,
                                      'Do not evaluate the teacher and the random student.')
+_COLLECT = flags.DEFINE_bool(
+    'collect', False, 'Train and evaluate nothing: table every finished run of --rows in the '
+    'workdir, whatever its seed (--seeds and --teacher are not read).')
+REFERENCES = (('teacher', 'teacher (converted model file)'),
+              ('random', 'student architecture, random init (floor)'),
+              ('pixels', 'raw pixels (floor)'),
+              ('supervised', 'supervised network (bags of the supervised row)'))
 
 
 def _override(config, assignment: str) -> None:
@@ -225,14 +239,104 @@ def format_markdown(table: dict, references: dict, purities: dict, hardware: str
   for name, metrics in references.items():
     lines.append(f'| {name} | - | {metrics["knn_top1"]:.2f} | {metrics["linear_fast_top1"]:.2f} '
                  '| - |')
-  seeds = ', '.join(str(seed) for seed in next(iter(table.values()))['seeds'])
-  lines += ['', f'Mean ± sample standard deviation (min-max) over seeds {seeds}.']
+  seeds = sorted({seed for stats in table.values() for seed in stats['seeds']})
+  lines += ['', 'Mean ± sample standard deviation (min-max) over seeds '
+            f'{", ".join(str(seed) for seed in seeds)}'
+            + ('.' if len({tuple(s['seeds']) for s in table.values()}) == 1 else
+               '; the runs below say which seeds each row has.')]
   return '\n'.join(lines)
+
+
+def format_runs(results: dict[str, list[dict]]) -> str:
+  """One markdown line per run: accuracies, training and evaluation minutes, images/s."""
+  lines = ['| run | 10-NN | fast linear | training (min) | img/s | evaluation (min) |',
+           '|---|---|---|---|---|---|']
+  for row, runs in results.items():
+    for r in runs:
+      speed = r.get('images_per_second')
+      lines.append(f'| {row}_s{r["seed"]} | {r["metrics"]["knn_top1"]:.2f} | '
+                   f'{r["metrics"]["linear_fast_top1"]:.2f} | {r["train_seconds"] / 60:.1f} | '
+                   f'{"-" if speed is None else f"{speed:.0f}"} | {r["eval_seconds"] / 60:.1f} |')
+  return '\n'.join(lines)
+
+
+def collect(workdir: str, rows: list[str]) -> dict[str, list[dict]]:
+  """The finished runs (``runs/<row>_s<seed>/result.json``) of ``rows`` in ``workdir``, by
+  row in the order of ``rows``, each row's by seed; rows without a finished run are left out."""
+  found = {}
+  runs_dir = os.path.join(workdir, 'runs')
+  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    match = re.fullmatch(r'(.+)_s(\d+)', name)
+    path = os.path.join(runs_dir, name, 'result.json')
+    if match and match.group(1) in rows and os.path.exists(path):
+      with open(path) as f:
+        record = json.load(f)
+      if record.get('row') != match.group(1) or record.get('seed') != int(match.group(2)):
+        raise ValueError(f'{path}: records row {record.get("row")!r} seed {record.get("seed")!r}, '
+                         f'not those of its folder {name!r}.')
+      found.setdefault(match.group(1), []).append(record)
+  return {row: sorted(found[row], key=lambda r: r['seed']) for row in rows if row in found}
+
+
+def collected_extras(workdir: str) -> tuple[dict, dict]:
+  """The bag purities (``bagging_<bag>/bag_report.json``) and reference rows
+  (``reference/<name>/eval_*.json``) that earlier invocations wrote to ``workdir``."""
+  from bingo_jax.configs import fmnist_ablation
+  purities = {}
+  for bag in fmnist_ablation.BAGS:
+    path = os.path.join(workdir, f'bagging_{bag}', 'bag_report.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        purities[bag] = float(json.load(f)['purity'])
+  references = {}
+  for folder, name in REFERENCES:
+    paths = [os.path.join(workdir, 'reference', folder, f'eval_{protocol}.json')
+             for _, protocol, _ in METRICS]
+    if all(os.path.exists(path) for path in paths):
+      metrics = {}
+      for (key, protocol, _), path in zip(METRICS, paths):
+        with open(path) as f:
+          metrics[f'{protocol}_top1'] = float(json.load(f)['metrics'][key])
+      references[name] = metrics
+  return purities, references
+
+
+def write_table(workdir: str, results: dict[str, list[dict]], references: dict, purities: dict,
+                overrides: list) -> None:
+  """Writes ablation.json and ablation.md (the summary table, then one line per run) and
+  prints the markdown."""
+  from bingo_jax import fileio
+  table = {row: summarise(runs) for row, runs in results.items()}
+  hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
+      __import__('jax').devices()[0].device_kind)
+  markdown = (format_markdown(table, references, purities, hardware) + '\n\n'
+              + format_runs(results))
+  fileio.write_json_atomically(os.path.join(workdir, 'ablation.json'),
+                               {'rows': table, 'references': references,
+                                'bag_purity': purities, 'overrides': overrides,
+                                'hardware': hardware}, default=str)
+  fileio.write_text_atomically(os.path.join(workdir, 'ablation.md'), markdown + '\n')
+  print('\n' + markdown)
 
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
+  from bingo_jax.configs import fmnist_ablation
+  rows = [row.strip() for row in _ROWS.value if row.strip()]
+  unknown = [row for row in rows if row not in fmnist_ablation.ROWS]
+  if unknown:
+    raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(fmnist_ablation.ROWS)}.')
   workdir = os.path.abspath(_WORKDIR.value)
+  if _COLLECT.value:
+    results = collect(workdir, rows)
+    if not results:
+      raise SystemExit(f'--collect: no finished run of {", ".join(rows)} in {workdir}/runs.')
+    purities, references = collected_extras(workdir)
+    write_table(workdir, results, references, purities, _SET.value)
+    return
+  if not _TEACHER.value:
+    raise SystemExit('--teacher: required (the converted teacher model file), except with '
+                     '--collect.')
   os.makedirs(workdir, exist_ok=True)
   # Each run builds the same programs again; the persistent cache compiles them once (set
   # through jax.config: jax, imported with the flags, has read its environment already).
@@ -243,15 +347,10 @@ def main(argv: list[str]) -> None:
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')))
   from absl import logging
 
-  from bingo_jax import fileio, progress
-  from bingo_jax.configs import fmnist_ablation
+  from bingo_jax import progress
   logging.set_verbosity(logging.INFO)
   progress.quiet_library_logs()
 
-  rows = [row.strip() for row in _ROWS.value if row.strip()]
-  unknown = [row for row in rows if row not in fmnist_ablation.ROWS]
-  if unknown:
-    raise SystemExit(f'--rows: unknown {unknown}; known: {", ".join(fmnist_ablation.ROWS)}.')
   seeds = [int(seed) for seed in _SEEDS.value]
   teacher = os.path.abspath(_TEACHER.value)
 
@@ -269,38 +368,23 @@ def main(argv: list[str]) -> None:
         bag, teacher, workdir, _SET.value,
         supervised if bag in fmnist_ablation.SUPERVISED_BAGS else None)
 
-  table = {}
+  results = {}
   for row in rows:
-    results = []
+    results[row] = []
     for seed in seeds:
       print(f'\n=== ablation: {fmnist_ablation.ROWS[row]}, seed {seed}', flush=True)
-      results.append(run_one(row, seed, teacher, bag_paths, workdir, _SET.value))
-    table[row] = summarise(results)
+      results[row].append(run_one(row, seed, teacher, bag_paths, workdir, _SET.value))
   references = {}
   if not _SKIP_REFERENCES.value:
     reference_config = row_config('knn', 0, teacher, bag_paths, _SET.value)
-    references = {
-        'teacher (converted model file)': evaluate_both(
-            reference_config, teacher, os.path.join(workdir, 'reference', 'teacher')),
-        'student architecture, random init (floor)': evaluate_both(
-            reference_config, 'random', os.path.join(workdir, 'reference', 'random')),
-        'raw pixels (floor)': evaluate_both(
-            reference_config, 'pixels', os.path.join(workdir, 'reference', 'pixels')),
-    }
-    if supervised:
-      references['supervised network (bags of the supervised row)'] = evaluate_both(
-          reference_config, supervised, os.path.join(workdir, 'reference', 'supervised'))
-  hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
-      __import__('jax').devices()[0].device_kind)
-  markdown = format_markdown(table, references, purities, hardware)
-  fileio.write_json_atomically(os.path.join(workdir, 'ablation.json'),
-                               {'rows': table, 'references': references,
-                                'bag_purity': purities, 'overrides': _SET.value,
-                                'hardware': hardware}, default=str)
-  fileio.write_text_atomically(os.path.join(workdir, 'ablation.md'), markdown + '\n')
-  print('\n' + markdown)
+    models = {'teacher': teacher, 'random': 'random', 'pixels': 'pixels',
+              'supervised': supervised}
+    references = {name: evaluate_both(reference_config, models[folder],
+                                      os.path.join(workdir, 'reference', folder))
+                  for folder, name in REFERENCES if models[folder]}
+  write_table(workdir, results, references, purities, _SET.value)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['teacher', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])  # --teacher too, except with --collect
   app.run(main)
