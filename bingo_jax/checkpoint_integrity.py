@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import shutil
 import time
 import zlib
@@ -52,7 +53,12 @@ def root_cause(error: BaseException) -> str:
       break
     inner = nxt
   lines = str(inner).strip().splitlines()
-  return f'{type(inner).__name__}: {lines[0] if lines else "(no message)"}'
+  message = lines[0] if lines else '(no message)'
+  # TensorStore names the OS error by number only ("[os_error_code='27']"): add its name.
+  code = re.search(r"os_error_code='?(\d+)", message)
+  if code:
+    message += f' ({os.strerror(int(code.group(1)))})'
+  return f'{type(inner).__name__}: {message}'
 
 
 class OrbaxErrorCapture(std_logging.Filter):

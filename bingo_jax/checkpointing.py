@@ -154,10 +154,13 @@ class TrainCheckpointer:
     storable = jax.tree.map(_host_copy, _to_storable(state))
     integrity.check_savable(storable, step, self.directory, self.latest_step())
     record = dict(progress, **{integrity.CHECKSUMS_KEY: integrity.checksums(storable)})
-    self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(storable),
-        _PROGRESS: ocp.args.JsonSave(record)}), force=True)
     self._pending = step
+    try:  # orbax writes some files (the arrays' metadata) before it returns
+      self._manager.save(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardSave(storable),
+          _PROGRESS: ocp.args.JsonSave(record)}), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(integrity.root_cause(e))
 
   def check_saves(self, wait: bool = False) -> None:
     """Raises if an earlier asynchronous save failed (cheap: call it every step).

@@ -592,3 +592,15 @@ def test_nan_policy_skip_keeps_the_previous_state(inputs, tmp_path):
     if key not in ("['step']", "['rng']"):  # both advance over a skipped step
       np.testing.assert_array_equal(got[key], value, err_msg=key)
   assert int(got["['step']"]) == 3
+
+
+def test_root_cause_names_tensorstore_os_error_codes():
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: Error writing "a/.zarray" [os_error_code=\'27\']\nmore')
+    except ValueError as inner:
+      raise RuntimeError('wrapped') from inner
+  except RuntimeError as e:
+    cause = checkpoint_integrity.root_cause(e)
+  assert cause == ('ValueError: OUT_OF_RANGE: Error writing "a/.zarray" '
+                   "[os_error_code='27'] (File too large)")
