@@ -20,7 +20,11 @@ Methods (``config.bags.method``; the search backends are in ``bingo_jax.knn_back
 * ``kmeans``: faiss k-means with C clusters, a bag being the anchor's cluster;
 * ``labels``: ground-truth classes (the paper's upper bound);
 * ``random-teacher``: ``knn`` on features of a randomly initialised network of the teacher's
-  architecture (the paper's lower bound).
+  architecture (the paper's lower bound);
+* ``self``: every image alone in its group, so every bag is empty and the positive is the
+  anchor itself (a second, independently augmented view of it). Not a bagging method but a
+  control: with it, a loss's bag term keeps its extra student view and its weight but loses
+  the other image (tools/fmnist_ablation.py, row ``paper_eq8_self``). No teacher is read.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from bingo_jax import knn_backends
 from bingo_jax import model_io
 from bingo_jax.models import create_model, init_variables
 
-METHODS = ('knn', 'approx', 'jax', 'kmeans', 'labels', 'random-teacher')
+METHODS = ('knn', 'approx', 'jax', 'kmeans', 'labels', 'random-teacher', 'self')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +126,8 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     if source.labels is None:
       raise ValueError(f'bags.method=labels but the source {source!r} has no labels.')
     bags = bag_file.Bags.from_groups(source.labels, method='labels', **common)
+  elif method == 'self':
+    bags = bag_file.Bags.from_groups(np.arange(len(source)), method='self', **common)
   else:
     bags = _feature_bags(config, workdir, source, bag_path, common, mesh=mesh,
                          progress=progress)

@@ -222,3 +222,54 @@ def test_fraction_one_takes_every_labelled_image_whatever_the_class_counts(tmp_p
                                           fraction=1.0)
   np.testing.assert_array_equal(indices, np.arange(13))
   assert open(path).read().split() == identifiers
+
+
+def test_self_bags_make_the_anchor_its_own_positive_on_host_and_device(tmp_path, ablation_tool):
+  """The control of row (f): bag method 'self' puts every image alone in its group, so both
+  input paths draw the anchor's own image as the positive (its own, independent views), and
+  the row trains the paper's loss without CutMix; its purity is reported as '-'."""
+  from bingo_jax import device_data, parallel
+  images, labels = _images(3, 8, seed=5)
+  source = data_sources.ArraySource(images, labels)
+  config = _bagging_config(5)
+  config.bags.method = 'self'
+  bags, path = bagging.compute_bags(config, str(tmp_path / 'bagging'), source=source,
+                                    progress=False)
+  loaded = bag_file.load_bags(path)
+  assert loaded.method == 'self' and loaded.kind == 'groups'
+  assert all(loaded.bag_size(i) == 0 for i in range(24))
+  assert ablation_tool.read_purity(str(tmp_path / 'bagging' / 'bag_report.json')) is None
+
+  config.train.seed, config.train.batch_size = 0, 8
+  iterator = input_pipeline.create_train_iterator(
+      config, source, loaded, start_step=0, local_batch_size=8, process_index=0,
+      process_count=1, views=(views_lib.QUERY, views_lib.POS_Q))
+  seen = set()
+  for _ in range(6):
+    batch = next(iterator)
+    np.testing.assert_array_equal(batch['positive_index'], batch['anchor_index'])
+    seen.update(batch['anchor_index'].tolist())
+    # Two independent augmentations of one image, not one view twice.
+    assert all(not np.array_equal(q, p) for q, p in zip(batch[views_lib.QUERY],
+                                                        batch[views_lib.POS_Q]))
+  assert seen == set(range(24))
+
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  data = device_data.place_on_devices(source, loaded, mesh)
+  for step in range(6):
+    batch = jax.tree.map(np.asarray, device_data.device_batch(
+        data, step, seed=1, steps_per_epoch=3, global_batch_size=8,
+        views=('query', 'key', 'pos_q', 'pos_k')))
+    np.testing.assert_array_equal(batch['positive_index'], batch['anchor_index'])
+    np.testing.assert_array_equal(batch['positive_canvas'], images[batch['anchor_index']])
+
+  row = fmnist_ablation.get_config('paper_eq8_self')
+  reference = fmnist_ablation.get_config('paper_eq8')
+  assert (row.bags.method, row.train.loss, row.train.cutmix) == ('self', 'paper_eq8', 'none')
+  assert row.to_dict() == {**reference.to_dict(),
+                           'bags': {**reference.bags.to_dict(), 'method': 'self'}}
+  table = {'paper_eq8_self': {m: {'mean': 1.0, 'std': 0.0, 'min': 1.0, 'max': 1.0}
+                              for m in ('knn_top1', 'linear_fast_top1')}
+           | {'wall_minutes': 1.0, 'seeds': [0]}}
+  line = ablation_tool.format_markdown(table, {}, {'self': None}, 'cpu').splitlines()[4]
+  assert line.startswith(f'| {fmnist_ablation.ROWS["paper_eq8_self"]} | - |'), line

@@ -55,9 +55,10 @@ from bingo_jax import cli
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 # Rows run only when --rows names them (the default table keeps its six rows and its length):
 # the Table 9 baselines, teacher relation only, the Fig. 3 bag sizes (knn is k = 5), the
-# Table 7 supervised-network bags and the student relation.
+# Table 7 supervised-network bags, the student relation and the control of (f).
 EXTRA_ROWS = ('kd', 'rkd', 'relation_knn', 'relation_labels', 'relation_random', 'knn_k1',
-              'knn_k10', 'knn_k20', 'supervised', 'student_relation', 'student_relation_teacher')
+              'knn_k10', 'knn_k20', 'supervised', 'student_relation', 'student_relation_teacher',
+              'paper_eq8_self')
 METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast linear top-1'))
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
@@ -141,8 +142,14 @@ def make_bags(bag: str, teacher: str, workdir: str, overrides: list,
   report_path = os.path.join(report_dir, 'bag_report.json')
   if not (os.path.exists(path) and os.path.exists(report_path)):
     bagging.compute_bags(config, report_dir)
+  return path, read_purity(report_path)
+
+
+def read_purity(report_path: str) -> Optional[float]:
+  """A bag report's purity; None where every bag is empty (the ``self`` control)."""
   with open(report_path) as f:
-    return path, float(json.load(f)['purity'])
+    purity = json.load(f)['purity']
+  return None if purity is None else float(purity)
 
 
 def make_supervised_teacher(teacher: str, workdir: str, overrides: list) -> str:
@@ -230,7 +237,7 @@ def format_markdown(table: dict, references: dict, purities: dict, hardware: str
            '|---|---|---|---|---|']
   for row, stats in table.items():
     bag = fmnist_ablation.ROW_BAGS[row]
-    purity = f'{purities[bag]:.3f}' if bag in purities else '-'
+    purity = f'{purities[bag]:.3f}' if purities.get(bag) is not None else '-'
     cells = [f'{stats[m]["mean"]:.2f} ± {stats[m]["std"]:.2f} '
              f'({stats[m]["min"]:.2f}-{stats[m]["max"]:.2f})'
              for m in ('knn_top1', 'linear_fast_top1')]
@@ -286,8 +293,7 @@ def collected_extras(workdir: str) -> tuple[dict, dict]:
   for bag in fmnist_ablation.BAGS:
     path = os.path.join(workdir, f'bagging_{bag}', 'bag_report.json')
     if os.path.exists(path):
-      with open(path) as f:
-        purities[bag] = float(json.load(f)['purity'])
+      purities[bag] = read_purity(path)
   references = {}
   for folder, name in REFERENCES:
     paths = [os.path.join(workdir, 'reference', folder, f'eval_{protocol}.json')

@@ -16,6 +16,12 @@ row's training signal changes:
   paper_eq8    (f) the paper's Eq. 8/9 loss (CE(q, k) + CE(p, k), no CutMix) with the kNN
                    bags of (c).
 
+The control of (f): what its bag term adds beyond a second student view of each example:
+
+  paper_eq8_self  (f) with the anchor itself as the positive (bag method ``self``): the same
+                  loss, CE(q, k) + CE(p, k), the same three passes and the same weight, but p
+                  is a second augmented view of the anchor's own image, not of a neighbour.
+
 Paper Table 9's other distillation methods, through the same step (no bags, no CutMix; the
 teacher embeds the student's own ``query`` image, objectives.TEACHER_QUERY):
 
@@ -78,6 +84,7 @@ ROWS = {
     'labels': '(d) BINGO, ground-truth label bags (upper bound)',
     'random': '(e) BINGO, kNN bags from a random network (lower bound)',
     'paper_eq8': "(f) paper's loss (intra + inter, no CutMix), kNN bags",
+    'paper_eq8_self': "(f) control: paper's loss, the anchor itself as its positive (no bag)",
     'kd': 'Table 9 KD: L2 of normalised embeddings of the same view, no bags',
     'rkd': 'Table 9 RKD: in-batch cosine-similarity matrix matched, no bags',
     'relation_knn': '(g) teacher relation only: MoCo v2 + BINGO loss, kNN bags from the teacher',
@@ -94,7 +101,8 @@ ROWS = {
 # The bag file each row trains with, by name (None: no bags); tools/fmnist_ablation.py writes
 # it as bags_<name>.npz, so rows with different bags never share a file.
 ROW_BAGS = {'moco': None, 'anchor_only': None, 'knn': 'knn', 'labels': 'labels',
-            'random': 'random-teacher', 'paper_eq8': 'knn', 'kd': None, 'rkd': None,
+            'random': 'random-teacher', 'paper_eq8': 'knn', 'paper_eq8_self': 'self',
+            'kd': None, 'rkd': None,
             'relation_knn': 'knn', 'relation_labels': 'labels',
             'relation_random': 'random-teacher',
             'knn_k1': 'knn_k1', 'knn_k10': 'knn_k10', 'knn_k20': 'knn_k20',
@@ -108,7 +116,7 @@ STUDENT_BAG_ROWS = ('student_relation', 'student_relation_teacher')
 # neighbour methods only).
 BAGS = {'knn': ('knn', 5), 'labels': ('labels', 5), 'random-teacher': ('random-teacher', 5),
         'knn_k1': ('knn', 1), 'knn_k10': ('knn', 10), 'knn_k20': ('knn', 20),
-        'supervised': ('knn', 5)}
+        'supervised': ('knn', 5), 'self': ('self', 5)}
 # The bag files found in the supervised network's features instead of the teacher's.
 SUPERVISED_BAGS = ('supervised',)
 
@@ -144,8 +152,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.train.moco_loss = 'anchor_only' if row == 'moco' else 'bingo'
   if row in STUDENT_BAG_ROWS:
     config.bags.source, config.bags.refresh_every_epochs = 'student', 1
-  elif row in ('anchor_only', 'paper_eq8', 'kd', 'rkd'):
-    config.train.loss = row
+  elif row in ('anchor_only', 'paper_eq8', 'paper_eq8_self', 'kd', 'rkd'):
+    config.train.loss = 'paper_eq8' if row == 'paper_eq8_self' else row
     config.train.cutmix = 'none'
   elif row == 'supervised':
     supervised_teacher_config(config)  # read by the finetune protocol only
