@@ -185,12 +185,17 @@ def evaluate_both(config, checkpoint: str, out: str) -> dict:
   for key, protocol, _ in METRICS:
     path = os.path.join(out, f'eval_{protocol}.json')
     if os.path.exists(path):
-      with open(path) as f:
-        record = json.load(f)
+      metrics[f'{protocol}_top1'] = read_top1(path, key)
     else:
       record = evaluate.evaluate(config, checkpoint, protocol, out)
-    metrics[f'{protocol}_top1'] = float(record['metrics'][key])
+      metrics[f'{protocol}_top1'] = float(record['metrics'][key])
   return metrics
+
+
+def read_top1(eval_path: str, key: str) -> float:
+  """The metric ``key`` of an evaluation record that ``bingo_jax.evaluate`` wrote."""
+  with open(eval_path) as f:
+    return float(json.load(f)['metrics'][key])
 
 
 def run_one(row: str, seed: int, teacher: str, bag_paths: dict, workdir: str,
@@ -299,11 +304,8 @@ def collected_extras(workdir: str) -> tuple[dict, dict]:
     paths = [os.path.join(workdir, 'reference', folder, f'eval_{protocol}.json')
              for _, protocol, _ in METRICS]
     if all(os.path.exists(path) for path in paths):
-      metrics = {}
-      for (key, protocol, _), path in zip(METRICS, paths):
-        with open(path) as f:
-          metrics[f'{protocol}_top1'] = float(json.load(f)['metrics'][key])
-      references[name] = metrics
+      references[name] = {f'{protocol}_top1': read_top1(path, key)
+                          for (key, protocol, _), path in zip(METRICS, paths)}
   return purities, references
 
 
