@@ -229,9 +229,12 @@ def _existing_bags(path: str, expected: dict) -> Optional[bag_file.Bags]:
 
 
 def _describe_data(config) -> dict:
+  """The data's record in the bag file: ``name`` is a TFDS name, read only when
+  ``source = 'tfds'`` (the config's default 'imagenet2012' would mislabel other sources)."""
   data = config.data
-  return {key: data.get(key) for key in ('source', 'name', 'path', 'train_split')
-          if data.get(key) is not None}
+  keys = ('source', 'name', 'path', 'train_split') if data.source == 'tfds' else (
+      'source', 'path', 'train_split')
+  return {key: data.get(key) for key in keys if data.get(key) is not None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,6 +233,7 @@ def test_self_bags_make_the_anchor_its_own_positive_on_host_and_device(tmp_path,
   source = data_sources.ArraySource(images, labels)
   config = _bagging_config(5)
   config.bags.method = 'self'
+  config.data.update(source='fashion_mnist', path='/data/fmnist')  # recorded, not read
   bags, path = bagging.compute_bags(config, str(tmp_path / 'bagging'), source=source,
                                     progress=False)
   loaded = bag_file.load_bags(path)
@@ -273,3 +274,6 @@ def test_self_bags_make_the_anchor_its_own_positive_on_host_and_device(tmp_path,
            | {'wall_minutes': 1.0, 'seeds': [0]}}
   line = ablation_tool.format_markdown(table, {}, {'self': None}, 'cpu').splitlines()[4]
   assert line.startswith(f'| {fmnist_ablation.ROWS["paper_eq8_self"]} | - |'), line
+  # The bag file names the data it was made from, without the TFDS name of another source.
+  assert loaded.metadata['data'] == {'source': 'fashion_mnist', 'path': '/data/fmnist',
+                                     'train_split': 'train'}
