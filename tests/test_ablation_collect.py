@@ -10,6 +10,7 @@ import pytest
 
 import tool_runner
 from bingo_jax import evaluate, train
+from bingo_jax.configs import fmnist_ablation
 
 # (row, seed) -> (10-NN, fast linear, training seconds, images/s)
 RUNS = {('anchor_only', 0): (80.11, 81.02, 420.0, 290.0),
@@ -17,7 +18,8 @@ RUNS = {('anchor_only', 0): (80.11, 81.02, 420.0, 290.0),
         ('anchor_only', 1): (79.64, 81.90, 433.0, 280.0),
         ('knn', 0): (81.26, 82.00, 1100.0, 120.0),
         ('knn', 1): (80.02, 81.37, 1160.0, 118.0),
-        ('knn_k10', 0): (79.00, 79.50, 1000.0, 119.0)}
+        ('knn_k10', 0): (79.00, 79.50, 1000.0, 119.0),
+        ('labels', 1): (78.50, 79.25, 1200.0, 110.0)}
 
 
 def _write_run(workdir, row, seed, knn, linear, seconds, speed, folder=None):
@@ -54,11 +56,11 @@ def test_collect_tables_every_finished_seed_of_the_named_rows(tmp_path, nothing_
   os.makedirs(tmp_path / 'runs' / 'knn_s2' / 'train')  # unfinished: no result.json
   _write_extras(workdir)
   assert tool_runner.run_tool('fmnist_ablation.py', f'--workdir={workdir}', '--collect',
-                              '--rows=knn,anchor_only,moco') is None
+                              '--rows=knn,anchor_only,moco,labels') is None
   with open(tmp_path / 'ablation.json') as f:
     table = json.load(f)
   # knn_k10 is not named, moco has no run (the markdown below keeps the named order).
-  assert sorted(table['rows']) == ['anchor_only', 'knn']
+  assert sorted(table['rows']) == ['anchor_only', 'knn', 'labels']
   for row, stats in table['rows'].items():
     seeds = sorted(seed for r, seed in RUNS if r == row)
     assert stats['seeds'] == seeds
@@ -66,7 +68,10 @@ def test_collect_tables_every_finished_seed_of_the_named_rows(tmp_path, nothing_
       values = np.array([RUNS[row, seed][index] for seed in seeds])
       np.testing.assert_allclose(stats[metric]['values'], values)
       np.testing.assert_allclose(stats[metric]['mean'], values.mean(), rtol=1e-12)
-      np.testing.assert_allclose(stats[metric]['std'], values.std(ddof=1), rtol=1e-12)
+      if len(seeds) > 1:
+        np.testing.assert_allclose(stats[metric]['std'], values.std(ddof=1), rtol=1e-12)
+      else:  # no spread from one seed
+        assert stats[metric]['std'] is None
       assert (stats[metric]['min'], stats[metric]['max']) == (values.min(), values.max())
     minutes = np.mean([(RUNS[row, seed][2] + 30.0) / 60 for seed in seeds])
     np.testing.assert_allclose(stats['wall_minutes'], minutes, rtol=1e-12)
@@ -77,8 +82,11 @@ def test_collect_tables_every_finished_seed_of_the_named_rows(tmp_path, nothing_
   markdown = (tmp_path / 'ablation.md').read_text()
   assert markdown in capsys.readouterr().out + '\n'
   assert markdown.index('| (c) BINGO') < markdown.index('| (b) teacher parameters only')
-  assert '| (c) BINGO, kNN bags from the teacher | 0.805 | 80.64 ± 0.88 (80.02-81.26) |' in markdown
-  assert 'seeds 0, 1, 2; the runs below say which seeds each row has.' in markdown
+  assert ('| (c) BINGO, kNN bags from the teacher | 0.805 | 0, 1 | 80.64 ± 0.88 (80.02-81.26) | '
+          '81.69 ± 0.45 (81.37-82.00) | 19.3 |') in markdown
+  # A row of one seed shows its value and its seed, no spread; a reference row has no seeds.
+  assert f'| {fmnist_ablation.ROWS["labels"]} | - | 1 | 78.50 | 79.25 | 20.5 |' in markdown
+  assert '| raw pixels (floor) | - | - | 81.18 | 82.97 | - |' in markdown
   # One line per run, in the named row order and by seed.
   run_lines = [line for line in markdown.splitlines() if line.startswith('| knn_s')
                or line.startswith('| anchor_only_s')]

@@ -227,7 +227,7 @@ def summarise(results: list[dict]) -> dict:
   for metric in ('knn_top1', 'linear_fast_top1'):
     values = [r['metrics'][metric] for r in results]
     out[metric] = {'mean': statistics.fmean(values),
-                   'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+                   'std': statistics.stdev(values) if len(values) > 1 else None,
                    'min': min(values), 'max': max(values), 'values': values}
   out['seeds'] = [r['seed'] for r in results]
   out['wall_minutes'] = statistics.fmean(
@@ -236,26 +236,29 @@ def summarise(results: list[dict]) -> dict:
 
 
 def format_markdown(table: dict, references: dict, purities: dict, hardware: str) -> str:
+  """The summary table: per row its bag purity, seeds, 10-NN and fast linear (mean ± sample
+  standard deviation (min-max) over its seeds; the value alone for a row of one seed) and
+  minutes per run; then the reference rows."""
   from bingo_jax.configs import fmnist_ablation
   lines = [f'Hardware: {hardware}.', '',
-           '| row | bag purity | 10-NN top-1 (%) | fast linear top-1 (%) | minutes per run |',
-           '|---|---|---|---|---|']
+           '| row | bag purity | seeds | 10-NN top-1 (%) | fast linear top-1 (%) | '
+           'minutes per run |',
+           '|---|---|---|---|---|---|']
   for row, stats in table.items():
     bag = fmnist_ablation.ROW_BAGS[row]
     purity = f'{purities[bag]:.3f}' if purities.get(bag) is not None else '-'
-    cells = [f'{stats[m]["mean"]:.2f} ± {stats[m]["std"]:.2f} '
+    seeds = ', '.join(str(seed) for seed in stats['seeds'])
+    cells = [f'{stats[m]["mean"]:.2f}' if len(stats['seeds']) == 1 else
+             f'{stats[m]["mean"]:.2f} ± {stats[m]["std"]:.2f} '
              f'({stats[m]["min"]:.2f}-{stats[m]["max"]:.2f})'
              for m in ('knn_top1', 'linear_fast_top1')]
-    lines.append(f'| {fmnist_ablation.ROWS[row]} | {purity} | {cells[0]} | {cells[1]} | '
+    lines.append(f'| {fmnist_ablation.ROWS[row]} | {purity} | {seeds} | {cells[0]} | {cells[1]} | '
                  f'{stats["wall_minutes"]:.1f} |')
   for name, metrics in references.items():
-    lines.append(f'| {name} | - | {metrics["knn_top1"]:.2f} | {metrics["linear_fast_top1"]:.2f} '
-                 '| - |')
-  seeds = sorted({seed for stats in table.values() for seed in stats['seeds']})
-  lines += ['', 'Mean ± sample standard deviation (min-max) over seeds '
-            f'{", ".join(str(seed) for seed in seeds)}'
-            + ('.' if len({tuple(s['seeds']) for s in table.values()}) == 1 else
-               '; the runs below say which seeds each row has.')]
+    lines.append(f'| {name} | - | - | {metrics["knn_top1"]:.2f} | '
+                 f'{metrics["linear_fast_top1"]:.2f} | - |')
+  lines += ['', 'Mean ± sample standard deviation (min-max) over the seeds of each row; a row of '
+            'one seed shows its value.']
   return '\n'.join(lines)
 
 
