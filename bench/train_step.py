@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bingo_jax import configs
+from bingo_jax import config_checks, configs
 from bingo_jax import model_io, parallel
 from bingo_jax import steps, views
 from bingo_jax import train_step as train_step_lib
@@ -78,7 +78,8 @@ def bench_jax(config, batch_size: int, image_size: int, mesh) -> dict:
       config.student.arch, config.student.head, head_hidden_dim=config.student.head_hidden_dim,
       head_output_dim=config.student.head_output_dim, base_width=config.student.base_width,
       stem=config.student.stem, bn_group_size=config.student.bn_group_size, dtype=compute_dtype)
-  teacher_group = config.teacher.bn_group_size if config.teacher.bn_mode == 'shuffle' else None
+  teacher_group = (config.teacher.bn_group_size
+                   if config.teacher.bn_mode in config_checks.SHUFFLE_MODES else None)
   if config.teacher.path and os.path.exists(config.teacher.path):
     loaded = model_io.load_model(config.teacher.path, bn_group_size=teacher_group,
                                  dtype=compute_dtype)

@@ -23,7 +23,11 @@ CUTMIX_CHOICES = cutmix_lib.MODES + ('none',)
 LR_SCHEDULES = ('cosine_epoch', 'cosine_step')
 # 'auto': bfloat16 on GPU/TPU, float32 on CPU (parallel.resolve_compute_dtype).
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'auto')
-TEACHER_BN_MODES = ('shuffle', 'frozen')
+# config.teacher.bn_mode (docs/training.md, "The teacher's batch shuffle"): 'shuffle_stats'
+# (the shuffle's groups, statistics summed across devices) | 'shuffle' (released: the images
+# permuted across devices) | 'frozen' (stored running statistics).
+TEACHER_BN_MODES = ('shuffle_stats', 'shuffle', 'frozen')
+SHUFFLE_MODES = ('shuffle_stats', 'shuffle')
 # config.data.augment_on / on_device (bingo_jax/device_data.py, docs/data.md).
 AUGMENT_ON = ('device', 'host')
 ON_DEVICE = ('auto', 'always', 'never')
@@ -79,7 +83,14 @@ def key_encoder_shuffles(config: ml_collections.ConfigDict) -> bool:
 
   MoCo's key encoder always does, whatever ``config.teacher.bn_mode`` says.
   """
-  return config.teacher.bn_mode == 'shuffle' or method(config) == 'moco'
+  return config.teacher.bn_mode in SHUFFLE_MODES or method(config) == 'moco'
+
+
+def shuffle_moves_images(config: ml_collections.ConfigDict) -> bool:
+  """Whether the key side's batch shuffle permutes the images (released ``'shuffle'``)
+  rather than summing the shuffled groups' statistics (``'shuffle_stats'``; MoCo's key
+  encoder too under ``'frozen'``)."""
+  return config.teacher.bn_mode == 'shuffle'
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,

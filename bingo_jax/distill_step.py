@@ -3,10 +3,12 @@
 The teacher embeds the objective's key views (``key``, and ``pos_k`` for the released loss;
 ``query`` too for the Table 9 baselines, ``objectives.TEACHER_QUERY``) under ``stop_gradient``; the student, the objective's student views. ``config.teacher.bn_mode``:
 
-* ``'shuffle'`` (released, docs/method.md §5): training-mode BatchNorm on groups of
-  ``config.teacher.bn_group_size`` examples of a freshly permuted global batch, a separate
-  permutation for each view, outputs un-permuted (``train_step.shuffled_forward``); the
-  teacher's running statistics are not kept (only the frozen mode reads them).
+* ``'shuffle_stats'`` (the default) and ``'shuffle'`` (released, docs/method.md §5):
+  training-mode BatchNorm on groups of ``config.teacher.bn_group_size`` examples of a freshly
+  permuted global batch, a separate permutation for each view (``train_step.shuffled_forward``:
+  ``'shuffle'`` permutes the images and un-permutes the outputs, ``'shuffle_stats'`` sums
+  each group's statistics where the images are); the teacher's running statistics are not
+  kept (only the frozen mode reads them).
 * ``'frozen'``: eval mode with the stored running statistics.
 
 The loss is ``config.train.loss`` (``objectives.OBJECTIVES``); the anchors' teacher keys then
@@ -23,6 +25,7 @@ import ml_collections
 
 from bingo_jax import config_checks
 from bingo_jax import objectives
+from bingo_jax import parallel
 from bingo_jax import train_step
 from bingo_jax import views
 
@@ -53,7 +56,7 @@ def make_distill_step(config: ml_collections.ConfigDict, student_model: nn.Modul
     student_model: ``create_model`` of the student, ``bn_group_size`` =
       ``config.student.bn_group_size`` and ``dtype`` = the compute dtype.
     teacher_model: ``create_model`` of the teacher with its head; ``bn_group_size`` =
-      ``config.teacher.bn_group_size`` in ``'shuffle'`` mode.
+      ``config.teacher.bn_group_size`` in the shuffle modes.
     mesh: the device mesh.
     steps_per_epoch: optimizer steps per epoch.
   Returns:
@@ -63,13 +66,14 @@ def make_distill_step(config: ml_collections.ConfigDict, student_model: nn.Modul
   """
   config_checks.check_step(config, student_model, teacher_model, mesh)
   bn_mode = config.teacher.bn_mode
+  batch_sharding = parallel.data_sharding(mesh)
 
   def embed_keys(state: train_step.TrainState, teacher_variables: Any,
                  images: train_step.Batch, rngs: train_step.Rngs
                  ) -> tuple[train_step.Batch, dict[str, Any]]:
     del state
     return {view: train_step.teacher_embeddings(teacher_model, teacher_variables, view_images,
-                                                bn_mode, rngs[view])
+                                                bn_mode, rngs[view], batch_sharding)
             for view, view_images in images.items()}, {}
 
   objective = objectives.make_objective(config.train)

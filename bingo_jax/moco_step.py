@@ -21,7 +21,7 @@ queue, as in BINGO.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ import ml_collections
 from bingo_jax import config_checks
 from bingo_jax import losses
 from bingo_jax import objectives
+from bingo_jax import parallel
 from bingo_jax import train_step
 from bingo_jax import views
 
@@ -59,12 +60,15 @@ def rng_streams(step_objective: objectives.Objective) -> tuple[str, ...]:
 
 
 def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: jax.Array,
-                            rng: jax.Array) -> tuple[jax.Array, Any]:
+                            rng: jax.Array, move_images: bool = False,
+                            sharding: Optional[jax.sharding.Sharding] = None
+                            ) -> tuple[jax.Array, Any]:
   """MoCo's key encoder forward: shuffled training-mode BatchNorm, its own statistics kept.
 
-  The batch is permuted, embedded in groups of the model's ``bn_group_size`` and
-  un-permuted, as ``train_step.teacher_embeddings(..., 'shuffle', rng)`` does (same
-  permutation for the same ``rng``); unlike a frozen BINGO teacher, MoCo's ``encoder_k`` runs
+  BatchNorm statistics over the groups of a random permutation of the batch (the model's
+  ``bn_group_size``), as ``train_step.teacher_embeddings`` takes them in its shuffle modes
+  (same permutation for the same ``rng``; ``move_images``: the released form that permutes
+  the images, ``train_step.shuffled_forward``); unlike a frozen BINGO teacher, MoCo's ``encoder_k`` runs
   in training mode and so updates its running statistics with these batch statistics (its
   buffers are not part of the momentum update, which covers parameters only).
 
@@ -73,11 +77,14 @@ def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: ja
     key_variables: ``{'params', 'batch_stats'}`` of the key encoder.
     images: ``(batch, height, width, 3)`` normalised images.
     rng: PRNG key of the permutation.
+    move_images: the released shuffle (``config.teacher.bn_mode = 'shuffle'``).
+    sharding: the batch's sharding (``train_step.shuffled_forward``).
   Returns:
     ``(keys, batch_stats)``: ``(batch, dim)`` L2-normalised float32 keys in the order of
     ``images`` (no gradient) and the key encoder's updated running statistics.
   """
-  keys, batch_stats = train_step.shuffled_forward(key_model, key_variables, images, rng)
+  keys, batch_stats = train_step.shuffled_forward(key_model, key_variables, images, rng,
+                                                  move_images=move_images, sharding=sharding)
   return (jax.lax.stop_gradient(losses.l2_normalize(keys)),
           jax.lax.stop_gradient(batch_stats))
 
@@ -110,6 +117,8 @@ def make_moco_step(config: ml_collections.ConfigDict, student_model: nn.Module,
   config_checks.check_step(config, student_model, key_model, mesh)
   momentum = float(config.train.moco_momentum)
   step_objective = objective(config)
+  move_images = config_checks.shuffle_moves_images(config)
+  batch_sharding = parallel.data_sharding(mesh)
 
   def embed_keys(state: train_step.TrainState, unused_variables: Any,
                  images: train_step.Batch, rngs: train_step.Rngs
@@ -124,7 +133,7 @@ def make_moco_step(config: ml_collections.ConfigDict, student_model: nn.Module,
     for view in step_objective.teacher_views:
       keys[view], key_batch_stats = shuffled_key_embeddings(
           key_model, {'params': state.key_params, 'batch_stats': key_batch_stats},
-          images[view], rngs[view])
+          images[view], rngs[view], move_images, batch_sharding)
     return keys, {'key_batch_stats': key_batch_stats}
 
   def after_update(state: train_step.TrainState, params: Any) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> model_io.LoadedModel:
     raise ValueError(f'config.teacher.path = {path!r} embeds into {output_dim} dimensions but '
                      f'config.student.head_output_dim = {config.student.head_output_dim}.')
   overrides = {'dtype': config.train.compute_dtype}
-  if config.teacher.bn_mode == 'shuffle':
+  if config.teacher.bn_mode in config_checks.SHUFFLE_MODES:
     overrides['bn_group_size'] = config.teacher.bn_group_size
   return model_io.load_model(path, **overrides)
 

@@ -142,7 +142,9 @@ class TinyTeacher(nn.Module):
     return features, nn.Dense(5, name='fc')(features)
 
 
-def test_teacher_shuffle_bn_matches_torch_per_group_reference():
+@pytest.mark.parametrize('bn_mode', config_checks.SHUFFLE_MODES)
+def test_teacher_shuffle_bn_matches_torch_per_group_reference(bn_mode):
+  """Both shuffle forms against the released one in PyTorch: permuted chunks, one per GPU."""
   batch, group = 16, 4
   images = np.random.RandomState(0).normal(size=(batch, 6, 6, 3)).astype(np.float32)
   model = TinyTeacher(group)
@@ -151,7 +153,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference():
   variables = jax.tree.map(lambda x: x + 0.3 * jnp.arange(x.size).reshape(x.shape) / x.size,
                            variables)
   rng = jax.random.key(7)
-  ours = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), 'shuffle', rng)
+  ours = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), bn_mode, rng)
 
   params = jax.tree.map(lambda x: torch.from_numpy(np.array(x)), variables['params'])
   torch_teacher = torch.nn.Sequential(

@@ -12,7 +12,10 @@ the PyTorch layers compute. Two details matter:
 (docs/method.md §5): in training mode the batch is split into consecutive groups of
 ``group_size`` examples and each group is normalised with its own statistics, as each GPU of
 an 8 x 32 run does. The grouping is defined on the global batch, so the result does not
-depend on how many devices the batch is sharded over.
+depend on how many devices the batch is sharded over. With ``positions`` the groups are
+those of the batch reordered (the teacher's batch shuffle without moving images,
+docs/training.md): each group's statistics are sums of its members' activations, so on a
+sharded batch only ``(groups, channels)`` statistics cross devices.
 """
 
 from __future__ import annotations
@@ -83,7 +86,11 @@ class BatchNorm(nn.Module):
   dtype: Optional[Dtype] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    """Normalises ``x``. In training mode, ``positions`` (``(batch,)`` int, a permutation of
+    ``range(batch)``) places each example in a reordered batch whose consecutive groups are
+    the statistics groups; the output stays in the order of ``x``."""
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
     channels = x.shape[-1]
@@ -103,16 +110,20 @@ class BatchNorm(nn.Module):
     if batch % group_size:
       raise ValueError(f'BatchNorm {self.name!r}: batch size {batch} is not a multiple of the '
                        f'statistics group size {group_size}.')
-    grouped = x32.reshape((batch // group_size, group_size) + x.shape[1:])
-    reduce_axes = tuple(range(1, grouped.ndim - 1))
-    mean = grouped.mean(axis=reduce_axes, keepdims=True)
-    # Two-pass variance: as accurate as PyTorch's on activations with a large mean.
-    var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
-    normalised = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = normalised.reshape(x.shape) * scale + bias
+    count = group_size * functools.reduce(lambda a, b: a * b, x.shape[1:-1], 1)
+    if positions is None:
+      grouped = x32.reshape((batch // group_size, group_size) + x.shape[1:])
+      reduce_axes = tuple(range(1, grouped.ndim - 1))
+      mean = grouped.mean(axis=reduce_axes, keepdims=True)
+      # Two-pass variance: as accurate as PyTorch's on activations with a large mean.
+      var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+      normalised = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    else:
+      mean, var, normalised = _statistics_by_id(x32, positions // group_size,
+                                                batch // group_size, count, self.epsilon)
+    y = normalised * scale + bias
 
     if not self.is_initializing():
-      count = group_size * functools.reduce(lambda a, b: a * b, x.shape[1:-1], 1)
       # Each group updates the running statistics as one PyTorch replica would; the groups'
       # statistics are averaged (unbiased variance, as torch stores it).
       batch_mean = mean.reshape(-1, channels).mean(axis=0)
@@ -120,3 +131,34 @@ class BatchNorm(nn.Module):
       running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * batch_mean
       running_var.value = (1 - self.momentum) * running_var.value + self.momentum * batch_var
     return y.astype(out_dtype)
+
+
+def _statistics_by_id(x: jax.Array, group_ids: jax.Array, num_groups: int, count: int,
+                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm over the groups ``group_ids`` names, without moving examples.
+
+  Each example's activations are summed over its spatial positions, then added into its
+  group by a one-hot contraction over the batch: on a batch sharded over devices XLA makes
+  that an all-reduce of ``(num_groups, channels)``, whatever the image size. Two passes (the
+  mean, then the squared deviations from it), as the consecutive-group path.
+
+  Args:
+    x: ``(batch, ..., channels)`` float32.
+    group_ids: ``(batch,)`` int, each in ``[0, num_groups)``.
+    num_groups: number of groups.
+    count: values per group and channel (group size times spatial positions).
+    epsilon: added to the variance.
+  Returns:
+    ``(mean, var, normalised)``: ``(num_groups, channels)`` group means and biased
+    variances, and ``x`` normalised with its group's statistics.
+  """
+  one_hot = jax.nn.one_hot(group_ids, num_groups, dtype=jnp.float32)  # (batch, groups)
+  spatial_axes = tuple(range(1, x.ndim - 1))
+  per_example = (slice(None),) + (None,) * len(spatial_axes)
+  # HIGHEST: float32 sums on every backend (a GPU would otherwise round them to TF32).
+  group_sum = functools.partial(jnp.einsum, 'bg,bc->gc',
+                                precision=jax.lax.Precision.HIGHEST)
+  mean = group_sum(one_hot, x.sum(axis=spatial_axes)) / count
+  centred = x - mean[group_ids][per_example]
+  var = group_sum(one_hot, jnp.square(centred).sum(axis=spatial_axes)) / count
+  return mean, var, centred * jax.lax.rsqrt(var[group_ids] + epsilon)[per_example]
