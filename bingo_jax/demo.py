@@ -27,7 +27,7 @@ from typing import Optional
 
 from absl import flags, logging
 
-from bingo_jax import cli
+from bingo_jax.console import cli
 
 # Installed with the package (package data).
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data',
@@ -124,7 +124,8 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
       for bagging/training/kNN bank and for evaluation; reduced runs use them.
     quick_eval: shorten the fast linear probe to 2 epochs (smoke runs).
   """
-  from bingo_jax import bagging, evaluate, fileio, model_io, train
+  from bingo_jax import bagging, evaluate, train
+  from bingo_jax.store import fileio, model_io
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -241,7 +242,7 @@ _QUICK_EVAL = flags.DEFINE_bool('quick_eval', False, '2-epoch fast linear probe 
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  from bingo_jax import progress
+  from bingo_jax.run import progress
   logging.set_verbosity(logging.INFO)  # the trainer reports progress through absl logging
   progress.quiet_library_logs()
   run(_WORKDIR.value or 'runs/demo', _TEACHER.value, _EPOCHS.value, _MAX_STEPS.value,

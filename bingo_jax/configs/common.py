@@ -13,7 +13,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # ---- data: what images, read how (bingo_jax/data_sources/) ----
+  # ---- data: what images, read how (bingo_jax/data/sources/) ----
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'          # 'tfds' | 'folder' | 'filelist' | 'fashion_mnist'
   config.data.name = 'imagenet2012'    # TFDS name (source='tfds')
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.student.base_width = ml_collections.FieldReference(None, field_type=int)
   config.student.stem = 'imagenet'
   config.student.bn_group_size = ml_collections.FieldReference(32, field_type=int)  # None: global
-  # A model file to start a fresh run from (bingo_jax/warm_start.py); None: random init.
+  # A model file to start a fresh run from (bingo_jax/run/warm_start.py); None: random init.
   config.student.init_from = ml_collections.FieldReference(None, field_type=str)
 
   # ---- bags: bingo_jax/bagging.py ----
@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bags.k = 5
   # Training's bags: 'file' (config.bags.path) | 'student': kNN in the student's own features,
   # recomputed at epochs 0, N, 2N, ... (N = refresh_every_epochs; Table 8 "student relation",
-  # bingo_jax/student_bags.py; bags.method 'knn' or 'jax' searches them)
+  # bingo_jax/bags/student_bags.py; bags.method 'knn' or 'jax' searches them)
   config.bags.source = 'file'
   config.bags.refresh_every_epochs = 0
   config.bags.num_clusters = 20000     # kmeans
@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
   config.train.max_steps = ml_collections.FieldReference(None, field_type=int)  # stop early
-  # kNN monitor (bingo_jax/knn_monitor.py): weighted kNN top-1 of the student's features on
+  # kNN monitor (bingo_jax/run/knn_monitor.py): weighted kNN top-1 of the student's features on
   # fixed labelled subsets every N epochs, to the log and TensorBoard; 0 or no labels: off.
   config.train.monitor_every_epochs = 10
   config.train.monitor_bank_size = 10000   # images of eval.train_split or data.train_split
