@@ -14,6 +14,8 @@ config file of your own (``--config my_config.py:arg``), which may start from th
 Every key can be overridden on the command line: ``--config.train.batch_size=512``. For
 compatibility with older commands, a path ``configs/NAME.py`` that does not exist names the
 built-in ``NAME``.
+
+May import: nothing else of bingo_jax (ml_collections only).
 """
 
 from __future__ import annotations
