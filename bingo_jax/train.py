@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Distils the configured teacher into the student, resuming from ``workdir`` if possible.
 
   Args:
-    config: the experiment config (``bingo_jax/configs/*.py``).
+    config: the experiment config (``configs/*.py``).
     workdir: where checkpoints, ``config.json``, ``student_model.json``, TensorBoard events
       and ``train_summary.json`` go.
     simulate_preemption_at_step: testing aid: send this process SIGTERM after that step.

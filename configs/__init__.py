@@ -11,9 +11,10 @@ config file of your own (``--config my_config.py:arg``), which may start from th
     ...
     return variants.apply_variants(config, arg)
 
-Every key can be overridden on the command line: ``--config.train.batch_size=512``. For
-compatibility with older commands, a path ``configs/NAME.py`` that does not exist names the
-built-in ``NAME``.
+Every key can be overridden on the command line: ``--config.train.batch_size=512``. The
+files are the top-level ``configs/`` folder of the repository (installed as this package):
+``--config configs/r18_r50w2.py`` from the repository root reads that file, and from any
+other directory, where the path does not exist, it names the built-in ``r18_r50w2``.
 
 May import: nothing else of bingo_jax (ml_collections only).
 """
@@ -48,12 +49,15 @@ def names() -> list[str]:
 def _builtin(name: str) -> Optional[str]:
   if name in names():
     return os.path.join(CONFIG_DIR, f'{name}.py')
-  # Older commands and docs: configs/NAME.py, relative to the repository root.
+  # configs/NAME.py: in a checkout, the very file the name loads (this folder); elsewhere,
+  # where the path does not exist (an installed package, another directory), the built-in.
   head, tail = os.path.split(name)
   stem, extension = os.path.splitext(tail)
   if (extension == '.py' and os.path.basename(os.path.normpath(head)) == 'configs'
-      and not os.path.exists(name) and stem in names()):
-    return os.path.join(CONFIG_DIR, tail)
+      and stem in names()):
+    builtin = os.path.join(CONFIG_DIR, tail)
+    if not os.path.exists(name) or os.path.samefile(name, builtin):
+      return builtin
   return None
 
 

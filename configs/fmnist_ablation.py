@@ -135,7 +135,7 @@ def supervised_teacher_config(config: ml_collections.ConfigDict) -> ml_collectio
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   names = [part.strip() for part in (arg or '').split(',') if part.strip()]
   if not names or names[0] not in ROWS:
-    raise ValueError(f'bingo_jax/configs/fmnist_ablation.py needs a row name first, one of '
+    raise ValueError(f'configs/fmnist_ablation.py needs a row name first, one of '
                      f'{", ".join(ROWS)}; got {arg!r}.')
   row, rest = names[0], names[1:]
   config = fmnist_demo.get_config()

@@ -38,6 +38,7 @@ def installed(tmp_path_factory):
   source = root / 'source'
   ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
   shutil.copytree(os.path.join(REPO, 'bingo_jax'), source / 'bingo_jax', ignore=ignore)
+  shutil.copytree(os.path.join(REPO, 'configs'), source / 'configs', ignore=ignore)
   for name in os.listdir(REPO):
     if name == 'pyproject.toml' or name == 'README.md' or name.startswith('requirements'):
       shutil.copy(os.path.join(REPO, name), source / name)

@@ -31,6 +31,8 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'bingo_jax'
+# Subpackages whose folder is elsewhere in the repository (pyproject.toml's package-dir).
+PACKAGE_DIRS = {'bingo_jax.configs': 'configs'}
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 SIZE_MARKER = re.compile(r'^\s*#\s*size:\s*(\S.*)$')
@@ -42,20 +44,25 @@ FORBIDDEN_NAME = 'SPEC' + '.md'
 # The package's modules.
 
 
-def package_modules(root: str, package: str) -> dict[str, str]:
-  """Dotted module name -> file path of every ``.py`` file of ``package`` under ``root``.
+def package_modules(root: str, package: str,
+                    package_dirs: Optional[dict[str, str]] = None) -> dict[str, str]:
+  """Dotted module name -> file path of every ``.py`` file of ``package`` under ``root``,
+  and of the subpackages that ``package_dirs`` (dotted name -> folder under ``root``) places
+  elsewhere.
 
   A package's ``__init__.py`` is the module named after the package itself.
   """
   modules = {}
-  for directory, subdirectories, files in os.walk(os.path.join(root, package)):
-    subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(('.', '__')))
-    relative = os.path.relpath(directory, root).split(os.sep)
-    for name in sorted(files):
-      if not name.endswith('.py'):
-        continue
-      parts = relative if name == '__init__.py' else relative + [name[:-3]]
-      modules['.'.join(parts)] = os.path.join(directory, name)
+  for name, folder in [(package, package), *(package_dirs or {}).items()]:
+    top = os.path.join(root, folder)
+    for directory, subdirectories, files in os.walk(top):
+      subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(('.', '__')))
+      relative = [] if directory == top else os.path.relpath(directory, top).split(os.sep)
+      for file in sorted(files):
+        if not file.endswith('.py'):
+          continue
+        parts = relative if file == '__init__.py' else relative + [file[:-3]]
+        modules['.'.join([name, *parts])] = os.path.join(directory, file)
   return modules
 
 
@@ -411,7 +418,7 @@ def test_name_finder_on_known_files(tmp_path):
 
 @pytest.fixture(scope='module')
 def modules() -> dict[str, str]:
-  found = package_modules(REPO_ROOT, PACKAGE)
+  found = package_modules(REPO_ROOT, PACKAGE, PACKAGE_DIRS)
   assert f'{PACKAGE}.train' in found, f'no {PACKAGE} package under {REPO_ROOT}'
   return found
 
@@ -509,7 +516,7 @@ def layer_mismatches(actual: dict[str, set[str]],
   return problems
 
 
-def init_mismatches(root: str, layers: dict[str, tuple[int, set[str]]],
+def init_mismatches(modules: dict[str, str], layers: dict[str, tuple[int, set[str]]],
                     package: str = PACKAGE) -> list[str]:
   """Folders whose ``__init__.py`` docstring has no ``May import: a, b`` line naming exactly
   the folders and modules the layer table lists for it (``nothing ...`` for none)."""
@@ -517,22 +524,22 @@ def init_mismatches(root: str, layers: dict[str, tuple[int, set[str]]],
   for unit, (_, listed) in sorted(layers.items()):
     if not unit.endswith('/'):
       continue
-    path = os.path.join(root, package, unit, '__init__.py')
-    if not os.path.isfile(path):
+    path = modules.get(f'{package}.{unit[:-1]}')
+    if path is None:
       continue
     tree, _ = _parse(path)
     docstring = ast.get_docstring(tree) or ''
     line = _MAY_IMPORT.search(docstring)
     if not line:
-      problems.append(f'{package}/{unit}__init__.py: its docstring has no "May import:" line')
+      problems.append(f'{package}.{unit[:-1]}: its docstring has no "May import:" line')
       continue
     names = '' if line.group(1).startswith('nothing') else line.group(1)
     said = {name.strip() for name in names.split(',')} - {''}
     said = {name if name.endswith('/') or f'{name}/' not in layers else f'{name}/'
             for name in said}
     if said != listed:
-      problems.append(f'{package}/{unit}__init__.py says it may import {sorted(said)}; the '
-                      f'layer table lists {sorted(listed)}')
+      problems.append(f'{package}.{unit[:-1]} says it may import {sorted(said)}; the layer '
+                      f'table lists {sorted(listed)}')
   return problems
 
 
@@ -546,30 +553,35 @@ def test_layer_reader_on_a_known_package(tmp_path):
       'pkg/top.py': 'from pkg.mid import b\nfrom pkg import low\n',
       'pkg/new/__init__.py': '"""No line."""\n',
       'pkg/new/c.py': 'from pkg import top\n',
+      # pkg.conf, mapped to a folder outside pkg/.
+      'elsewhere/__init__.py': '"""Conf.\n\nMay import: low.\n"""\n',
+      'elsewhere/x.py': 'from pkg.conf import y\n',
+      'elsewhere/y.py': 'from pkg.low import a\n',
   })
-  modules = package_modules(str(tmp_path), 'pkg')
+  modules = package_modules(str(tmp_path), 'pkg', {'pkg.conf': 'elsewhere'})
+  assert {'pkg.conf', 'pkg.conf.x', 'pkg.conf.y'} <= set(modules)
   actual = unit_edges(modules, import_edges(modules, str(tmp_path)), 'pkg')
   assert actual == {'__init__': set(), 'low/': set(), 'mid/': {'low/'},
-                    'top': {'low/', 'mid/'}, 'new/': {'top'}}
+                    'top': {'low/', 'mid/'}, 'new/': {'top'}, 'conf/': {'low/'}}
   text = '\n'.join([
       '# Title', '## Layers', 'prose', '| layer | unit | holds | imports |', '|---|---|---|---|',
       '| 0 | `__init__` | the version | |', '| 0 | `low/` | a | |',
       '| 1 | `mid/` | b | `low/` |', '| 1 | `top` | the top | `mid/` |',
-      '| 0 | `gone/` | nothing | |', '## Other', '| 0 | `c` | x | `a` |'])
+      '| 0 | `gone/` | nothing | |', '| 1 | `conf/` | c | `low/` |', '## Other', '| 0 | `c` | x | `a` |'])
   layers = documented_layers(text)
   assert layers == {'__init__': (0, set()), 'low/': (0, set()), 'mid/': (1, {'low/'}),
-                    'top': (1, {'mid/'}), 'gone/': (0, set())}
+                    'top': (1, {'mid/'}), 'gone/': (0, set()), 'conf/': (1, {'low/'})}
   assert layer_mismatches(actual, layers) == [
       'new/ is in the package but not in the layer table',
       'gone/ is in the layer table but not in the package',
       "top imports ['low/', 'mid/']; the table lists ['mid/']",
       'top (layer 1) imports mid/ (layer 1): an import must point to a lower layer']
   layers['new/'] = (2, {'top'})
-  assert init_mismatches(str(tmp_path), layers, 'pkg') == [
-      'pkg/new/__init__.py: its docstring has no "May import:" line']
+  assert init_mismatches(modules, layers, 'pkg') == [
+      'pkg.new: its docstring has no "May import:" line']
   layers['mid/'] = (1, set())
-  assert init_mismatches(str(tmp_path), layers, 'pkg')[0] == (
-      "pkg/mid/__init__.py says it may import ['low/']; the layer table lists []")
+  assert init_mismatches(modules, layers, 'pkg')[0] == (
+      "pkg.mid says it may import ['low/']; the layer table lists []")
   with pytest.raises(ValueError, match='listed twice'):
     documented_layers(text.replace('`gone/`', '`low/`'))
 
@@ -586,6 +598,19 @@ def test_architecture_doc_shows_the_layers_of_the_tree(modules, documented):
                         'package:\n' + '\n'.join(problems))
 
 
-def test_every_folder_says_what_it_may_import(documented):
-  problems = init_mismatches(REPO_ROOT, documented)
+def test_every_folder_says_what_it_may_import(modules, documented):
+  problems = init_mismatches(modules, documented)
   assert not problems, '\n'.join(problems)
+
+
+def test_pyproject_lists_every_package(modules):
+  """``pyproject.toml`` names the packages one by one (its package-dir mapping rules out
+  setuptools' finder): a folder missing there would be missing from an install."""
+  with open(os.path.join(REPO_ROOT, 'pyproject.toml'), encoding='utf-8') as f:
+    text = f.read()
+  listed = re.search(r'^packages = \[(.*?)\]', text, re.MULTILINE | re.DOTALL)
+  assert listed, 'pyproject.toml has no "packages = [...]" list'
+  packages = {name for name, path in modules.items() if path.endswith('__init__.py')}
+  assert set(re.findall(r'"([\w.]+)"', listed.group(1))) == packages
+  for name, folder in PACKAGE_DIRS.items():
+    assert f'"{name}" = "{folder}"' in text, f'pyproject.toml does not map {name} to {folder}/'

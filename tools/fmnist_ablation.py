@@ -2,7 +2,7 @@
 
   python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``bingo_jax/configs/fmnist_ablation.py`` and each seed: distil
+For each row of ``configs/fmnist_ablation.py`` and each seed: distil
 (``bingo_jax.train``), then evaluate the student with 10-NN and the fast linear probe
 (``bingo_jax.evaluate``). The default rows are moco, anchor_only, knn, labels, random,
 paper_eq8 (``ROW_ORDER``); ``--rows`` names others, ``EXTRA_ROWS``: the Table 9 baselines
@@ -63,7 +63,7 @@ METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast l
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
 _WORKDIR = cli.shared(cli.WORKDIR)  # required; resumable
-_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of bingo_jax/configs/fmnist_ablation.py.')
+_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of configs/fmnist_ablation.py.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every row, KEY=VALUE, e.g. '
                                  'train.epochs=3 (repeatable).')
@@ -103,7 +103,7 @@ def _override(config, assignment: str) -> None:
 
 
 def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: list):
-  """The config of one run: ``bingo_jax/configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
+  """The config of one run: ``configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
   from bingo_jax.configs import fmnist_ablation
   config = fmnist_ablation.get_config(row)
   for assignment in overrides:

@@ -25,7 +25,7 @@ from bingo_jax.torch_io import checkpoints as torch_checkpoints
 # ---- the stages (train, bagging, evaluate), the demo and the ablation driver ----
 CONFIG = configs.define_config_flag(
     'config', None, 'Experiment config: a built-in name (r18_r50w2, r18_r50w2:bf16, cifar10, '
-    '...; bingo_jax/configs/) or a config file path, [:variants]; override keys with '
+    '...; configs/) or a config file path, [:variants]; override keys with '
     '--config.a.b=value.')
 WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (a rerun resumes from what it holds).')

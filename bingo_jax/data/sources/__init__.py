@@ -71,7 +71,7 @@ def make_source(data_config, split: str) -> ImageSource:
 
   Args:
     data_config: ``config.data`` (keys: ``source``, ``name``, ``data_dir``, ``path``,
-      ``root``, ``in_memory``, ``image_key``, ``label_key``; see bingo_jax/configs/common.py).
+      ``root``, ``in_memory``, ``image_key``, ``label_key``; see configs/common.py).
     split: split name (``config.data.train_split`` / ``eval_split``). For ``folder`` and
       ``filelist`` sources ``data.path`` may contain ``'{split}'``; otherwise ``path/split`` is
       used when it exists, else ``path`` itself.
