@@ -4,12 +4,17 @@ The built-in configs are the files of the top-level ``configs/`` folder, importe
 ``bingo_jax.configs``: an install puts the folder there (``pyproject.toml`` maps it), and in a
 checkout run without installing (``python -m bingo_jax.train`` from the repository root, or
 ``PYTHONPATH=<checkout>``) the finder below loads it from beside this package.
+
+TensorFlow's import, wherever it happens, is made quiet here (``console/quiet.py``), before
+any module can import it.
 """
 
 import importlib.abc
 import importlib.util
 import os
 import sys
+
+from bingo_jax.console import quiet as _quiet
 
 __version__ = '0.1.0'
 
@@ -38,3 +43,5 @@ if (not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), '
     and os.path.isfile(os.path.join(_CHECKOUT_CONFIGS, '__init__.py'))
     and not any(isinstance(finder, _CheckoutConfigsFinder) for finder in sys.meta_path)):
   sys.meta_path.insert(0, _CheckoutConfigsFinder())
+
+_quiet.quiet_tensorflow_import(sys.argv)

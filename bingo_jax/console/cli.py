@@ -20,6 +20,7 @@ from typing import Sequence
 from absl import app, flags
 
 from bingo_jax import configs
+from bingo_jax.console import quiet
 from bingo_jax.torch_io import checkpoints as torch_checkpoints
 
 # ---- the stages (train, bagging, evaluate), the demo and the ablation driver ----
@@ -79,10 +80,12 @@ HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--hel
 
 
 def run(main, required: Sequence[str] = ()) -> None:
-  """``app.run(main)`` for a console command: ``required`` flags marked as such, and a help
+  """``app.run(main)`` for a console command: ``required`` flags marked as such, the
+  libraries' log chatter silenced unless ``--verbosity`` asks for it (``quiet``), and a help
   request (``--help``, which absl ends with status 1) exiting with status 0."""
   if required:
     flags.mark_flags_as_required(list(required))
+  quiet.quiet_library_logs(sys.argv)
   try:
     app.run(main)
   except SystemExit as e:
