@@ -4,7 +4,7 @@ r"""One command for a GPU or TPU host: the BINGO step's throughput and MFU (unde
   python -m bench.accelerator --smoke    # a tiny CPU run of the same code (the test suite)
 
 Each row is the whole jitted step as training runs it in ``augment_on = 'device'`` mode: the
-MoCo v2 views drawn from 512 px uint8 canvases (bingo_jax/device_data.py), then the BINGO
+MoCo v2 views drawn from 512 px uint8 canvases (bingo_jax/run/device_data.py), then the BINGO
 update (student forward/backward on query, pos_q and their CutMix, the teacher on key and
 pos_k with shuffled BatchNorm, the loss against a 65536-key queue, SGD). Canvases are placed
 on the devices once: the host pipeline is measured by bench/input_pipeline.py.
@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bingo_jax import device_data, parallel
-from bingo_jax import steps
-from bingo_jax import train_step as train_step_lib
-from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import r18_r50w2
+from bingo_jax.data import parallel
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.run import device_data
 
 VIEWS = ('query', 'key', 'pos_q', 'pos_k')
 # Dense peaks (FLOP/s) by device kind substring: (bf16, fp32 through TF32 / the MXU).

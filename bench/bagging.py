@@ -38,9 +38,10 @@ def run_features_case(arch: str, base_width: int, image_size: int, batch: int,
   """Teacher forward throughput (eval mode, centre-cropped uint8 batches, jitted)."""
   import jax
   import numpy as np
-  from bingo_jax import features as features_lib
-  from bingo_jax import model_io, parallel
+  from bingo_jax.bags import features as features_lib
+  from bingo_jax.data import parallel
   from bingo_jax.models import create_model, init_variables
+  from bingo_jax.store import model_io
   config = dict(arch=arch, base_width=base_width)
   model = create_model(**config)
   loaded = model_io.LoadedModel(model, init_variables(model, jax.random.key(0), image_size),
@@ -64,7 +65,7 @@ def run_features_case(arch: str, base_width: int, image_size: int, batch: int,
 
 def run_search_case(backend: str, n: int, d: int, queries: int, k: int = 5) -> dict:
   import numpy as np
-  from bingo_jax import knn_backends
+  from bingo_jax.bags import knn_backends
   baseline = _rss_mb()
   rng = np.random.default_rng(0)
   features = np.empty((n, d), np.float32)
@@ -98,7 +99,7 @@ def run_search_case(backend: str, n: int, d: int, queries: int, k: int = 5) -> d
 def _approx_case(features, k: int, queries: int) -> dict:
   """IVF-Flat (nlist = 4 sqrt(N), nprobe 32): train + add on all N, search ``queries``."""
   import numpy as np
-  from bingo_jax import knn_backends
+  from bingo_jax.bags import knn_backends
   faiss = knn_backends.faiss_module()
   n, d = features.shape
   nlist = knn_backends.ivf_nlist(n)
@@ -123,8 +124,8 @@ def _approx_case(features, k: int, queries: int) -> dict:
 def run_real_features_case(directory: str, k: int = 5) -> dict:
   """Exact vs approximate search on real features (recall depends on their structure)."""
   import numpy as np
-  from bingo_jax import knn_backends
-  from bingo_jax import features as features_lib
+  from bingo_jax.bags import features as features_lib
+  from bingo_jax.bags import knn_backends
   shards = features_lib.open_feature_shards(directory)
   features = shards.load()
   start = time.perf_counter()

@@ -134,7 +134,7 @@ def wait_for_moment(run: Run, kind: str, value: float, jitter: float) -> tuple[b
 
 def final_state(workdir: str) -> tuple[int, dict]:
   import jax  # pylint: disable=import-outside-toplevel
-  from bingo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from bingo_jax.store import checkpointing  # pylint: disable=import-outside-toplevel
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=1, read_only=True)
   step = checkpointer.latest_step()
   stored = checkpointer.restore_arrays(step)

@@ -89,7 +89,7 @@ def stage_costs(directory: str, names: list[str], canvas_size: int, image_size: 
   """Single-thread CPU-ms per anchor of each stage, both modes."""
   import jax
   import tensorflow as tf
-  from bingo_jax import augment, canvases
+  from bingo_jax.data import augment, canvases
 
   paths = [os.path.join(directory, name) for name in names]
 
@@ -135,7 +135,7 @@ def stage_costs(directory: str, names: list[str], canvas_size: int, image_size: 
 def _decode_only(encoded, canvas_size: int):
   """The decode of ``decode_to_canvas`` alone (DCT-scaled JPEG decode, no canvas)."""
   import tensorflow as tf
-  from bingo_jax import canvases
+  from bingo_jax.data import canvases
   shape = tf.image.extract_jpeg_shape(encoded)
   fits = tf.stack([((shape[0] + r - 1) // r <= canvas_size) & ((shape[1] + r - 1) // r <= canvas_size)
                    for r in canvases.DCT_RATIOS])
@@ -150,8 +150,10 @@ def pipeline_cost(directory: str, mode: str, canvas_size: int, image_size: int, 
                   batches: int) -> tuple[float, float]:
   """(process CPU-ms per anchor, wall anchors/s) of the tf.data pipeline + device_put."""
   import jax
-  from bingo_jax import bag_file, data_sources, input_pipeline
+  from bingo_jax import input_pipeline
+  from bingo_jax.bags import bag_file
   from bingo_jax.configs import common
+  from bingo_jax.data import sources as data_sources
   config = common.base_config()
   config.data.source = 'filelist'
   config.data.path = os.path.join(directory, 'list.txt')
@@ -179,11 +181,12 @@ def device_costs(canvas_size: int, image_size: int, batch: int, time_step: bool)
   """FLOPs (XLA cost analysis) and time per anchor of the device augmentation; the step's."""
   import jax
   import jax.numpy as jnp
-  from bingo_jax import device_data, parallel
-  from bingo_jax import steps
-  from bingo_jax import train_step as train_step_lib
-  from bingo_jax.models import create_model, init_variables
   from bingo_jax.configs import r18_r50w2
+  from bingo_jax.data import parallel
+  from bingo_jax.method import steps
+  from bingo_jax.method import train_step as train_step_lib
+  from bingo_jax.models import create_model, init_variables
+  from bingo_jax.run import device_data
 
   views = ('query', 'key', 'pos_q', 'pos_k')
   rng = np.random.default_rng(0)
@@ -251,7 +254,7 @@ def canvas_loss(directory: str, names: list[str], sizes: list[tuple[int, int]],
   """Views from the default canvas vs from the full-resolution image, the same keys."""
   import jax
   import tensorflow as tf
-  from bingo_jax import canvases, device_augment
+  from bingo_jax.data import canvases, device_augment
   large = [i for i, (h, w) in enumerate(sizes) if max(h, w) > canvas_size]
   result = {'fraction_resized': len(large) / len(sizes), 'mean_abs_diff_resized': None,
             'p99_abs_diff_resized': None}

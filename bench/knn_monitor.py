@@ -1,4 +1,4 @@
-r"""Cost of the kNN monitor (bingo_jax/knn_monitor.py) against the training it interrupts.
+r"""Cost of the kNN monitor (bingo_jax/run/knn_monitor.py) against the training it interrupts.
 
   python -m bench.knn_monitor [--config fmnist_demo] [--steps 5]
 
@@ -23,10 +23,11 @@ import numpy as np
 from absl import app, flags
 
 from bingo_jax import configs
-from bingo_jax import data_sources, knn_monitor, parallel
-from bingo_jax import steps as steps_lib
-from bingo_jax import train_step as train_step_lib
+from bingo_jax.data import parallel, sources as data_sources
+from bingo_jax.method import steps as steps_lib
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.run import knn_monitor
 
 _CONFIG = configs.define_config_flag('config', 'fmnist_demo', lock_config=False)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps.')

@@ -171,9 +171,10 @@ def compile_step(networks: str, num_devices: int, per_device: int, image_size: i
   import jax
   import jax.numpy as jnp
 
-  from bingo_jax import parallel, steps
-  from bingo_jax import train_step as train_step_lib
   from bingo_jax.configs import r18_r50w2
+  from bingo_jax.data import parallel
+  from bingo_jax.method import steps
+  from bingo_jax.method import train_step as train_step_lib
   from bingo_jax.models import create_model, init_variables
 
   devices = jax.devices()

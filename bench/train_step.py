@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bingo_jax import config_checks, configs
-from bingo_jax import model_io, parallel
-from bingo_jax import steps, views
-from bingo_jax import train_step as train_step_lib
+from bingo_jax import configs
+from bingo_jax.data import parallel
+from bingo_jax.data import views
+from bingo_jax.method import config_checks
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import model_io
 
 _CONFIG = configs.define_config_flag('config', 'r18_r50', lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')

@@ -3,12 +3,12 @@
 ``python -m bingo_jax.bagging --config x --workdir DIR`` reads ``config.data`` (the
 training split is bagged), ``config.teacher.path`` and ``config.bags``, and writes::
 
-    DIR/features/          teacher features, float16 shards (resumable; bingo_jax.features)
-    DIR/bags.npz           the bag file (or config.bags.path)        (bingo_jax.bag_file)
-    DIR/bag_report.json    purity overall / per class, bag statistics  (bingo_jax.bag_report)
+    DIR/features/          teacher features, float16 shards (resumable; bingo_jax.bags.features)
+    DIR/bags.npz           the bag file (or config.bags.path)        (bingo_jax.bags.bag_file)
+    DIR/bag_report.json    purity overall / per class, bag statistics  (bingo_jax.bags.bag_report)
     DIR/bag_report.png     random anchors beside their bags
 
-Methods (``config.bags.method``; the search backends are in ``bingo_jax.knn_backends``):
+Methods (``config.bags.method``; the search backends are in ``bingo_jax.bags.knn_backends``):
 
 * ``knn``: exact inner-product search with faiss (cosine on L2-normalised features: the
   released code's flat L2 index ranks identically), k = 5, the anchor's own index excluded
@@ -39,16 +39,16 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bingo_jax import bad_images
-from bingo_jax import bag_file
-from bingo_jax import bag_report
-from bingo_jax import cli
-from bingo_jax import data_sources
-from bingo_jax import features as features_lib
-from bingo_jax import fileio
-from bingo_jax import knn_backends
-from bingo_jax import model_io
+from bingo_jax.bags import bag_file
+from bingo_jax.bags import bag_report
+from bingo_jax.bags import features as features_lib
+from bingo_jax.bags import knn_backends
+from bingo_jax.console import cli
+from bingo_jax.data import bad_images
+from bingo_jax.data import sources as data_sources
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import fileio
+from bingo_jax.store import model_io
 
 METHODS = ('knn', 'approx', 'jax', 'kmeans', 'labels', 'random-teacher', 'self')
 

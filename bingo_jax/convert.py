@@ -1,5 +1,5 @@
 """Converts a PyTorch checkpoint (MoCo v1/v2, SwAV, torchvision, efficientnet_pytorch) into a
-bingo_jax model file that every stage loads by path (``bingo_jax.model_io.load_model``).
+bingo_jax model file that every stage loads by path (``bingo_jax.store.model_io.load_model``).
 
   bingo-convert moco_v2_800ep_pretrain.pth.tar teachers/r50_mocov2
   bingo-convert swav_RN50w2_400ep_pretrain.pth.tar teachers/r50w2_swav
@@ -19,7 +19,9 @@ import time
 import jax
 from absl import flags
 
-from bingo_jax import cli, fileio, torch_checkpoints
+from bingo_jax.console import cli
+from bingo_jax.store import fileio
+from bingo_jax.torch_io import checkpoints as torch_checkpoints
 
 
 _FORMAT = cli.shared(cli.FORMAT)  # default: detected from the tensor names

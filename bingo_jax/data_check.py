@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import flags, logging
 
-from bingo_jax import bad_images
-from bingo_jax import cli
-from bingo_jax import data_sources
-from bingo_jax import fileio
+from bingo_jax.console import cli
+from bingo_jax.data import bad_images
+from bingo_jax.data import sources as data_sources
+from bingo_jax.store import fileio
 
 
 def check_split(config: ml_collections.ConfigDict, split: str, workers: int = 0,

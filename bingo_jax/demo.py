@@ -6,7 +6,7 @@ Stages, each through the same public entry point a user would call:
   1. teacher: a PyTorch MoCo-layout checkpoint (``--teacher``; by default the committed
      ``bingo_jax/demo_data/teacher_moco_r18w16_fmnist.pth.tar``, a ResNet-18 of base width 16
      pre-trained with MoCo v2 on the Fashion-MNIST training images by
-     ``bingo_jax/configs/moco_fmnist.py``), converted by ``bingo-convert``;
+     ``configs/moco_fmnist.py``), converted by ``bingo-convert``;
   2. bags: teacher features of the first 12,800 training images + exact kNN (``bingo_jax.bagging``);
   3. distillation of a ResNet-18 (width 8) student (``bingo_jax.train``);
   4. kNN and fast linear evaluation of the raw pixels, the teacher, the student before
@@ -27,7 +27,7 @@ from typing import Optional
 
 from absl import flags, logging
 
-from bingo_jax import cli
+from bingo_jax.console import cli
 
 # Installed with the package (package data).
 DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data',
@@ -70,7 +70,7 @@ class Stages:
 
 def _demo_config(epochs: Optional[int], max_steps: Optional[int], train_split: Optional[str],
                  eval_split: Optional[str], quick_eval: bool):
-  """``bingo_jax/configs/fmnist_demo.py`` with ``run``'s overrides (see its Args)."""
+  """``configs/fmnist_demo.py`` with ``run``'s overrides (see its Args)."""
   from bingo_jax.configs import eval_fmnist, fmnist_demo
   config = fmnist_demo.get_config()
   if epochs is not None:
@@ -119,12 +119,13 @@ def run(workdir: str, teacher_checkpoint: Optional[str] = None, epochs: Optional
   Args:
     workdir: output directory; a rerun resumes there.
     teacher_checkpoint: PyTorch teacher checkpoint (default ``DEFAULT_TEACHER``).
-    epochs, max_steps: distillation length (default ``bingo_jax/configs/fmnist_demo.py``).
+    epochs, max_steps: distillation length (default ``configs/fmnist_demo.py``).
     train_split, eval_split: Fashion-MNIST splits (TFDS slicing, e.g. ``'train[:1024]'``)
       for bagging/training/kNN bank and for evaluation; reduced runs use them.
     quick_eval: shorten the fast linear probe to 2 epochs (smoke runs).
   """
-  from bingo_jax import bagging, evaluate, fileio, model_io, train
+  from bingo_jax import bagging, evaluate, train
+  from bingo_jax.store import fileio, model_io
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -230,7 +231,7 @@ def _percent(value) -> str:
 _WORKDIR = cli.shared(cli.WORKDIR)  # default runs/demo
 _TEACHER = cli.shared(cli.TEACHER)  # a PyTorch checkpoint here; default DEFAULT_TEACHER
 _EPOCHS = flags.DEFINE_integer('epochs', None,
-                               'Distillation epochs (default: bingo_jax/configs/fmnist_demo.py).')
+                               'Distillation epochs (default: configs/fmnist_demo.py).')
 _MAX_STEPS = flags.DEFINE_integer('max_steps', None,
                                   'Stop distillation after this many steps.')
 _TRAIN_SPLIT = flags.DEFINE_string('train_split', None,
@@ -241,7 +242,7 @@ _QUICK_EVAL = flags.DEFINE_bool('quick_eval', False, '2-epoch fast linear probe 
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  from bingo_jax import progress
+  from bingo_jax.run import progress
   logging.set_verbosity(logging.INFO)  # the trainer reports progress through absl logging
   progress.quiet_library_logs()
   run(_WORKDIR.value or 'runs/demo', _TEACHER.value, _EPOCHS.value, _MAX_STEPS.value,

@@ -35,12 +35,19 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from bingo_jax import bad_images, fileio
-from bingo_jax import checkpointing, cli, data_sources, features as features_lib
-from bingo_jax import input_pipeline, model_io, parallel, progress
-from bingo_jax import images as images_lib
+from bingo_jax import input_pipeline
+from bingo_jax.bags import features as features_lib
+from bingo_jax.console import cli
+from bingo_jax.data import bad_images
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import parallel
+from bingo_jax.data import sources as data_sources
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.run import progress
+from bingo_jax.store import checkpointing
+from bingo_jax.store import fileio
+from bingo_jax.store import model_io
 
 PROTOCOLS = ('knn', 'linear', 'linear_fast', 'finetune', 'analysis')
 BASELINES = ('random', 'pixels')
@@ -260,7 +267,7 @@ def export_finetuned(finetuned: model_io.LoadedModel, config: ml_collections.Con
 
 
 def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> dict:
-  from bingo_jax import bag_file
+  from bingo_jax.bags import bag_file
   normalize = config.eval.analysis_normalize
   transform = knn.l2_normalize if normalize else (lambda x: np.asarray(x, np.float32))
   eval_labels = _labelled(eval_source, 'evaluation split')

@@ -23,7 +23,9 @@ import sys
 
 from absl import flags
 
-from bingo_jax import checkpointing, cli, fileio, torch_checkpoints
+from bingo_jax.console import cli
+from bingo_jax.store import checkpointing, fileio
+from bingo_jax.torch_io import checkpoints as torch_checkpoints
 
 
 _FORMAT = cli.shared(cli.FORMAT)  # default: moco

@@ -24,17 +24,17 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from bingo_jax import bad_images
-from bingo_jax import canvases
-from bingo_jax import lazy_modules
-from bingo_jax import views as views_lib
-from bingo_jax.data_sources import ImageSource
+from bingo_jax.data import bad_images
+from bingo_jax.data import canvases
+from bingo_jax.data import lazy_modules
+from bingo_jax.data import views as views_lib
+from bingo_jax.data.sources import ImageSource
 
 
 # TensorFlow and augment (which needs it) load when a tf.data pipeline is built: the on-device
 # data path trains without them, yet train.py imports this module (``steps_per_epoch``).
 tf = lazy_modules.ImportedOnUse('tensorflow')
-augment = lazy_modules.ImportedOnUse('bingo_jax.augment')
+augment = lazy_modules.ImportedOnUse('bingo_jax.data.augment')
 
 # Independent RNG streams derived from the run seed.
 _PERMUTATION_STREAM = 1
@@ -280,7 +280,7 @@ def create_train_iterator(config, source: ImageSource, bags, *, start_step: int,
   reference path): the batch holds the finished views. ``output='canvases'``
   (``augment_on = 'device'``) decodes each anchor and positive once into a canvas
   (``canvases.decode_to_canvas``) and ships it with every view's seed; the jitted step draws the views
-  (bingo_jax/device_data.py, device_augment.py). Both use the same anchors, positives and
+  (bingo_jax/run/device_data.py, device_augment.py). Both use the same anchors, positives and
   seeds.
 
   Args:

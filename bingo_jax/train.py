@@ -30,30 +30,30 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from bingo_jax import bad_images
-from bingo_jax import bag_file
-from bingo_jax import checkpointing
-from bingo_jax import cli
-from bingo_jax import config_checks
-from bingo_jax import data_feed
-from bingo_jax import data_sources
-from bingo_jax import fileio
 from bingo_jax import input_pipeline
-from bingo_jax import knn_monitor
-from bingo_jax import model_io
-from bingo_jax import parallel
-from bingo_jax import preemption as preemption_lib
-from bingo_jax import progress
-from bingo_jax import run_summary
-from bingo_jax import steps
-from bingo_jax import student_bags
-from bingo_jax import train_loop
-from bingo_jax import train_step as train_step_lib
-from bingo_jax import views
-from bingo_jax import warm_start
-from bingo_jax import workdir_lock
-from bingo_jax import workdir_records
+from bingo_jax.bags import bag_file
+from bingo_jax.bags import student_bags
+from bingo_jax.console import cli
+from bingo_jax.data import bad_images
+from bingo_jax.data import parallel
+from bingo_jax.data import sources as data_sources
+from bingo_jax.data import views
+from bingo_jax.method import config_checks
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import create_model
+from bingo_jax.run import data_feed
+from bingo_jax.run import knn_monitor
+from bingo_jax.run import preemption as preemption_lib
+from bingo_jax.run import progress
+from bingo_jax.run import run_summary
+from bingo_jax.run import train_loop
+from bingo_jax.run import warm_start
+from bingo_jax.store import checkpointing
+from bingo_jax.store import fileio
+from bingo_jax.store import model_io
+from bingo_jax.store import workdir_lock
+from bingo_jax.store import workdir_records
 
 # WORKDIR/train_summary.json: the run's record and the history of the workdir's runs.
 SUMMARY_RECORD = run_summary.SUMMARY_RECORD
@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Distils the configured teacher into the student, resuming from ``workdir`` if possible.
 
   Args:
-    config: the experiment config (``bingo_jax/configs/*.py``).
+    config: the experiment config (``configs/*.py``).
     workdir: where checkpoints, ``config.json``, ``student_model.json``, TensorBoard events
       and ``train_summary.json`` go.
     simulate_preemption_at_step: testing aid: send this process SIGTERM after that step.

@@ -7,7 +7,7 @@ every path given as ``fake://`` goes through epath everywhere.
 
 Libraries with their own filesystem layer (tensorstore under orbax, TensorFlow's summary
 writer) open ``gs://`` natively; for ``fake://`` they are handed ``path.as_posix()`` (see
-``bingo_jax.fileio.native_path``), which is the backing local path: the stand-in for their
+``bingo_jax.store.fileio.native_path``), which is the backing local path: the stand-in for their
 native GCS support, on the same stored bytes.
 """
 

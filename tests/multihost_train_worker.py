@@ -66,7 +66,7 @@ def perturbed_key_encoder(host_state, mesh):
   visible in a step's output."""
   import jax
 
-  from bingo_jax import parallel
+  from bingo_jax.data import parallel
 
   noise = np.random.RandomState(1)
 
@@ -83,9 +83,9 @@ def run(mesh, local_batch: dict) -> dict:
   """``NUM_STEPS`` steps from a fixed initial state; returns host numpy leaves by name."""
   import jax
 
-  from bingo_jax import parallel
-  from bingo_jax import steps
-  from bingo_jax import train_step as train_step_lib
+  from bingo_jax.data import parallel
+  from bingo_jax.method import steps
+  from bingo_jax.method import train_step as train_step_lib
   from bingo_jax.models.registry import init_variables
 
   config, student, teacher, _ = small_setup()
@@ -119,7 +119,7 @@ def main() -> None:
   jax.distributed.initialize(coordinator_address=f'localhost:{args.port}',
                              num_processes=args.num_processes, process_id=args.process_id,
                              initialization_timeout=120)
-  from bingo_jax import parallel
+  from bingo_jax.data import parallel
 
   mesh = parallel.make_mesh()
   _, _, _, batch = small_setup()

@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 
 import tool_runner
-from bingo_jax import bag_file, bagging, data_sources, evaluate, input_pipeline, model_io
-from bingo_jax import images as images_lib
-from bingo_jax import views as views_lib
+from bingo_jax import bagging, evaluate, input_pipeline
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import common, fmnist_ablation
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import sources as data_sources
+from bingo_jax.data import views as views_lib
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import model_io
 
 # 18 px images cropped to 16: the centre crop's resize (to round(16 / 0.875) = 18) is then the
 # identity and the crop is the slice [1:17] of each side, which the reference writes out.
@@ -228,7 +231,8 @@ def test_self_bags_make_the_anchor_its_own_positive_on_host_and_device(tmp_path,
   """The control of row (f): bag method 'self' puts every image alone in its group, so both
   input paths draw the anchor's own image as the positive (its own, independent views), and
   the row trains the paper's loss without CutMix; its purity is reported as '-'."""
-  from bingo_jax import device_data, parallel
+  from bingo_jax.data import parallel
+  from bingo_jax.run import device_data
   images, labels = _images(3, 8, seed=5)
   source = data_sources.ArraySource(images, labels)
   config = _bagging_config(5)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bingo_jax import parallel
-from bingo_jax import steps
-from bingo_jax import train_step as train_step_lib
-from bingo_jax.models import create_model, init_variables
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import parallel
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
+from bingo_jax.models import create_model, init_variables
 from bingo_jax.testing import cpu_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import scipy.stats
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageFilter
 
-from bingo_jax import augment
+from bingo_jax.data import augment
 
 import transforms_reference
 

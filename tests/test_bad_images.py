@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bingo_jax import bad_images, data_sources, input_pipeline
+from bingo_jax import input_pipeline
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import bad_images, sources as data_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bingo_jax import bag_file
+from bingo_jax.bags import bag_file
 
 
 def _knn_bags():

@@ -6,12 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from bingo_jax import bag_file
-from bingo_jax import bag_report
-from bingo_jax import bagging, knn_backends
-from bingo_jax import data_sources
-from bingo_jax import features as features_lib
-from bingo_jax import parallel
+from bingo_jax import bagging
+from bingo_jax.bags import bag_file
+from bingo_jax.bags import bag_report
+from bingo_jax.bags import features as features_lib
+from bingo_jax.bags import knn_backends
+from bingo_jax.data import parallel
+from bingo_jax.data import sources as data_sources
 
 
 def _random_features(n, d, seed=0):

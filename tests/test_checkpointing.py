@@ -13,9 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from bingo_jax import checkpointing, model_io, parallel, workdir_records
+from bingo_jax.data import parallel
+from bingo_jax.method.train_step import TrainState
 from bingo_jax.models import create_model, init_variables
-from bingo_jax.train_step import TrainState
+from bingo_jax.store import checkpointing, model_io, workdir_records
 
 STUDENT = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=32,
                head_output_dim=16, bn_group_size=4)

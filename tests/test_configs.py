@@ -68,8 +68,8 @@ def test_the_flag_takes_names_and_overrides():
 def test_a_key_added_to_the_schema_later_is_no_change_at_its_default():
   """A workdir recorded before a key existed resumes when this run holds the key at the
   schema's default (the key's default keeps the old computation), not at another value."""
-  from bingo_jax import workdir_records  # pylint: disable=import-outside-toplevel
   from bingo_jax.configs import common  # pylint: disable=import-outside-toplevel
+  from bingo_jax.store import workdir_records  # pylint: disable=import-outside-toplevel
   defaults = json.loads(common.base_config().to_json_best_effort())
   assert defaults['student']['init_from'] is None  # the key this test leaves out
   current = json.loads(common.base_config().to_json_best_effort())

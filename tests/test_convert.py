@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from bingo_jax import model_io, torch_checkpoints
 from bingo_jax.models import create_model
-from bingo_jax.torch_checkpoints import CheckpointError
+from bingo_jax.store import model_io
+from bingo_jax.torch_io import checkpoints as torch_checkpoints
+from bingo_jax.torch_io.checkpoints import CheckpointError
 
 import torch_reference
 from tool_runner import run_tool

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from bingo_jax import data_sources
+from bingo_jax.data import sources as data_sources
 
 
 def _sha(identifiers):
@@ -53,7 +53,7 @@ def test_package_and_array_source_work_without_tensorflow(tmp_path):
       import hashlib, os, sys
       import numpy as np
       sys.modules['tensorflow'] = None  # any import of tensorflow now raises ImportError
-      from bingo_jax import data_sources
+      from bingo_jax.data import sources as data_sources
       images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
       source = data_sources.ArraySource(images, [1, 0], identifiers=['a', 'b'])
       assert (source.read(1) == np.repeat(images[1][..., None], 3, axis=-1)).all()

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from bingo_jax import bag_file, checkpointing, data_sources, demo, images, model_io
+from bingo_jax import demo
+from bingo_jax.bags import bag_file
+from bingo_jax.data import images, sources as data_sources
+from bingo_jax.store import checkpointing, model_io
 
 import torch_reference
 from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)

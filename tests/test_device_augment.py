@@ -1,5 +1,5 @@
-"""The on-device MoCo v2 ops (bingo_jax/device_augment.py) against the TF host ops of
-bingo_jax/augment.py (themselves checked against PIL and torchvision in test_augment.py) with
+"""The on-device MoCo v2 ops (bingo_jax/data/device_augment.py) against the TF host ops of
+bingo_jax/data/augment.py (themselves checked against PIL and torchvision in test_augment.py) with
 the same window and parameters, and the distribution of every sampled parameter against
 torchvision's definition (a numpy transcription of RandomResizedCrop.get_params) or the
 closed-form law (uniform factors, Bernoulli rates, uniform permutations)."""
@@ -14,8 +14,8 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
-from bingo_jax import augment
-from bingo_jax import device_augment as dev
+from bingo_jax.data import augment
+from bingo_jax.data import device_augment as dev
 
 import transforms_reference
 

@@ -16,10 +16,15 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from bingo_jax import bag_file, checkpointing, data_sources, device_data, input_pipeline
-from bingo_jax import model_io, parallel
-from bingo_jax.models import create_model, init_variables
+from bingo_jax import input_pipeline
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import parallel
+from bingo_jax.data import sources as data_sources
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.run import device_data
+from bingo_jax.store import checkpointing
+from bingo_jax.store import model_io
 from bingo_jax.testing import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

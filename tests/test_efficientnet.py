@@ -9,7 +9,7 @@ from efficientnet_pytorch import EfficientNet as TorchEfficientNet
 
 from bingo_jax.models import efficientnet as efficientnet_lib
 from bingo_jax.models import registry
-from bingo_jax.torch_mapping import efficientnet as mapping
+from bingo_jax.torch_io.mapping import efficientnet as mapping
 
 B0_CONFIG = {'arch': 'efficientnet_b0', 'base_width': None}
 # base_width 8 = width coefficient 0.25: first block 8 -> 8 channels, where the package's

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bingo_jax.bag_file import Bags
+from bingo_jax.bags.bag_file import Bags
 from bingo_jax.eval import analysis
 
 

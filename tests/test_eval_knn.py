@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from bingo_jax import parallel
+from bingo_jax.data import parallel
 from bingo_jax.eval import knn
 
 
@@ -138,9 +138,10 @@ def test_cli_driver_writes_json_and_table_for_pixel_knn(tmp_path, capsys):
 def test_feature_cache_is_reused_and_stale_files_are_recomputed(tmp_path, monkeypatch):
   """Second call reads WORKDIR/features instead of running the network; a cache file with
   the wrong number of rows is ignored."""
-  from bingo_jax import data_sources, evaluate
-  from bingo_jax import features as features_lib
+  from bingo_jax import evaluate
+  from bingo_jax.bags import features as features_lib
   from bingo_jax.configs import common
+  from bingo_jax.data import sources as data_sources
   config = common.base_config()
   config.data.image_size = 8
   config.eval.batch_size = 8

@@ -4,11 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from bingo_jax import model_io, parallel
-from bingo_jax.data_sources import ArraySource
+from bingo_jax.bags.features import extract_features
+from bingo_jax.data import parallel
+from bingo_jax.data.sources import ArraySource
 from bingo_jax.eval import linear
-from bingo_jax.features import extract_features
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import model_io
 
 
 def _separable(num, num_classes, dim, rng):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bingo_jax import model_io, torch_checkpoints
+from bingo_jax.store import model_io
+from bingo_jax.torch_io import checkpoints as torch_checkpoints
 
 import torch_reference
 from tool_runner import run_tool

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bingo_jax import data_sources
-from bingo_jax import features as features_lib
-from bingo_jax import images as images_lib
-from bingo_jax import model_io
-from bingo_jax import parallel
+from bingo_jax.bags import features as features_lib
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import parallel
+from bingo_jax.data import sources as data_sources
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import model_io
 
 
 class RecordingSource(data_sources.ArraySource):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bingo_jax import data_sources, images, input_pipeline, views as views_lib
+from bingo_jax import input_pipeline
+from bingo_jax.data import images, sources as data_sources, views as views_lib
 
 
 def _pil_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -102,8 +103,8 @@ def test_eval_shards_cover_in_order_with_masked_padding():
 
 # ---------------------------------------------------------------- training batches
 
+from bingo_jax.bags import bag_file  # noqa: E402
 from bingo_jax.configs.common import base_config  # noqa: E402
-from bingo_jax import bag_file  # noqa: E402
 
 NUM_IMAGES, GLOBAL_BATCH, IMAGE_SIZE = 40, 8, 16
 STEPS = NUM_IMAGES // GLOBAL_BATCH  # 5 steps per epoch

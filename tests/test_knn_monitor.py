@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bingo_jax import data_sources, features, knn_monitor, model_io, parallel
-from bingo_jax.models import create_model, init_variables
+from bingo_jax.bags import features
 from bingo_jax.configs import common
+from bingo_jax.data import parallel, sources as data_sources
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.run import knn_monitor
+from bingo_jax.store import model_io
 
 STUDENT = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hidden_dim=16,
                head_output_dim=8)
@@ -134,8 +137,10 @@ TEACHER = dict(arch='resnet18', head='moco', base_width=8, stem='cifar', head_hi
 def test_training_logs_the_monitor_and_it_matches_brute_force_on_the_final_student(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   import tensorflow as tf
-  from bingo_jax import bag_file, checkpointing, train
+  from bingo_jax import train
+  from bingo_jax.bags import bag_file
   from bingo_jax.configs import tiny_test
+  from bingo_jax.store import checkpointing
   rng = np.random.default_rng(0)
   lines = []
   for i in range(NUM_IMAGES):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bingo_jax import losses
+from bingo_jax.method import losses
 
 BATCH, DIM, QUEUE, TAU = 16, 8, 64, 0.2
 

@@ -17,9 +17,13 @@ import pytest
 from PIL import Image
 
 import multihost_train_worker
-from bingo_jax import checkpointing, data_sources, images as images_lib, input_pipeline
-from bingo_jax import config_checks, parallel, steps, train, train_step as train_step_lib
+from bingo_jax import input_pipeline
+from bingo_jax import train
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import images as images_lib, sources as data_sources
+from bingo_jax.data import parallel
+from bingo_jax.method import config_checks, steps, train_step as train_step_lib
+from bingo_jax.store import checkpointing
 from bingo_jax.testing import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +185,7 @@ def test_moco_views_without_bags_equal_the_full_pipelines_query_and_key(tmp_path
   config = tiny_test.get_config()
   config.data.path = str(tmp_path / 'images.txt')
   source = data_sources.make_source(config.data, 'train')
-  from bingo_jax import bag_file  # pylint: disable=g-import-not-at-top
+  from bingo_jax.bags import bag_file  # pylint: disable=g-import-not-at-top
   bags = bag_file.Bags.from_neighbors(np.roll(np.arange(8), 1)[:, None], method='knn',
                                       fingerprint=source.fingerprint)
   full = next(input_pipeline.create_train_iterator(

@@ -19,7 +19,7 @@ import torch
 
 from bingo_jax.models import available_archs, create_model
 from bingo_jax.models.layers import BatchNorm
-from bingo_jax import torch_mapping
+from bingo_jax.torch_io import mapping as torch_mapping
 
 import torch_reference
 from torch_reference import one_torch_thread  # noqa: F401  (autouse: torch on one thread)

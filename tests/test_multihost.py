@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 import multihost_train_worker as worker
-from bingo_jax import parallel
+from bingo_jax.data import parallel
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 240

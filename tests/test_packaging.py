@@ -17,7 +17,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from bingo_jax import fileio
+from bingo_jax.store import fileio
 from bingo_jax.testing import cpu_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +38,7 @@ def installed(tmp_path_factory):
   source = root / 'source'
   ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
   shutil.copytree(os.path.join(REPO, 'bingo_jax'), source / 'bingo_jax', ignore=ignore)
+  shutil.copytree(os.path.join(REPO, 'configs'), source / 'configs', ignore=ignore)
   for name in os.listdir(REPO):
     if name == 'pyproject.toml' or name == 'README.md' or name.startswith('requirements'):
       shutil.copy(os.path.join(REPO, name), source / name)
@@ -83,9 +84,11 @@ def test_every_console_command_answers_help_outside_the_repository(installed):
 
 def test_tiny_training_through_bingo_train_from_a_temporary_directory(installed, tmp_path):
   from PIL import Image
-  from bingo_jax import bag_file, data_sources, model_io
+  from bingo_jax.bags import bag_file
   from bingo_jax.configs import tiny_test
+  from bingo_jax.data import sources as data_sources
   from bingo_jax.models import create_model, init_variables
+  from bingo_jax.store import model_io
   import jax
   rng = np.random.default_rng(0)
   lines = []

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bingo_jax import progress
+from bingo_jax.run import progress
 
 
 class FakeClock:

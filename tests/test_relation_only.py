@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 
 import multihost_train_worker
-from bingo_jax import bag_file, checkpointing, config_checks, cutmix as cutmix_lib, data_sources
-from bingo_jax import images as images_lib, moco_step, parallel, steps, train
-from bingo_jax import train_step as train_step_lib
+from bingo_jax import train
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import fmnist_ablation, tiny_test
+from bingo_jax.data import images as images_lib, parallel
+from bingo_jax.data import sources as data_sources
+from bingo_jax.method import config_checks, cutmix as cutmix_lib
+from bingo_jax.method import moco_step, steps
+from bingo_jax.method import train_step as train_step_lib
+from bingo_jax.store import checkpointing
 from bingo_jax.testing import tiny_run
 
 MOMENTUM = 0.9

@@ -24,10 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from bingo_jax import bag_file, checkpointing, data_sources, model_io, workdir_lock
-from bingo_jax import checkpoint_integrity, train, workdir_records
-from bingo_jax.models import create_model, init_variables
+from bingo_jax import train
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import sources as data_sources
+from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import checkpoint_integrity, workdir_records
+from bingo_jax.store import checkpointing, model_io, workdir_lock
 from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,7 +274,7 @@ def test_evaluation_falls_back_and_refuses_a_workdir_with_no_intact_step(inputs,
   warning line); with every step damaged (flipped bytes, as in the issue's workdir of NaN
   checkpoints, which training no longer writes), evaluation and export exit 1 naming the
   workdir, instead of a chance-level result with exit 0."""
-  from bingo_jax import features  # pylint: disable=import-outside-toplevel
+  from bingo_jax.bags import features  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   shutil.copytree(straight, workdir)
   _damage(os.path.join(workdir, 'checkpoints', '12'), 'flip')
@@ -561,7 +564,8 @@ def test_nan_policy_skip_keeps_the_previous_state(inputs, tmp_path):
   huge first update, after which every loss is NaN: steps 2 and 3 are skipped and the state is
   the one saved at step 1.
   """
-  from bingo_jax import parallel, train_step  # pylint: disable=import-outside-toplevel
+  from bingo_jax.data import parallel  # pylint: disable=import-outside-toplevel
+  from bingo_jax.method import train_step
   config = _skip_config(inputs, max_steps=2, base_lr=float('inf'), checkpoint_every_steps=2)
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config, workdir)

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 import fake_remote_fs
-from bingo_jax import (bag_file, checkpointing, data_sources, evaluate, fileio,
-                       torch_checkpoints, train)
+from bingo_jax import evaluate, train
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import sources as data_sources
+from bingo_jax.store import checkpointing, fileio
 from bingo_jax.testing import tiny_run
+from bingo_jax.torch_io import checkpoints as torch_checkpoints
 
 
 @pytest.fixture()
@@ -141,7 +144,8 @@ def test_train_resume_evaluate_export_with_urls_equals_local(remote, tmp_path):
 
 
 def test_bagging_with_url_workdir_and_feature_shards_equals_local(remote, tmp_path):
-  from bingo_jax import bagging, features
+  from bingo_jax import bagging
+  from bingo_jax.bags import features
   from bingo_jax.configs import common
   config = common.base_config()
   config.data.image_size = 16

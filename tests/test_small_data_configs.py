@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bingo_jax import bag_file, data_sources, evaluate, model_io, train
+from bingo_jax import evaluate, train
+from bingo_jax.bags import bag_file
+from bingo_jax.data import sources as data_sources
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import model_io
 
 NUM_EXAMPLES = 32
 # name -> (TFDS name, image size, student stem, classes, distilled split, kNN bank split)

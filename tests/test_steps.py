@@ -2,8 +2,9 @@
 
 import pytest
 
-from bingo_jax import config_checks, objectives, steps, views
 from bingo_jax.configs.common import base_config
+from bingo_jax.data import views
+from bingo_jax.method import config_checks, objectives, steps
 
 # (method, loss, cutmix) -> the views the step reads, written out from the method's definition:
 # the released loss embeds the anchor and its bag positive on both sides; the paper's Eq. 8/9

@@ -1,6 +1,6 @@
 """The shape of the package (issue 11's acceptance): no import circle, bounded module and
 function sizes, no reference to the method notes that were never part of the repository, and a
-docs/architecture.md whose layer tables match the imports of the tree.
+docs/architecture.md whose layer table of folders matches the imports of the tree.
 
 Everything here reads source text (``ast``, ``git ls-files``); nothing is imported, so the
 tests take well under a second and do not depend on the optional libraries.
@@ -31,6 +31,8 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'bingo_jax'
+# Subpackages whose folder is elsewhere in the repository (pyproject.toml's package-dir).
+PACKAGE_DIRS = {'bingo_jax.configs': 'configs'}
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 SIZE_MARKER = re.compile(r'^\s*#\s*size:\s*(\S.*)$')
@@ -42,20 +44,25 @@ FORBIDDEN_NAME = 'SPEC' + '.md'
 # The package's modules.
 
 
-def package_modules(root: str, package: str) -> dict[str, str]:
-  """Dotted module name -> file path of every ``.py`` file of ``package`` under ``root``.
+def package_modules(root: str, package: str,
+                    package_dirs: Optional[dict[str, str]] = None) -> dict[str, str]:
+  """Dotted module name -> file path of every ``.py`` file of ``package`` under ``root``,
+  and of the subpackages that ``package_dirs`` (dotted name -> folder under ``root``) places
+  elsewhere.
 
   A package's ``__init__.py`` is the module named after the package itself.
   """
   modules = {}
-  for directory, subdirectories, files in os.walk(os.path.join(root, package)):
-    subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(('.', '__')))
-    relative = os.path.relpath(directory, root).split(os.sep)
-    for name in sorted(files):
-      if not name.endswith('.py'):
-        continue
-      parts = relative if name == '__init__.py' else relative + [name[:-3]]
-      modules['.'.join(parts)] = os.path.join(directory, name)
+  for name, folder in [(package, package), *(package_dirs or {}).items()]:
+    top = os.path.join(root, folder)
+    for directory, subdirectories, files in os.walk(top):
+      subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(('.', '__')))
+      relative = [] if directory == top else os.path.relpath(directory, top).split(os.sep)
+      for file in sorted(files):
+        if not file.endswith('.py'):
+          continue
+        parts = relative if file == '__init__.py' else relative + [file[:-3]]
+        modules['.'.join([name, *parts])] = os.path.join(directory, file)
   return modules
 
 
@@ -411,7 +418,7 @@ def test_name_finder_on_known_files(tmp_path):
 
 @pytest.fixture(scope='module')
 def modules() -> dict[str, str]:
-  found = package_modules(REPO_ROOT, PACKAGE)
+  found = package_modules(REPO_ROOT, PACKAGE, PACKAGE_DIRS)
   assert f'{PACKAGE}.train' in found, f'no {PACKAGE} package under {REPO_ROOT}'
   return found
 
@@ -434,100 +441,176 @@ def test_no_tracked_file_names_the_removed_notes():
 
 
 # ---------------------------------------------------------------------------------------------
-# (d) docs/architecture.md shows the layers of the tree.
+# (d) docs/architecture.md shows the layers of the folders.
 
 ARCHITECTURE_DOC = os.path.join('docs', 'architecture.md')
-_LAYER_HEADING = re.compile(r'^###\s+Layer\s+(\d+)\b')
-_TABLE_ROW = re.compile(r'^\|\s*`([\w.]+)`\s*\|([^|]*)\|')
+# | layer | `unit` | what it holds | `imported`, `imported` |
+_TABLE_ROW = re.compile(r'^\|\s*(\d+)\s*\|\s*`([\w.]+/?)`\s*\|[^|]*\|([^|]*)\|')
+_MAY_IMPORT = re.compile(r'^May import:\s*(.*?)\.?\s*$', re.MULTILINE)
+INIT = '__init__'
 
 
-def documented_layers(text: str, package: str = PACKAGE) -> dict[str, tuple[int, set[str]]]:
-  """Module -> (layer, the package modules it imports), read from the ``## Layers`` section.
+def unit_of(module: str, modules: dict[str, str], package: str = PACKAGE) -> str:
+  """The part of the package a module belongs to: its top-level folder (``data/``), or the
+  top-level module itself (``train``), or ``__init__`` for the package's own ``__init__``."""
+  parts = module.split('.')
+  if len(parts) == 1:
+    return INIT
+  top = f'{package}.{parts[1]}'
+  return f'{parts[1]}/' if _is_package(top, modules) else parts[1]
 
-  The section holds ``### Layer N ...`` headings, each followed by a table whose rows start
-  ``| `module` | `imported`, `imported` |``; names are relative to ``package`` (``models``
-  is ``package.models``, the package itself is written as ``package``).
+
+def unit_edges(modules: dict[str, str], edges: list[Edge],
+               package: str = PACKAGE) -> dict[str, set[str]]:
+  """Unit -> the other units its modules import (every unit of the package is a key)."""
+  units: dict[str, set[str]] = {unit_of(m, modules, package): set() for m in modules}
+  for edge in edges:
+    source, target = unit_of(edge.source, modules, package), unit_of(edge.target, modules, package)
+    if source != target:
+      units[source].add(target)
+  return units
+
+
+def documented_layers(text: str) -> dict[str, tuple[int, set[str]]]:
+  """Unit -> (layer, the units it imports), read from the table of the ``## Layers`` section.
+
+  Its rows are ``| N | `unit` | what it holds | `imported`, `imported` |``; a folder is written
+  with its slash (``data/``), a top-level module without (``train``).
 
   Raises:
-    ValueError: a module listed twice, or a row outside a layer.
+    ValueError: a unit listed twice.
   """
   layers: dict[str, tuple[int, set[str]]] = {}
-  in_section, layer = False, None
-  full = lambda name: name if name == package else f'{package}.{name}'  # noqa: E731
+  in_section = False
   for number, line in enumerate(text.splitlines(), 1):
     if line.startswith('## '):
-      in_section, layer = line.strip() == '## Layers', None
+      in_section = line.strip() == '## Layers'
       continue
-    if not in_section:
-      continue
-    heading = _LAYER_HEADING.match(line)
-    if heading:
-      layer = int(heading.group(1))
-      continue
-    row = _TABLE_ROW.match(line)
+    row = _TABLE_ROW.match(line) if in_section else None
     if not row:
       continue
-    if layer is None:
-      raise ValueError(f'{ARCHITECTURE_DOC}:{number}: a module row before any "### Layer N".')
-    module = full(row.group(1))
-    if module in layers:
-      raise ValueError(f'{ARCHITECTURE_DOC}:{number}: {row.group(1)} is listed twice.')
-    layers[module] = (layer, {full(name) for name in re.findall(r'`([\w.]+)`', row.group(2))})
+    unit = row.group(2)
+    if unit in layers:
+      raise ValueError(f'{ARCHITECTURE_DOC}:{number}: {unit} is listed twice.')
+    layers[unit] = (int(row.group(1)), set(re.findall(r'`([\w.]+/?)`', row.group(3))))
   return layers
 
 
-def layer_mismatches(modules: dict[str, str], edges: list[Edge],
+def layer_mismatches(actual: dict[str, set[str]],
                      layers: dict[str, tuple[int, set[str]]]) -> list[str]:
-  """How the documented layers differ from the tree: missing or extra modules, import lists
-  that differ, and imports of a module in a higher layer (imports within a layer are allowed;
-  circles are the other test's business)."""
-  short = lambda name: name.partition('.')[2] or name  # noqa: E731
-  problems = [f'{short(m)} is in the package but not in the layer tables'
-              for m in sorted(set(modules) - set(layers))]
-  problems += [f'{short(m)} is in the layer tables but not in the package'
-               for m in sorted(set(layers) - set(modules))]
-  actual: dict[str, set[str]] = {module: set() for module in modules}
-  for edge in edges:
-    actual[edge.source].add(edge.target)
-  for module, (layer, listed) in sorted(layers.items()):
-    if module not in modules:
+  """How the documented layers differ from the tree: missing or extra units, import lists
+  that differ, and imports of a unit that is not in a lower layer (an arrow points down)."""
+  problems = [f'{u} is in the package but not in the layer table'
+              for u in sorted(set(actual) - set(layers))]
+  problems += [f'{u} is in the layer table but not in the package'
+               for u in sorted(set(layers) - set(actual))]
+  for unit, (layer, listed) in sorted(layers.items()):
+    if unit not in actual:
       continue
-    if listed != actual[module]:
-      problems.append(f'{short(module)} imports {sorted(map(short, actual[module]))}; the '
-                      f'table lists {sorted(map(short, listed))}')
-    for target in sorted(actual[module]):
-      if target in layers and layers[target][0] > layer:
-        problems.append(f'{short(module)} (layer {layer}) imports {short(target)} (layer '
-                        f'{layers[target][0]}): an import must not point to a higher layer')
+    if listed != actual[unit]:
+      problems.append(f'{unit} imports {sorted(actual[unit])}; the table lists {sorted(listed)}')
+    for target in sorted(actual[unit]):
+      if target in layers and layers[target][0] >= layer:
+        problems.append(f'{unit} (layer {layer}) imports {target} (layer {layers[target][0]}): '
+                        'an import must point to a lower layer')
   return problems
 
 
-def test_layer_reader_on_a_known_document(tmp_path):
+def init_mismatches(modules: dict[str, str], layers: dict[str, tuple[int, set[str]]],
+                    package: str = PACKAGE) -> list[str]:
+  """Folders whose ``__init__.py`` docstring has no ``May import: a, b`` line naming exactly
+  the folders and modules the layer table lists for it (``nothing ...`` for none)."""
+  problems = []
+  for unit, (_, listed) in sorted(layers.items()):
+    if not unit.endswith('/'):
+      continue
+    path = modules.get(f'{package}.{unit[:-1]}')
+    if path is None:
+      continue
+    tree, _ = _parse(path)
+    docstring = ast.get_docstring(tree) or ''
+    line = _MAY_IMPORT.search(docstring)
+    if not line:
+      problems.append(f'{package}.{unit[:-1]}: its docstring has no "May import:" line')
+      continue
+    names = '' if line.group(1).startswith('nothing') else line.group(1)
+    said = {name.strip() for name in names.split(',')} - {''}
+    said = {name if name.endswith('/') or f'{name}/' not in layers else f'{name}/'
+            for name in said}
+    if said != listed:
+      problems.append(f'{package}.{unit[:-1]} says it may import {sorted(said)}; the layer '
+                      f'table lists {sorted(listed)}')
+  return problems
+
+
+def test_layer_reader_on_a_known_package(tmp_path):
+  _write_package(tmp_path, {
+      'pkg/__init__.py': '',
+      'pkg/low/__init__.py': '"""Low.\n\nMay import: nothing.\n"""\n',
+      'pkg/low/a.py': '',
+      'pkg/mid/__init__.py': '"""Mid.\n\nMay import: low.\n"""\n',
+      'pkg/mid/b.py': 'from pkg.low import a\n',
+      'pkg/top.py': 'from pkg.mid import b\nfrom pkg import low\n',
+      'pkg/new/__init__.py': '"""No line."""\n',
+      'pkg/new/c.py': 'from pkg import top\n',
+      # pkg.conf, mapped to a folder outside pkg/.
+      'elsewhere/__init__.py': '"""Conf.\n\nMay import: low.\n"""\n',
+      'elsewhere/x.py': 'from pkg.conf import y\n',
+      'elsewhere/y.py': 'from pkg.low import a\n',
+  })
+  modules = package_modules(str(tmp_path), 'pkg', {'pkg.conf': 'elsewhere'})
+  assert {'pkg.conf', 'pkg.conf.x', 'pkg.conf.y'} <= set(modules)
+  actual = unit_edges(modules, import_edges(modules, str(tmp_path)), 'pkg')
+  assert actual == {'__init__': set(), 'low/': set(), 'mid/': {'low/'},
+                    'top': {'low/', 'mid/'}, 'new/': {'top'}, 'conf/': {'low/'}}
   text = '\n'.join([
-      '# Title', '## Layers', 'prose', '### Layer 0: base', '| module | imports |', '|---|---|',
-      '| `a` | |', '| `sub` | |', '### Layer 1: top', '| `sub.b` | `a`, `sub` |',
-      '### Layer 2: face', '| `pkg` | `sub.b` |', '## Other', '| `c` | `a` |'])
-  layers = documented_layers(text.replace('`sub` | |', '`sub` | `a` |'), 'pkg')
-  assert layers == {'pkg.a': (0, set()), 'pkg.sub': (0, {'pkg.a'}),
-                    'pkg.sub.b': (1, {'pkg.a', 'pkg.sub'}), 'pkg': (2, {'pkg.sub.b'})}
-  modules = dict.fromkeys(['pkg', 'pkg.a', 'pkg.sub', 'pkg.sub.b', 'pkg.new'], '')
-  edges = [Edge('pkg.sub.b', 'pkg.a', '', 1), Edge('pkg.sub.b', 'pkg.sub', '', 1),
-           Edge('pkg.sub', 'pkg.a', '', 1),
-           Edge('pkg', 'pkg.sub.b', '', 1), Edge('pkg.a', 'pkg.sub.b', '', 1)]
-  assert layer_mismatches(modules, edges, layers) == [
-      'new is in the package but not in the layer tables',
-      "a imports ['sub.b']; the table lists []",
-      'a (layer 0) imports sub.b (layer 1): an import must not point to a higher layer']
+      '# Title', '## Layers', 'prose', '| layer | unit | holds | imports |', '|---|---|---|---|',
+      '| 0 | `__init__` | the version | |', '| 0 | `low/` | a | |',
+      '| 1 | `mid/` | b | `low/` |', '| 1 | `top` | the top | `mid/` |',
+      '| 0 | `gone/` | nothing | |', '| 1 | `conf/` | c | `low/` |', '## Other', '| 0 | `c` | x | `a` |'])
+  layers = documented_layers(text)
+  assert layers == {'__init__': (0, set()), 'low/': (0, set()), 'mid/': (1, {'low/'}),
+                    'top': (1, {'mid/'}), 'gone/': (0, set()), 'conf/': (1, {'low/'})}
+  assert layer_mismatches(actual, layers) == [
+      'new/ is in the package but not in the layer table',
+      'gone/ is in the layer table but not in the package',
+      "top imports ['low/', 'mid/']; the table lists ['mid/']",
+      'top (layer 1) imports mid/ (layer 1): an import must point to a lower layer']
+  layers['new/'] = (2, {'top'})
+  assert init_mismatches(modules, layers, 'pkg') == [
+      'pkg.new: its docstring has no "May import:" line']
+  layers['mid/'] = (1, set())
+  assert init_mismatches(modules, layers, 'pkg')[0] == (
+      "pkg.mid says it may import ['low/']; the layer table lists []")
   with pytest.raises(ValueError, match='listed twice'):
-    documented_layers(text.replace('`sub` | |', '`a` | |'), 'pkg')
-  # A row before the first layer heading.
-  with pytest.raises(ValueError, match='before any'):
-    documented_layers('## Layers\n| `a` | |\n', 'pkg')
+    documented_layers(text.replace('`gone/`', '`low/`'))
 
 
-def test_architecture_doc_shows_the_layers_of_the_tree(modules):
+@pytest.fixture(scope='module')
+def documented() -> dict[str, tuple[int, set[str]]]:
   with open(os.path.join(REPO_ROOT, ARCHITECTURE_DOC), encoding='utf-8') as f:
-    layers = documented_layers(f.read())
-  problems = layer_mismatches(modules, import_edges(modules), layers)
+    return documented_layers(f.read())
+
+
+def test_architecture_doc_shows_the_layers_of_the_tree(modules, documented):
+  problems = layer_mismatches(unit_edges(modules, import_edges(modules)), documented)
   assert not problems, (f'{ARCHITECTURE_DOC} (section "## Layers") does not match the '
                         'package:\n' + '\n'.join(problems))
+
+
+def test_every_folder_says_what_it_may_import(modules, documented):
+  problems = init_mismatches(modules, documented)
+  assert not problems, '\n'.join(problems)
+
+
+def test_pyproject_lists_every_package(modules):
+  """``pyproject.toml`` names the packages one by one (its package-dir mapping rules out
+  setuptools' finder): a folder missing there would be missing from an install."""
+  with open(os.path.join(REPO_ROOT, 'pyproject.toml'), encoding='utf-8') as f:
+    text = f.read()
+  listed = re.search(r'^packages = \[(.*?)\]', text, re.MULTILINE | re.DOTALL)
+  assert listed, 'pyproject.toml has no "packages = [...]" list'
+  packages = {name for name, path in modules.items() if path.endswith('__init__.py')}
+  assert set(re.findall(r'"([\w.]+)"', listed.group(1))) == packages
+  for name, folder in PACKAGE_DIRS.items():
+    assert f'"{name}" = "{folder}"' in text, f'pyproject.toml does not map {name} to {folder}/'

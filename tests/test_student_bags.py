@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bingo_jax import bag_file, checkpointing, config_checks, data_sources
-from bingo_jax import images as images_lib, input_pipeline, parallel, student_bags, train
-from bingo_jax import train_step as train_step_lib
+from bingo_jax import input_pipeline, train
+from bingo_jax.bags import bag_file
+from bingo_jax.bags import student_bags
 from bingo_jax.configs import fmnist_ablation, tiny_test
+from bingo_jax.data import images as images_lib, parallel
+from bingo_jax.data import sources as data_sources
+from bingo_jax.method import config_checks
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import create_model
+from bingo_jax.store import checkpointing
 
 NUM_IMAGES = 32
 

@@ -15,10 +15,10 @@ import pytest
 
 import multihost_train_worker
 from bench import scaling
-from bingo_jax import parallel
-from bingo_jax import steps
 from bingo_jax import testing
-from bingo_jax import train_step as train_step_lib
+from bingo_jax.data import parallel
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
 

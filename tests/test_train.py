@@ -16,9 +16,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bingo_jax import bag_file, checkpointing, data_sources, input_pipeline, progress
-from bingo_jax import config_checks, train
+from bingo_jax import input_pipeline
+from bingo_jax import train
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import sources as data_sources
+from bingo_jax.method import config_checks
+from bingo_jax.run import progress
+from bingo_jax.store import checkpointing
 from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import multihost_train_worker
-from bingo_jax import cutmix as cutmix_lib
-from bingo_jax import images as images_lib
-from bingo_jax import parallel
-from bingo_jax import config_checks
-from bingo_jax import optimization
-from bingo_jax import steps
-from bingo_jax import train_step as train_step_lib
-from bingo_jax import views
+from bingo_jax.configs.common import base_config
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import parallel
+from bingo_jax.data import views
+from bingo_jax.method import config_checks
+from bingo_jax.method import cutmix as cutmix_lib
+from bingo_jax.method import optimization
+from bingo_jax.method import steps
+from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
-from bingo_jax.configs.common import base_config
 
 IMAGE_SIZE = 16
 SMALL_MODEL = dict(head='moco', base_width=8, stem='cifar', head_hidden_dim=64,

@@ -13,9 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from bingo_jax import checkpointing, model_io, parallel, train, train_step, warm_start
+from bingo_jax import train
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import parallel
+from bingo_jax.method import train_step
 from bingo_jax.models import create_model
+from bingo_jax.run import warm_start
+from bingo_jax.store import checkpointing, model_io
 from bingo_jax.testing import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """Reference samplers of torchvision's transforms, for the distribution tests of the host
-(``bingo_jax.augment``) and device (``bingo_jax.device_augment``) augmentations.
+(``bingo_jax.data.augment``) and device (``bingo_jax.data.device_augment``) augmentations.
 
 torchvision has no CPU build in this environment, so the sampling is transcribed here.
 """

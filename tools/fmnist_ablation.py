@@ -2,7 +2,7 @@
 
   python -m tools.fmnist_ablation --teacher runs/demo/teacher --workdir runs/ablation
 
-For each row of ``bingo_jax/configs/fmnist_ablation.py`` and each seed: distil
+For each row of ``configs/fmnist_ablation.py`` and each seed: distil
 (``bingo_jax.train``), then evaluate the student with 10-NN and the fast linear probe
 (``bingo_jax.evaluate``). The default rows are moco, anchor_only, knn, labels, random,
 paper_eq8 (``ROW_ORDER``); ``--rows`` names others, ``EXTRA_ROWS``: the Table 9 baselines
@@ -50,7 +50,7 @@ from typing import Optional
 
 from absl import app, flags
 
-from bingo_jax import cli
+from bingo_jax.console import cli
 
 ROW_ORDER = ('moco', 'anchor_only', 'knn', 'labels', 'random', 'paper_eq8')
 # Rows run only when --rows names them (the default table keeps its six rows and its length):
@@ -63,7 +63,7 @@ METRICS = (('knn10_top1', 'knn', '10-NN top-1'), ('top1', 'linear_fast', 'fast l
 
 _TEACHER = cli.shared(cli.TEACHER)  # required: the converted teacher model file
 _WORKDIR = cli.shared(cli.WORKDIR)  # required; resumable
-_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of bingo_jax/configs/fmnist_ablation.py.')
+_ROWS = flags.DEFINE_list('rows', list(ROW_ORDER), 'Rows of configs/fmnist_ablation.py.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
 _SET = flags.DEFINE_multi_string('set', [], 'Config override for every row, KEY=VALUE, e.g. '
                                  'train.epochs=3 (repeatable).')
@@ -103,7 +103,7 @@ def _override(config, assignment: str) -> None:
 
 
 def row_config(row: str, seed: int, teacher: str, bag_paths: dict, overrides: list):
-  """The config of one run: ``bingo_jax/configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
+  """The config of one run: ``configs/fmnist_ablation.py:<row>`` with seed, teacher, bags."""
   from bingo_jax.configs import fmnist_ablation
   config = fmnist_ablation.get_config(row)
   for assignment in overrides:
@@ -201,7 +201,8 @@ def read_top1(eval_path: str, key: str) -> float:
 def run_one(row: str, seed: int, teacher: str, bag_paths: dict, workdir: str,
             overrides: list) -> dict:
   """Trains and evaluates one (row, seed); returns (and writes) its result record."""
-  from bingo_jax import fileio, train
+  from bingo_jax import train
+  from bingo_jax.store import fileio
   run_dir = os.path.join(workdir, 'runs', f'{row}_s{seed}')
   result_path = os.path.join(run_dir, 'result.json')
   if os.path.exists(result_path):
@@ -316,7 +317,7 @@ def write_table(workdir: str, results: dict[str, list[dict]], references: dict, 
                 overrides: list) -> None:
   """Writes ablation.json and ablation.md (the summary table, then one line per run) and
   prints the markdown."""
-  from bingo_jax import fileio
+  from bingo_jax.store import fileio
   table = {row: summarise(runs) for row, runs in results.items()}
   hardware = f'{platform.machine()}, {os.cpu_count()} CPU cores, JAX on ' + (
       __import__('jax').devices()[0].device_kind)
@@ -358,7 +359,7 @@ def main(argv: list[str]) -> None:
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')))
   from absl import logging
 
-  from bingo_jax import progress
+  from bingo_jax.run import progress
   logging.set_verbosity(logging.INFO)
   progress.quiet_library_logs()
 

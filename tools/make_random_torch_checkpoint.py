@@ -19,9 +19,10 @@ from typing import Optional
 import numpy as np
 from absl import app, flags
 
-from bingo_jax import cli, torch_checkpoints, torch_mapping
+from bingo_jax.console import cli
 from bingo_jax.models import resnet as resnet_lib
-from bingo_jax.torch_mapping.common import set_path
+from bingo_jax.torch_io import checkpoints as torch_checkpoints, mapping as torch_mapping
+from bingo_jax.torch_io.mapping.common import set_path
 
 DEFAULT_HEAD = {'moco': 'moco', 'swav': 'swav', 'torchvision': 'linear', 'efficientnet': 'linear'}
 

@@ -12,7 +12,7 @@ unit vectors (``2 - 2 cos``), and normalised features are what the student's los
 protocol compare; ``--config.eval.analysis_normalize=False`` uses raw features.
 
 The distances are closed-form sums in float64 on the host (``O(N k D)``, seconds for
-ImageNet); the expensive part, the feature pass, is sharded (``bingo_jax.features``).
+ImageNet); the expensive part, the feature pass, is sharded (``bingo_jax.bags.features``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import threadpoolctl
 from sklearn.manifold import TSNE
 
-from bingo_jax import fileio
-from bingo_jax.bag_file import Bags
+from bingo_jax.bags.bag_file import Bags
+from bingo_jax.store import fileio
 
 
 # ---------------------------------------------------------------------------------------------

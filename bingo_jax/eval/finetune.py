@@ -22,8 +22,8 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from bingo_jax import images as images_lib
-from bingo_jax import parallel
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import parallel
 from bingo_jax.eval import linear, pipeline
 from bingo_jax.models import create_model
 
@@ -124,7 +124,7 @@ def _evaluate_finetuned(loaded_model: Any, model: Any, params: Any, batch_stats:
     ``(metrics, finetuned)``: ``{'top1', 'top5'}`` (percent) and a ``LoadedModel`` of the
     fine-tuned network with its ``linear`` head, on the host.
   """
-  from bingo_jax import model_io
+  from bingo_jax.store import model_io
   host = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)  # noqa
   params, batch_stats = host(params), host(batch_stats)
   backbone_config = dict(loaded_model.model_config, head=None)
@@ -215,13 +215,13 @@ def finetune(loaded_model: Any, train_source: Any, subset_indices: np.ndarray,
     seed: classifier initialisation, order and views.
     writer: optional ``progress.MetricWriter``.
     progress: progress bar.
-    extract_features: the feature pass (default ``bingo_jax.features.extract_features``).
+    extract_features: the feature pass (default ``bingo_jax.bags.features.extract_features``).
   Returns:
     ``(metrics, loaded)``: top-1/top-5 (percent) on the evaluation split and the settings;
     ``loaded`` is a ``LoadedModel`` of the fine-tuned network (``linear`` head).
   """
   if extract_features is None:
-    from bingo_jax.features import extract_features
+    from bingo_jax.bags.features import extract_features
   mesh = mesh or parallel.make_mesh()
   labels = train_source.labels
   if labels is None:

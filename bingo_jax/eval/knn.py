@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from bingo_jax import parallel
+from bingo_jax.data import parallel
 
 
 @dataclasses.dataclass

@@ -28,8 +28,8 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from bingo_jax import images as images_lib
-from bingo_jax import parallel
+from bingo_jax.data import images as images_lib
+from bingo_jax.data import parallel
 from bingo_jax.eval import pipeline
 
 FAST_PROBE_LABEL = 'fast linear probe on cached features'

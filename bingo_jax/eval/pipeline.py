@@ -3,7 +3,7 @@
 The released linear protocol (main_lincls.py) trains on ``RandomResizedCrop(224)`` (torchvision
 defaults: scale (0.08, 1), ratio (3/4, 4/3)) + ``RandomHorizontalFlip``; semi-supervised
 fine-tuning uses the same views. Views are stateless functions of ``(image, seed)``
-(``bingo_jax.augment.sample_crop_window``), the epoch order a function of ``(seed, epoch)``,
+(``bingo_jax.data.augment.sample_crop_window``), the epoch order a function of ``(seed, epoch)``,
 so every process derives the same global batches and reads only its own slice of each.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from bingo_jax import augment
+from bingo_jax.data import augment
 
 CLASSIFICATION_CROP_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop default
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from bingo_jax import fileio
+from bingo_jax.store import fileio
 
 
 def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

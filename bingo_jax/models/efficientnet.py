@@ -22,7 +22,7 @@ their features here:
 
 BatchNorm follows the package: epsilon 1e-3, PyTorch momentum 0.01 (TensorFlow's 0.99).
 Module names mirror the PyTorch state-dict names (``conv_stem``, ``blocks_3``,
-``depthwise_conv``...) so that ``bingo_jax.torch_mapping.efficientnet`` stays mechanical.
+``depthwise_conv``...) so that ``bingo_jax.torch_io.mapping.efficientnet`` stays mechanical.
 """
 
 from __future__ import annotations

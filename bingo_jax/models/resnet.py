@@ -1,7 +1,7 @@
 """ResNet backbones with the torchvision structure (and SwAV's widened ResNet-50s).
 
 Module names follow the PyTorch state-dict names (``conv1``, ``bn1``, ``layer1_0``,
-``downsample_conv``...) so that the checkpoint mapping in ``bingo_jax.torch_mapping`` stays
+``downsample_conv``...) so that the checkpoint mapping in ``bingo_jax.torch_io.mapping`` stays
 mechanical. Bottleneck blocks put the stride on the 3x3 convolution (torchvision's
 "ResNet v1.5", which MoCo, SwAV and torchvision checkpoints all use).
 """

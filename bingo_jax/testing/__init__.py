@@ -1,4 +1,8 @@
-"""Helpers for the tests and the bench scripts (not used by the package itself)."""
+"""Helpers for the tests and the bench scripts (not used by the package itself): the
+subprocesses' environment here, the tiny training run's inputs in ``tiny_run``.
+
+May import: bags, configs, data, models, store.
+"""
 
 import os
 

@@ -24,9 +24,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from bingo_jax import bag_file, data_sources, fileio, model_io
+from bingo_jax.bags import bag_file
 from bingo_jax.configs import tiny_test
+from bingo_jax.data import sources as data_sources
 from bingo_jax.models import create_model, init_variables
+from bingo_jax.store import fileio, model_io
 from bingo_jax.testing import subprocess_environment
 
 NUM_IMAGES = 48

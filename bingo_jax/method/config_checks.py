@@ -1,0 +1,217 @@
+"""Every check of a training config, in one place, run before anything is compiled.
+
+``check_config`` looks at the config alone (the trainer calls it first, before reading any
+file); ``check_step_models`` adds what only the built networks can tell. The step builders
+call both. Each error names the ``config.*`` keys and their values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from bingo_jax.data import views
+from bingo_jax.method import cutmix as cutmix_lib
+from bingo_jax.method import objectives
+
+# config.train.method: one step builder each (steps.STEP_BUILDERS).
+METHODS = ('bingo', 'moco')
+CUTMIX_CHOICES = cutmix_lib.MODES + ('none',)
+LR_SCHEDULES = ('cosine_epoch', 'cosine_step')
+# 'auto': bfloat16 on GPU/TPU, float32 on CPU (parallel.resolve_compute_dtype).
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'auto')
+# config.teacher.bn_mode (docs/training.md, "The teacher's batch shuffle"): 'shuffle_stats'
+# (the shuffle's groups, statistics summed across devices) | 'shuffle' (released: the images
+# permuted across devices) | 'frozen' (stored running statistics).
+TEACHER_BN_MODES = ('shuffle_stats', 'shuffle', 'frozen')
+SHUFFLE_MODES = ('shuffle_stats', 'shuffle')
+# config.data.augment_on / on_device (bingo_jax/run/device_data.py, docs/data.md).
+AUGMENT_ON = ('device', 'host')
+ON_DEVICE = ('auto', 'always', 'never')
+# 'stop': a non-finite loss or gradient norm stops the run (train.py); 'skip': the step keeps
+# the previous state (parameters, optimizer, statistics, queue) and counts it in 'skipped'.
+NAN_POLICIES = ('stop', 'skip')
+# config.bags.source: a bag file, or bags recomputed from the student
+# (bingo_jax/bags/student_bags.py), whose kNN search is one of the exact backends.
+BAG_SOURCES = ('file', 'student')
+STUDENT_BAG_SEARCH = ('knn', 'jax')
+
+
+def method(config: ml_collections.ConfigDict) -> str:
+  """``config.train.method`` (``'bingo'`` where a config predates the key)."""
+  return config.train.get('method', 'bingo')
+
+
+def checked_method(config: ml_collections.ConfigDict) -> str:
+  """``config.train.method``, checked.
+
+  Raises:
+    ValueError: naming an unknown ``config.train.method``.
+  """
+  _check_choice('config.train.method', method(config), METHODS)
+  return method(config)
+
+
+def loss_key(config: ml_collections.ConfigDict) -> str:
+  """The config key that names the step's objective: ``config.train.loss`` (BINGO) or
+  ``config.train.moco_loss`` (MoCo; ``config.train.loss`` is not read there)."""
+  return 'config.train.moco_loss' if method(config) == 'moco' else 'config.train.loss'
+
+
+def loss_name(config: ml_collections.ConfigDict) -> str:
+  """The objective of the configured step (``objectives.OBJECTIVES``).
+
+  BINGO reads ``config.train.loss``; MoCo reads ``config.train.moco_loss``, default
+  ``'anchor_only'`` (plain MoCo v2); a bag objective there is the paper's "teacher relation
+  only" row (docs/method.md §6).
+  """
+  if method(config) == 'moco':
+    return config.train.get('moco_loss', objectives.ANCHOR_ONLY)
+  return config.train.loss
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ValueError(f'{key} = {value!r}; expected one of {allowed}.')
+
+
+def key_encoder_shuffles(config: ml_collections.ConfigDict) -> bool:
+  """Whether the key side runs training-mode BatchNorm on shuffled groups.
+
+  MoCo's key encoder always does, whatever ``config.teacher.bn_mode`` says.
+  """
+  return config.teacher.bn_mode in SHUFFLE_MODES or method(config) == 'moco'
+
+
+def shuffle_moves_images(config: ml_collections.ConfigDict) -> bool:
+  """Whether the key side's batch shuffle permutes the images (released ``'shuffle'``)
+  rather than summing the shuffled groups' statistics (``'shuffle_stats'``; MoCo's key
+  encoder too under ``'frozen'``)."""
+  return config.teacher.bn_mode == 'shuffle'
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int,
+                 num_processes: Optional[int] = None) -> None:
+  """Batch, BatchNorm-group, queue and option consistency of a training config.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices of the mesh (all processes).
+    num_processes: processes of the run (default ``jax.process_count()``).
+  Raises:
+    ValueError: naming the offending ``config.*`` keys and values.
+  """
+  train = config.train
+  batch = train.batch_size
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  if batch <= 0 or batch % num_devices:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
+                     f'devices ({num_devices}).')
+  if batch % num_processes:
+    raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
+                     f'processes ({num_processes}).')
+  choices = {'config.train.method': (method(config), METHODS),
+             'config.train.cutmix': (train.cutmix, CUTMIX_CHOICES),
+             'config.train.lr_schedule': (train.lr_schedule, LR_SCHEDULES),
+             'config.train.compute_dtype': (train.compute_dtype, COMPUTE_DTYPES),
+             'config.teacher.bn_mode': (config.teacher.bn_mode, TEACHER_BN_MODES),
+             'config.data.augment_on': (config.data.get('augment_on', 'device'), AUGMENT_ON),
+             'config.data.on_device': (config.data.get('on_device', 'auto'), ON_DEVICE),
+             'config.train.nan_policy': (train.get('nan_policy', 'stop'), NAN_POLICIES),
+             'config.data.on_bad_image': (config.data.get('on_bad_image', 'error'),
+                                          ('error', 'skip'))}
+  for key, (value, allowed) in choices.items():
+    _check_choice(key, value, allowed)
+  if method(config) == 'moco':  # the key encoder in the teacher's place: BINGO's objectives
+    _check_choice('config.train.moco_loss', loss_name(config), objectives.LOSS_NAMES)
+  else:
+    objectives.check_loss_name(train.loss)  # two groups of names: BINGO's and the baselines
+  groups = [('student', config.student.bn_group_size)]
+  if key_encoder_shuffles(config):
+    groups.append(('teacher', config.teacher.bn_group_size))
+  for section, group in groups:
+    if group is not None and (group <= 0 or batch % group):
+      raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
+                       f'config.{section}.bn_group_size = {group} (BatchNorm statistics are '
+                       'taken over groups of that many images).')
+  if train.queue_size % batch:
+    raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
+                     f'config.train.batch_size = {batch} (the queue advances by whole batches).')
+  _check_method_options(config)
+  for key in ('epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if train[key] <= 0:
+      raise ValueError(f'config.train.{key} = {train[key]} must be positive.')
+
+
+def _check_method_options(config: ml_collections.ConfigDict) -> None:
+  """Options that only one method or objective reads."""
+  train = config.train
+  if method(config) == 'moco' and not 0.0 <= float(train.moco_momentum) <= 1.0:
+    raise ValueError(f'config.train.moco_momentum = {train.moco_momentum} must lie in [0, 1].')
+  objective = objectives.make_objective(train, loss_name(config))
+  if objective.uses_cutmix and train.cutmix == 'group' and not config.student.bn_group_size:
+    raise ValueError("config.train.cutmix = 'group' draws one box per student BatchNorm group, "
+                     f'but config.student.bn_group_size = {config.student.bn_group_size}.')
+  _check_bag_source(config, objective)
+
+
+def _check_bag_source(config: ml_collections.ConfigDict,
+                      objective: objectives.Objective) -> None:
+  """``config.bags.source`` and ``refresh_every_epochs``: student bags need positives to
+  sample, a refresh period and an exact kNN search."""
+  bags = config.bags
+  source, every = bags.get('source', 'file'), bags.get('refresh_every_epochs', 0)
+  _check_choice('config.bags.source', source, BAG_SOURCES)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f'config.bags.refresh_every_epochs = {every!r} must be an integer >= 0.')
+  if source == 'file':
+    if every:
+      raise ValueError(f'config.bags.refresh_every_epochs = {every} recomputes the bags from '
+                       "the student: set config.bags.source = 'student' (or the period to 0).")
+    return
+  if every < 1:
+    raise ValueError("config.bags.source = 'student' needs config.bags.refresh_every_epochs "
+                     '>= 1 (the bags are recomputed every that many epochs).')
+  _check_choice('config.bags.method (with config.bags.source = \'student\')', bags.method,
+                STUDENT_BAG_SEARCH)
+  if not views.needs_bags(objective.batch_views):
+    raise ValueError(f"config.bags.source = 'student', but {loss_key(config)} = "
+                     f'{loss_name(config)!r} reads no bag positives.')
+
+
+def _built_group_size(model: nn.Module) -> Any:
+  return getattr(getattr(model, 'backbone', None), 'bn_group_size', None)
+
+
+def check_step_models(config: ml_collections.ConfigDict, student_model: nn.Module,
+                      key_model: nn.Module) -> None:
+  """The networks must have been built with the configured BatchNorm groups.
+
+  Args:
+    config: the experiment config.
+    student_model: the student.
+    key_model: the teacher (BINGO) or the key encoder (MoCo); its groups matter only when
+      it shuffles (``key_encoder_shuffles``).
+  Raises:
+    ValueError: naming ``config.<section>.bn_group_size`` and the model's value.
+  """
+  models = [('student', student_model)]
+  if key_encoder_shuffles(config):
+    models.append(('teacher', key_model))
+  for section, model in models:
+    group = config[section].bn_group_size
+    if _built_group_size(model) != group:
+      raise ValueError(f'The {section} model was built with bn_group_size='
+                       f'{_built_group_size(model)} but config.{section}.bn_group_size = '
+                       f'{group}; create it with create_model(..., '
+                       f'bn_group_size=config.{section}.bn_group_size).')
+
+
+def check_step(config: ml_collections.ConfigDict, student_model: nn.Module,
+               key_model: nn.Module, mesh: jax.sharding.Mesh) -> None:
+  """``check_config`` for ``mesh``, then ``check_step_models``: what a step builder runs."""
+  check_config(config, mesh.devices.size)
+  check_step_models(config, student_model, key_model)

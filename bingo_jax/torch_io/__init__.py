@@ -1,0 +1,5 @@
+"""PyTorch files: checkpoint files, their layouts and wrappers (``checkpoints``), and the
+PyTorch <-> Flax name mapping of every network (``mapping/``).
+
+May import: models, store.
+"""
