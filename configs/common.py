@@ -41,8 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- teacher: a converted model file (bingo-convert) ----
   config.teacher = ml_collections.ConfigDict()
   config.teacher.path = ml_collections.FieldReference(None, field_type=str)
-  config.teacher.bn_mode = 'shuffle'   # 'shuffle' (released: batch statistics on permuted
-                                       # groups) | 'frozen' (stored running statistics)
+  # Training-mode statistics on the groups of a random permutation of the global batch, as
+  # released (docs/training.md, "The teacher's batch shuffle"): 'shuffle_stats' sums each
+  # group's statistics where its images are | 'shuffle' (released) moves the images;
+  # or 'frozen' (stored running statistics).
+  config.teacher.bn_mode = 'shuffle_stats'
   config.teacher.bn_group_size = 32    # released: 256 images over 8 GPUs
 
   # ---- student: create_model keyword arguments ----

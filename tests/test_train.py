@@ -201,7 +201,7 @@ def test_experiment_configs_have_the_released_hyperparameters(name):
   assert (train_config.own_key_warmup_epochs, train_config.cutmix,
           train_config.loss) == (11, 'batch', 'bingo')
   assert (config.student.bn_group_size, config.teacher.bn_group_size) == (32, 32)
-  assert config.teacher.bn_mode == 'shuffle' and train_config.lr_schedule == 'cosine_epoch'
+  assert config.teacher.bn_mode == 'shuffle_stats' and train_config.lr_schedule == 'cosine_epoch'
   assert config.student.head_output_dim == 128 and config.student.head_hidden_dim == 2048
   config_checks.check_config(config, num_devices=8)
 
