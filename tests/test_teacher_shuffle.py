@@ -18,6 +18,7 @@ from bench import scaling
 from bingo_jax import testing
 from bingo_jax.data import parallel
 from bingo_jax.method import steps
+from bingo_jax.method import teacher_keys
 from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
@@ -48,7 +49,7 @@ def _forward(mesh, move_images):
   model, variables = _teacher()
   images = jax.device_put(jnp.asarray(_images()), parallel.data_sharding(mesh))
   variables = parallel.replicate(variables, mesh)
-  fn = jax.jit(lambda v, x, rng: train_step_lib.shuffled_forward(model, v, x, rng, move_images))
+  fn = jax.jit(lambda v, x, rng: teacher_keys.shuffled_forward(model, v, x, rng, move_images))
   embeddings, stats = fn(variables, images, jax.random.key(3))
   return np.asarray(embeddings), jax.tree.map(np.asarray, stats)
 
@@ -70,6 +71,25 @@ def test_statistics_form_equals_released_shuffle(num_devices):
   (_, unshuffled), _ = model.apply(variables, jnp.asarray(_images()), train=True,
                                    mutable=['batch_stats'])
   assert np.max(np.abs(np.asarray(unshuffled) - released)) > 1e-2 * np.max(np.abs(released))
+
+
+def test_views_in_one_pass_equal_one_pass_per_view():
+  """``keys_by_view`` in ``'shuffle_stats'`` embeds two views in one interleaved pass: the keys
+  of the released shuffle run once per view with the same PRNG keys, on 8 devices."""
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  model, variables = _teacher()
+  variables = parallel.replicate(variables, mesh)
+  sharding = parallel.data_sharding(mesh)
+  images = {view: jax.device_put(jnp.asarray(_images(seed)), sharding)
+            for seed, view in enumerate(('key', 'pos_k'))}
+  rngs = {'key': jax.random.key(5), 'pos_k': jax.random.key(6)}
+  keys = {mode: jax.jit(lambda v, x, m=mode: teacher_keys.keys_by_view(
+      model, v, x, m, rngs, sharding))(variables, images) for mode in ('shuffle_stats', 'shuffle')}
+  for view in images:
+    _assert_relative(np.asarray(keys['shuffle_stats'][view]), np.asarray(keys['shuffle'][view]),
+                     1e-5)
+  assert not np.allclose(np.asarray(keys['shuffle']['key']), np.asarray(keys['shuffle']['pos_k']),
+                         atol=1e-2)
 
 
 def test_batchnorm_positions_match_numpy_groups():
@@ -112,7 +132,7 @@ def test_statistics_form_moves_no_image_between_devices():
   image_bytes = BATCH * IMAGE_SIZE * IMAGE_SIZE * 3 * 4
   largest = {}
   for move_images in (True, False):
-    fn = jax.jit(lambda v, x, rng, m=move_images: train_step_lib.shuffled_forward(
+    fn = jax.jit(lambda v, x, rng, m=move_images: teacher_keys.shuffled_forward(
         model, v, x, rng, m))
     hlo = fn.lower(variables, images, jax.random.key(3)).compile().as_text()
     collectives = scaling.parse_collectives(hlo)

@@ -16,6 +16,7 @@ from bingo_jax.method import config_checks
 from bingo_jax.method import cutmix as cutmix_lib
 from bingo_jax.method import optimization
 from bingo_jax.method import steps
+from bingo_jax.method import teacher_keys
 from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import layers
 from bingo_jax.models.registry import create_model, init_variables
@@ -153,7 +154,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference(bn_mode):
   variables = jax.tree.map(lambda x: x + 0.3 * jnp.arange(x.size).reshape(x.shape) / x.size,
                            variables)
   rng = jax.random.key(7)
-  ours = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), bn_mode, rng)
+  ours = teacher_keys.teacher_embeddings(model, variables, jnp.asarray(images), bn_mode, rng)
 
   params = jax.tree.map(lambda x: torch.from_numpy(np.array(x)), variables['params'])
   torch_teacher = torch.nn.Sequential(
@@ -183,7 +184,7 @@ def test_teacher_shuffle_bn_matches_torch_per_group_reference(bn_mode):
   assert not np.allclose(np.asarray(ours),
                          torch.nn.functional.normalize(unshuffled, dim=1).numpy(), atol=1e-3)
 
-  frozen = train_step_lib.teacher_embeddings(model, variables, jnp.asarray(images), 'frozen', rng)
+  frozen = teacher_keys.teacher_embeddings(model, variables, jnp.asarray(images), 'frozen', rng)
   torch_teacher.eval()
   torch_teacher[1].running_mean.copy_(torch.from_numpy(np.array(
       variables['batch_stats']['bn']['mean'])))

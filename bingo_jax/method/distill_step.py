@@ -5,7 +5,7 @@ The teacher embeds the objective's key views (``key``, and ``pos_k`` for the rel
 
 * ``'shuffle_stats'`` (the default) and ``'shuffle'`` (released, docs/method.md §5):
   training-mode BatchNorm on groups of ``config.teacher.bn_group_size`` examples of a freshly
-  permuted global batch, a separate permutation for each view (``train_step.shuffled_forward``:
+  permuted global batch, a separate permutation for each view (``teacher_keys.shuffled_forward``:
   ``'shuffle'`` permutes the images and un-permutes the outputs, ``'shuffle_stats'`` sums
   each group's statistics where the images are); the teacher's running statistics are not
   kept (only the frozen mode reads them).
@@ -27,6 +27,7 @@ from bingo_jax.data import parallel
 from bingo_jax.data import views
 from bingo_jax.method import config_checks
 from bingo_jax.method import objectives
+from bingo_jax.method import teacher_keys
 from bingo_jax.method import train_step
 
 # The PRNG streams of each step, in the order they are split from the state's key (their
@@ -72,9 +73,8 @@ def make_distill_step(config: ml_collections.ConfigDict, student_model: nn.Modul
                  images: train_step.Batch, rngs: train_step.Rngs
                  ) -> tuple[train_step.Batch, dict[str, Any]]:
     del state
-    return {view: train_step.teacher_embeddings(teacher_model, teacher_variables, view_images,
-                                                bn_mode, rngs[view], batch_sharding)
-            for view, view_images in images.items()}, {}
+    return teacher_keys.keys_by_view(teacher_model, teacher_variables, images, bn_mode,
+                                     rngs, batch_sharding), {}
 
   objective = objectives.make_objective(config.train)
   method = train_step.StepMethod(name='train_step', objective=objective,

@@ -32,6 +32,7 @@ from bingo_jax.data import views
 from bingo_jax.method import config_checks
 from bingo_jax.method import losses
 from bingo_jax.method import objectives
+from bingo_jax.method import teacher_keys
 from bingo_jax.method import train_step
 
 BATCH_VIEWS = views.ANCHOR_VIEWS
@@ -66,9 +67,9 @@ def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: ja
   """MoCo's key encoder forward: shuffled training-mode BatchNorm, its own statistics kept.
 
   BatchNorm statistics over the groups of a random permutation of the batch (the model's
-  ``bn_group_size``), as ``train_step.teacher_embeddings`` takes them in its shuffle modes
+  ``bn_group_size``), as ``teacher_keys.teacher_embeddings`` takes them in its shuffle modes
   (same permutation for the same ``rng``; ``move_images``: the released form that permutes
-  the images, ``train_step.shuffled_forward``); unlike a frozen BINGO teacher, MoCo's ``encoder_k`` runs
+  the images, ``teacher_keys.shuffled_forward``); unlike a frozen BINGO teacher, MoCo's ``encoder_k`` runs
   in training mode and so updates its running statistics with these batch statistics (its
   buffers are not part of the momentum update, which covers parameters only).
 
@@ -78,12 +79,12 @@ def shuffled_key_embeddings(key_model: nn.Module, key_variables: Any, images: ja
     images: ``(batch, height, width, 3)`` normalised images.
     rng: PRNG key of the permutation.
     move_images: the released shuffle (``config.teacher.bn_mode = 'shuffle'``).
-    sharding: the batch's sharding (``train_step.shuffled_forward``).
+    sharding: the batch's sharding (``teacher_keys.shuffled_forward``).
   Returns:
     ``(keys, batch_stats)``: ``(batch, dim)`` L2-normalised float32 keys in the order of
     ``images`` (no gradient) and the key encoder's updated running statistics.
   """
-  keys, batch_stats = train_step.shuffled_forward(key_model, key_variables, images, rng,
+  keys, batch_stats = teacher_keys.shuffled_forward(key_model, key_variables, images, rng,
                                                   move_images=move_images, sharding=sharding)
   return (jax.lax.stop_gradient(losses.l2_normalize(keys)),
           jax.lax.stop_gradient(batch_stats))

@@ -44,7 +44,6 @@ from bingo_jax.method import cutmix as cutmix_lib
 from bingo_jax.method import losses
 from bingo_jax.method import objectives
 from bingo_jax.method import optimization
-from bingo_jax.models import layers
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -144,93 +143,6 @@ def create_train_state(config: ml_collections.ConfigDict, student_model: nn.Modu
         key_batch_stats=jax.tree.map(jnp.copy, batch_stats) if moco else None)
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(_key_data(rng))
-
-
-# ---------------------------------------------------------------------------------------------
-# Teacher keys
-
-
-def teacher_embeddings(teacher_model: nn.Module, teacher_variables: Any, images: jax.Array,
-                       bn_mode: str, rng: jax.Array,
-                       sharding: Optional[jax.sharding.Sharding] = None) -> jax.Array:
-  """L2-normalised teacher embeddings of normalised images, without gradient.
-
-  Args:
-    teacher_model: the teacher; in the shuffle modes built with the teacher's BatchNorm
-      group size.
-    teacher_variables: ``{'params', 'batch_stats'}`` of the teacher.
-    images: ``(batch, height, width, 3)`` normalised images.
-    bn_mode: ``'shuffle_stats'`` or ``'shuffle'`` (training-mode statistics on groups of a
-      random permutation of the batch: ``shuffled_forward``) or ``'frozen'`` (stored running
-      statistics).
-    rng: PRNG key of the permutation (unused when frozen).
-    sharding: the batch's sharding (``shuffled_forward``).
-  Returns:
-    ``(batch, dim)`` float32 embeddings in the order of ``images``.
-  """
-  if bn_mode == 'frozen':
-    _, embeddings = teacher_model.apply(teacher_variables, images, train=False)
-  else:
-    embeddings, _ = shuffled_forward(teacher_model, teacher_variables, images, rng,
-                                     move_images=bn_mode == 'shuffle', sharding=sharding)
-  return jax.lax.stop_gradient(losses.l2_normalize(embeddings))
-
-
-def shuffled_forward(model: nn.Module, variables: Any, images: jax.Array, rng: jax.Array,
-                     move_images: bool = False,
-                     sharding: Optional[jax.sharding.Sharding] = None
-                     ) -> tuple[jax.Array, Any]:
-  """A training-mode pass whose BatchNorm groups are those of a random permutation.
-
-  The model's BatchNorm takes its statistics over groups of ``bn_group_size`` examples of a
-  random permutation of the global batch (released: each GPU's share of a shuffled batch),
-  so no group sees only neighbours of the unshuffled batch. Two forms, equal up to float
-  rounding on the same permutation (docs/training.md, "The teacher's batch shuffle"):
-
-  * ``move_images=True``, the released form (``'shuffle'``): permute the images, run the
-    consecutive groups, un-permute the outputs. On a sharded batch the permutation moves
-    every image of the global batch to every device; ``sharding`` (the batch's) puts the
-    permuted batch back in shards, so that each device embeds only its share, as each
-    released GPU does (without it XLA embeds the whole permuted batch on every device).
-  * ``move_images=False`` (``'shuffle_stats'``): the images stay; each example is told the
-    group of its position in the permutation and every BatchNorm sums its statistics by
-    group (``layers.BatchNorm``'s ``positions``), so only ``(groups, channels)`` per layer
-    crosses devices.
-
-  Args:
-    model: built with the shuffle's BatchNorm group size.
-    variables: ``{'params', 'batch_stats'}``.
-    images: ``(batch, height, width, 3)`` normalised images.
-    rng: PRNG key of the permutation.
-    move_images: which form.
-    sharding: the batch's sharding, or None (one device, or outside a sharded step).
-  Returns:
-    ``(embeddings, batch_stats)``: the ``(batch, dim)`` head outputs in the order of
-    ``images`` (not normalised) and the running statistics this pass computed.
-  """
-  batch = images.shape[0]
-  permutation = jax.random.permutation(rng, batch)
-  if move_images:
-    shuffled_images = images[permutation]
-    if sharding is not None:
-      shuffled_images = jax.lax.with_sharding_constraint(shuffled_images, sharding)
-    (_, shuffled), updates = model.apply(variables, shuffled_images, train=True,
-                                         mutable=['batch_stats'])
-    # Row permutation[i] of the batch was embedded at position i: scatter it back.
-    return jnp.zeros_like(shuffled).at[permutation].set(shuffled), updates['batch_stats']
-  # Example permutation[i] sits at position i of the shuffled batch.
-  positions = jnp.zeros((batch,), jnp.int32).at[permutation].set(
-      jnp.arange(batch, dtype=jnp.int32))
-
-  def pass_positions(next_fn, args, kwargs, context):
-    if isinstance(context.module, layers.BatchNorm) and context.method_name == '__call__':
-      kwargs = dict(kwargs, positions=positions)
-    return next_fn(*args, **kwargs)
-
-  with nn.intercept_methods(pass_positions):
-    (_, embeddings), updates = model.apply(variables, images, train=True,
-                                           mutable=['batch_stats'])
-  return embeddings, updates['batch_stats']
 
 
 # ---------------------------------------------------------------------------------------------
