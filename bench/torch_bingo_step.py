@@ -1,5 +1,8 @@
 """A PyTorch eager BINGO step (docs/method.md §2 to §7), the baseline of bench/train_step.py.
 
+  python -m bench.torch_bingo_step --batches 64,128   # AMP bf16, channels-last, one GPU
+  python -m bench.torch_bingo_step --smoke            # tiny networks on the CPU
+
 Written from docs/method.md, in the released code's structure on one device: the student embeds
 ``query``, ``pos_q`` and their CutMix (three forward passes), the teacher embeds ``key`` and
 ``pos_k`` without gradient on a shuffled batch in training-mode BatchNorm, the six-term loss,
@@ -8,8 +11,11 @@ torch SGD with momentum and weight decay, and the FIFO queue update.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
+import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -110,10 +116,13 @@ class TorchBingoStep:
                batch_size: int = 32, queue_size: int = 65536, temperature: float = 0.2,
                lr: float = 0.03, seed: int = 0, *, teacher_width: int = 64,
                device: str = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-               channels_last: bool = False):
+               channels_last: bool = False, student_width: int = 64,
+               head_hidden_dim: int = 2048, head_output_dim: int = 128):
     """
     Args:
       teacher_width: the teacher's base width (128 for SwAV's ResNet-50x2).
+      student_width, head_hidden_dim, head_output_dim: the student's base width and both
+        networks' head sizes (smaller only for the smoke run).
       device: where the networks and the queue live (``'cuda'`` for the GPU row).
       amp_dtype: ``torch.autocast`` compute dtype (``torch.bfloat16`` / ``float16``), or
         None for float32; parameters, the queue and the loss stay float32.
@@ -125,16 +134,19 @@ class TorchBingoStep:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.memory_format = memory_format
     self.amp_dtype = amp_dtype
-    self.student = ResNetWithHead(student_arch).train().to(self.device,
-                                                           memory_format=memory_format)
+    self.student = ResNetWithHead(student_arch, student_width, head_hidden_dim,
+                                  head_output_dim).train().to(self.device,
+                                                              memory_format=memory_format)
     # Training-mode BN (docs/method.md §5).
-    self.teacher = ResNetWithHead(teacher_arch, width=teacher_width).train().to(
-        self.device, memory_format=memory_format)
+    self.teacher = ResNetWithHead(teacher_arch, teacher_width, head_hidden_dim,
+                                  head_output_dim).train().to(self.device,
+                                                              memory_format=memory_format)
     for p in self.teacher.parameters():
       p.requires_grad_(False)
     self.optimizer = torch.optim.SGD(self.student.parameters(), lr=lr * batch_size / 256,
                                      momentum=0.9, weight_decay=1e-4)
-    self.queue = F.normalize(torch.randn(queue_size, 128, device=self.device), dim=1)
+    self.queue = F.normalize(torch.randn(queue_size, head_output_dim, device=self.device),
+                             dim=1)
     self.pointer = 0
     self.temperature = temperature
     self.rng = np.random.default_rng(seed)
@@ -179,3 +191,77 @@ class TorchBingoStep:
     self.queue[self.pointer:self.pointer + batch] = k
     self.pointer = (self.pointer + batch) % self.queue.shape[0]
     return loss.item()
+
+
+def time_step(batch_size: int, image_size: int, steps: int, *, device: str = 'cuda',
+              smoke: bool = False) -> float:
+  """Median seconds of ``steps`` R-18 <- R-50x2 steps, AMP bf16 and channels-last, after one
+  warm-up step, on random views already on ``device`` (no augmentation, no data loading).
+
+  ``smoke``: networks of width 8 with small heads and a queue of four batches (CPU-sized).
+  """
+  sizes = (dict(student_width=8, teacher_width=8, head_hidden_dim=32, head_output_dim=16)
+           if smoke else dict(teacher_width=128))
+  queue_size = 4 * batch_size if smoke else 65536
+  step = TorchBingoStep('resnet18', 'resnet50', batch_size, queue_size, 0.2, device=device,
+                        amp_dtype=torch.bfloat16, channels_last=True, **sizes)
+  views = [torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(4)]
+  step(*views)
+  times = []
+  for _ in range(steps):
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    began = time.perf_counter()
+    step(*views)  # its loss.item() waits for the step
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description='The PyTorch BINGO step (AMP bf16, '
+                                   'channels-last): one row per batch.')
+  parser.add_argument('--batches', default='64,128', help='Batches, comma-separated.')
+  parser.add_argument('--steps', type=int, default=None, help='Timed steps (default 5; smoke 1).')
+  parser.add_argument('--budget_s', type=float, default=None,
+                      help='Skip the remaining batches once this many seconds have passed.')
+  parser.add_argument('--smoke', action='store_true', help='Tiny networks, 32 px, on the CPU.')
+  args = parser.parse_args()
+  try:
+    batches = [int(b) for b in args.batches.split(',')]
+    if min(batches) < 1:
+      raise ValueError
+  except ValueError:
+    print(f'--batches {args.batches!r}: expected positive integers, comma-separated.',
+          file=sys.stderr)
+    return 1
+  device = 'cpu' if args.smoke else 'cuda'
+  if args.smoke:
+    torch.set_num_threads(1)  # intra-op threads on a shared CPU slow tiny steps down 20-fold
+  if device == 'cuda' and not torch.cuda.is_available():
+    print(f'PyTorch {torch.__version__} sees no CUDA device: no PyTorch rows.', file=sys.stderr)
+    return 1
+  image_size, steps = (32, args.steps or 1) if args.smoke else (224, args.steps or 5)
+  name = torch.cuda.get_device_name() if device == 'cuda' else 'CPU'
+  print(f'# PyTorch {torch.__version__} BINGO step R-18 <- R-50x2{" (smoke: width 8)" if args.smoke else ""}, '
+        f'AMP bf16, channels-last, 1 x {name}, {image_size} px views ready on the device '
+        '(no augmentation)')
+  print('| batch | step (ms) | anchors/s |')
+  print('|---|---|---|', flush=True)
+  began = time.perf_counter()
+  failed = False
+  for batch in batches:
+    if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
+      print(f'# batch {batch} skipped (time budget)')
+      continue
+    try:
+      seconds = time_step(batch, image_size, steps, device=device, smoke=args.smoke)
+    except Exception as e:  # e.g. out of memory at the largest batch: report, go on
+      print(f'| {batch} | failed: {type(e).__name__}: {str(e)[:160]} | |', flush=True)
+      failed = True
+      continue
+    print(f'| {batch} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} |', flush=True)
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
