@@ -53,7 +53,8 @@ python="${PYTHON:-python3}"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+inherited="${PYTHONPATH:-}"
+export PYTHONPATH="$PWD${inherited:+:$inherited}"
 deadline=$((SECONDS + budget))
 
 # Wheels: the named directory (an error if it holds none), else .whl/ when it holds some.
@@ -70,8 +71,11 @@ if [ -n "$wheels" ]; then
     echo "bench/device_check.sh: pip could not install the wheels of $wheels" >&2
     exit 1
   fi
-  export PYTHONPATH="$PYTHONPATH:$scratch/site"
-  echo "# installed for this run: $(cd "$wheels" && ls -- *.whl | tr '\n' ' ')"
+  # Ahead of the machine's own packages: a carried wheel is the version asked for.
+  export PYTHONPATH="$PWD:$scratch/site${inherited:+:$inherited}"
+  echo "# installed for this run from $wheels: $("$python" -c 'import importlib.metadata as m, sys
+print(", ".join(sorted(d.name + " " + d.version for d in m.distributions(path=[sys.argv[1]]))))' \
+    "$scratch/site")"
 fi
 if ! "$python" -c 'import ml_collections' 2>/dev/null; then
   echo "bench/device_check.sh: ml_collections is not importable; carry its wheel (.whl/, see docs/benchmarks.md)" >&2
