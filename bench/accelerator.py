@@ -2,6 +2,8 @@ r"""One command for a GPU or TPU host: the BINGO step's throughput and MFU (unde
 
   python -m bench.accelerator            # R-18 <- R-50x2, 224 px, fp32 + bf16, batches 32/64/128
   python -m bench.accelerator --smoke    # a tiny CPU run of the same code (the test suite)
+  python -m bench.accelerator --rows bfloat16:64,float32:64 --json_out STEP.json
+                                         # chosen rows, also written to a file
 
 Each row is the whole jitted step as training runs it in ``augment_on = 'device'`` mode: the
 MoCo v2 views drawn from 512 px uint8 canvases (bingo_jax/device_data.py), then the BINGO

@@ -57,6 +57,8 @@ inherited="${PYTHONPATH:-}"
 export PYTHONPATH="$PWD${inherited:+:$inherited}"
 deadline=$((SECONDS + budget))
 
+echo "# bench/device_check.sh$([ "$smoke" = 1 ] && echo ' --smoke'): $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), time box ${budget} s"
+
 # Wheels: the named directory (an error if it holds none), else .whl/ when it holds some.
 if [ -z "$wheels" ] && compgen -G ".whl/*.whl" >/dev/null; then
   wheels=.whl
@@ -117,7 +119,6 @@ run_part() {
   echo "# part done in $((SECONDS - began)) s"
 }
 
-echo "# bench/device_check.sh$([ "$smoke" = 1 ] && echo ' --smoke'): $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), time box ${budget} s"
 echo
 echo "## The machine"
 if [ "$smoke" = 1 ]; then
