@@ -193,13 +193,14 @@ def write_json(path: str, value: Any) -> None:
   os.replace(partial, path)
 
 
-_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny networks, 32 px, CPU-sized.')
+# --smoke and --steps are shared with bench/step_breakdown.py (cli.shared).
+SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny networks, 32 px, CPU-sized.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes, one row each.')
 _PER_DEVICE_BATCHES = flags.DEFINE_list('per_device_batches', None,
                                         'Batches per device (default 32,64,128; smoke: 2).')
 _ROWS = flags.DEFINE_list('rows', None, 'DTYPE:BATCH rows, e.g. bfloat16:64,float32:64 '
                           '(instead of --dtypes x --per_device_batches).')
-_STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per row (default 5; smoke: 1).')
+STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per row (default 5; smoke: 1).')
 _BUDGET_MINUTES = flags.DEFINE_float('budget_minutes', 7.0, 'Skip the remaining rows once '
                                      'this much time has passed.')
 _NO_TORCH = flags.DEFINE_bool('no_torch', False, 'No PyTorch row.')
@@ -210,7 +211,7 @@ _JSON_OUT = flags.DEFINE_string('json_out', None, 'Also write the rows to this J
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  smoke = _SMOKE.value
+  smoke = SMOKE.value
   canvas_size, image_size = sizes(smoke)
   if _ROWS.value:
     try:
@@ -221,7 +222,7 @@ def main(argv: list[str]) -> None:
     batches = [int(b) for b in (_PER_DEVICE_BATCHES.value or
                                 (['2'] if smoke else ['32', '64', '128']))]
     rows = [(dtype, batch) for dtype in _DTYPES.value for batch in batches]
-  steps = _STEPS.value or (1 if smoke else 5)
+  steps = STEPS.value or (1 if smoke else 5)
   devices = jax.devices()
   mesh = parallel.make_mesh(devices)
   kind = devices[0].device_kind

@@ -5,11 +5,12 @@
 #   bash bench/device_check.sh                  # on the GPU host, from the repository root
 #   bash bench/device_check.sh --smoke          # tiny networks on the CPU (tests/test_device_check.py)
 #   bash bench/device_check.sh --wheels DIR     # wheels to install first (default: .whl/ if present)
-#   bash bench/device_check.sh --budget_s 540   # the whole time box, seconds (default 540)
+#   bash bench/device_check.sh --budget_s 540   # the whole time box, seconds (default 540;
+#                                               # --smoke: 1800, each part's share x 4)
 #
 # Parts: the machine (bench/environment.py; no GPU and no --smoke: one line, exit 1), the
 # R-18 <- R-50x2 step at 224 px (bench/accelerator.py: bf16 at 64 and 128 per device, fp32 at
-# 64), the PyTorch AMP bf16 channels-last step (bench/torch_bingo_step.py, batches 64 and 128),
+# 64), the PyTorch AMP bf16 channels-last step (bench/torch_step.py, batches 64 and 128),
 # where the time of the fastest bf16 row goes (bench/step_breakdown.py), and the jax exact kNN
 # on 262,144 x 4,096 features (bench/exact_knn.py). Each part runs in its own process under
 # `timeout`: a part that hangs or runs out of memory costs its own box, not the others'.
@@ -30,7 +31,7 @@ usage() {
 
 smoke=0
 wheels=""
-budget=540
+budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
@@ -43,6 +44,9 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -z "$budget" ]; then
+  budget=$([ "$smoke" = 1 ] && echo 1800 || echo 540)
+fi
 case "$budget" in
   ''|*[!0-9]*) echo "bench/device_check.sh: --budget_s '$budget' is not a whole number of seconds" >&2
                exit 1 ;;
@@ -86,17 +90,20 @@ fi
 
 # The smoke run: the same parts on tiny networks; its step rows are float32 only, since
 # XLA:CPU compiles the bfloat16 step slowly (tests/test_accelerator_bench.py tests bf16).
+# XLA:CPU compiles slowly on a loaded machine: there each share is 4 times longer (the
+# whole time box stays --budget_s).
 if [ "$smoke" = 1 ]; then
   step_rows=float32:2; torch_batches=2; breakdown_dtype=float32; smoke_flags=(--smoke)
+  share_scale=4
 else
   step_rows=bfloat16:64,bfloat16:128,float32:64; torch_batches=64,128
-  breakdown_dtype=bfloat16; smoke_flags=()
+  breakdown_dtype=bfloat16; smoke_flags=(); share_scale=1
 fi
 failed=()
 
 # run_part NAME SHARE_S COMMAND...: COMMAND under `timeout`, its box min(SHARE_S, time left).
 run_part() {
-  local name="$1" share="$2"; shift 2
+  local name="$1" share=$(($2 * share_scale)); shift 2
   local left=$((deadline - SECONDS))
   local box=$((share < left ? share : left))
   echo
@@ -132,9 +139,15 @@ fi
 run_part "BINGO step, JAX (bench/accelerator.py)" 230 \
   "$python" -m bench.accelerator "${smoke_flags[@]}" --rows "$step_rows" --no_torch \
   --budget_minutes 2.5 --json_out "$scratch/step.json"
-run_part "BINGO step, PyTorch (bench/torch_bingo_step.py)" 80 \
-  "$python" -m bench.torch_bingo_step "${smoke_flags[@]}" --batches "$torch_batches" \
-  --budget_s 50
+if "$python" -c 'import torch' 2>/dev/null; then
+  run_part "BINGO step, PyTorch (bench/torch_step.py)" 80 \
+    "$python" -m bench.torch_step "${smoke_flags[@]}" --batches "$torch_batches" \
+    --budget_s 50
+else
+  echo; echo "## BINGO step, PyTorch (bench/torch_step.py)"
+  echo "# skipped: torch is not importable by $python"
+  failed+=("PyTorch step (no torch)")
+fi
 run_part "Where the time goes (bench/step_breakdown.py)" 110 \
   "$python" -m bench.step_breakdown "${smoke_flags[@]}" --dtype "$breakdown_dtype" \
   --step_json "$scratch/step.json"

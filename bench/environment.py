@@ -10,13 +10,14 @@ machine shows as 'not installed' instead of failing.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 import sys
+
+from absl import app, flags
 
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'libtpu', 'flax',
             'optax', 'orbax-checkpoint', 'ml_collections', 'absl-py', 'numpy', 'torch',
@@ -45,11 +46,13 @@ def nvidia_smi() -> str:
       f'nvidia-smi exit {result.returncode}: {result.stderr.strip()[:200]}')
 
 
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--require_accelerator', action='store_true',
-                      help='Exit 1 (one line on stderr) when JAX sees no GPU or TPU.')
-  args = parser.parse_args()
+_REQUIRE_ACCELERATOR = flags.DEFINE_bool('require_accelerator', False, 'Exit 1 (one line on '
+                                         'stderr) when JAX sees no GPU or TPU.')
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   backend = jax.default_backend()
@@ -63,7 +66,7 @@ def main() -> int:
   print(f'| host | {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs |')
   print('| load average (1, 5, 15 min) | '
         f'{", ".join(f"{load:.2f}" for load in os.getloadavg())} |', flush=True)
-  if args.require_accelerator and backend == 'cpu':
+  if _REQUIRE_ACCELERATOR.value and backend == 'cpu':
     print(f'No GPU or TPU: JAX {jax.__version__} sees only CPU devices (use --smoke for the '
           'CPU run).', file=sys.stderr)
     return 1
@@ -71,4 +74,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -26,10 +26,8 @@ borders inside the one jit, and to less when the step pays for something the par
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -37,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 from bench import accelerator
 from bingo_jax import device_data
@@ -180,35 +179,29 @@ def fastest_row(path: str, dtype: str) -> dict | None:
   return max(rows, key=lambda row: row['anchors_per_s']) if rows else None
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--smoke', action='store_true', help='Tiny networks, 32 px, CPU-sized.')
-  parser.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16',
-                      help='Compute dtype.')
-  parser.add_argument('--per_device_batch', type=int, default=None,
-                      help="Batch per device (default: --step_json's fastest row, else 64; "
-                      'smoke: 2).')
-  parser.add_argument('--step_json', default=None,
-                      help="bench/accelerator.py's --json_out file: take the batch and the "
-                      "whole step's time from its fastest --dtype row instead of timing the "
-                      'step here.')
-  parser.add_argument('--steps', type=int, default=None,
-                      help='Timed runs per part (default 5; smoke: 1).')
-  args = parser.parse_args(argv)
-  if args.per_device_batch is not None and args.per_device_batch < 1:
-    parser.error(f'--per_device_batch {args.per_device_batch}: expected a positive integer.')
-  return args
+_SMOKE = accelerator.SMOKE  # shared flags: shown by --help as key flags below
+_STEPS = accelerator.STEPS
+flags.declare_key_flag(_SMOKE)
+flags.declare_key_flag(_STEPS)
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    'per_device_batch', None, "Batch per device (default: --step_json's fastest row, else 64; "
+    'smoke: 2).', lower_bound=1)
+_STEP_JSON = flags.DEFINE_string(
+    'step_json', None, "bench/accelerator.py's --json_out file: the batch and the whole step's "
+    'time from its fastest --dtype row, instead of timing the step here.')
 
 
 def main(argv: list[str]) -> int:
-  args = parse_args(argv)
-  smoke, dtype = args.smoke, args.dtype
-  steps = args.steps or (1 if smoke else 5)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  smoke, dtype, step_json = _SMOKE.value, _DTYPE.value, _STEP_JSON.value
+  steps = _STEPS.value or (1 if smoke else 5)
   canvas_size, image_size = accelerator.sizes(smoke)
-  measured = fastest_row(args.step_json, dtype) if args.step_json else None
-  if args.step_json and measured is None:
-    print(f'# {args.step_json}: no {dtype} row; the whole step is timed here.')
-  per_device = args.per_device_batch or (
+  measured = fastest_row(step_json, dtype) if step_json else None
+  if step_json and measured is None:
+    print(f'# {step_json}: no {dtype} row; the whole step is timed here.')
+  per_device = _PER_DEVICE_BATCH.value or (
       measured['per_device_batch'] if measured else (2 if smoke else 64))
   if measured and measured['per_device_batch'] != per_device:
     measured = None
@@ -241,4 +234,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  app.run(main)

@@ -1,7 +1,7 @@
 """A PyTorch eager BINGO step (docs/method.md §2 to §7), the baseline of bench/train_step.py.
 
-  python -m bench.torch_bingo_step --batches 64,128   # AMP bf16, channels-last, one GPU
-  python -m bench.torch_bingo_step --smoke            # tiny networks on the CPU
+``time_step`` times it (AMP bf16, channels-last); ``python -m bench.torch_step`` is its
+command line.
 
 Written from docs/method.md, in the released code's structure on one device: the student embeds
 ``query``, ``pos_q`` and their CutMix (three forward passes), the teacher embeds ``key`` and
@@ -11,10 +11,8 @@ torch SGD with momentum and weight decay, and the FIFO queue update.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import sys
 import time
 from typing import Optional
 
@@ -215,53 +213,3 @@ def time_step(batch_size: int, image_size: int, steps: int, *, device: str = 'cu
     step(*views)  # its loss.item() waits for the step
     times.append(time.perf_counter() - began)
   return float(np.median(times))
-
-
-def main() -> int:
-  parser = argparse.ArgumentParser(description='The PyTorch BINGO step (AMP bf16, '
-                                   'channels-last): one row per batch.')
-  parser.add_argument('--batches', default='64,128', help='Batches, comma-separated.')
-  parser.add_argument('--steps', type=int, default=None, help='Timed steps (default 5; smoke 1).')
-  parser.add_argument('--budget_s', type=float, default=None,
-                      help='Skip the remaining batches once this many seconds have passed.')
-  parser.add_argument('--smoke', action='store_true', help='Tiny networks, 32 px, on the CPU.')
-  args = parser.parse_args()
-  try:
-    batches = [int(b) for b in args.batches.split(',')]
-    if min(batches) < 1:
-      raise ValueError
-  except ValueError:
-    print(f'--batches {args.batches!r}: expected positive integers, comma-separated.',
-          file=sys.stderr)
-    return 1
-  device = 'cpu' if args.smoke else 'cuda'
-  if args.smoke:
-    torch.set_num_threads(1)  # intra-op threads on a shared CPU slow tiny steps down 20-fold
-  if device == 'cuda' and not torch.cuda.is_available():
-    print(f'PyTorch {torch.__version__} sees no CUDA device: no PyTorch rows.', file=sys.stderr)
-    return 1
-  image_size, steps = (32, args.steps or 1) if args.smoke else (224, args.steps or 5)
-  name = torch.cuda.get_device_name() if device == 'cuda' else 'CPU'
-  print(f'# PyTorch {torch.__version__} BINGO step R-18 <- R-50x2{" (smoke: width 8)" if args.smoke else ""}, '
-        f'AMP bf16, channels-last, 1 x {name}, {image_size} px views ready on the device '
-        '(no augmentation)')
-  print('| batch | step (ms) | anchors/s |')
-  print('|---|---|---|', flush=True)
-  began = time.perf_counter()
-  failed = False
-  for batch in batches:
-    if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
-      print(f'# batch {batch} skipped (time budget)')
-      continue
-    try:
-      seconds = time_step(batch, image_size, steps, device=device, smoke=args.smoke)
-    except Exception as e:  # e.g. out of memory at the largest batch: report, go on
-      print(f'| {batch} | failed: {type(e).__name__}: {str(e)[:160]} | |', flush=True)
-      failed = True
-      continue
-    print(f'| {batch} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} |', flush=True)
-  return 1 if failed else 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
