@@ -24,8 +24,8 @@
 # (default python3).
 set -uo pipefail
 
-usage() {
-  echo "usage: bash bench/device_check.sh [--smoke] [--wheels DIR] [--budget_s SECONDS]" >&2
+usage() {  # usage [PROBLEM]: one line on stderr, exit 1
+  echo "bench/device_check.sh: ${1:+$1; }usage: bash bench/device_check.sh [--smoke] [--wheels DIR] [--budget_s SECONDS]" >&2
   exit 1
 }
 
@@ -35,12 +35,12 @@ budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
-    --wheels) [ $# -ge 2 ] || usage; wheels="$2"; shift ;;
+    --wheels) [ $# -ge 2 ] || usage "--wheels needs a directory"; wheels="$2"; shift ;;
     --wheels=*) wheels="${1#--wheels=}" ;;
-    --budget_s) [ $# -ge 2 ] || usage; budget="$2"; shift ;;
+    --budget_s) [ $# -ge 2 ] || usage "--budget_s needs a number of seconds"; budget="$2"; shift ;;
     --budget_s=*) budget="${1#--budget_s=}" ;;
     -h|--help) usage ;;
-    *) echo "bench/device_check.sh: unknown argument '$1'" >&2; usage ;;
+    *) usage "unknown argument '$1'" ;;
   esac
   shift
 done
@@ -52,6 +52,13 @@ case "$budget" in
                exit 1 ;;
 esac
 
+if [ -n "$wheels" ]; then
+  if [ ! -d "$wheels" ]; then
+    echo "bench/device_check.sh: --wheels $wheels is not a directory" >&2
+    exit 1
+  fi
+  wheels="$(cd "$wheels" && pwd)"  # the check runs from the repository root
+fi
 cd "$(dirname "$0")/.." || exit 1
 python="${PYTHON:-python3}"
 scratch="$(mktemp -d)"
