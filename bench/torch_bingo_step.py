@@ -1,5 +1,8 @@
 """A PyTorch eager BINGO step (docs/method.md §2 to §7), the baseline of bench/train_step.py.
 
+``time_step`` times it (AMP bf16, channels-last); ``python -m bench.torch_step`` is its
+command line.
+
 Written from docs/method.md, in the released code's structure on one device: the student embeds
 ``query``, ``pos_q`` and their CutMix (three forward passes), the teacher embeds ``key`` and
 ``pos_k`` without gradient on a shuffled batch in training-mode BatchNorm, the six-term loss,
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Optional
 
 import numpy as np
@@ -110,10 +114,13 @@ class TorchBingoStep:
                batch_size: int = 32, queue_size: int = 65536, temperature: float = 0.2,
                lr: float = 0.03, seed: int = 0, *, teacher_width: int = 64,
                device: str = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-               channels_last: bool = False):
+               channels_last: bool = False, student_width: int = 64,
+               head_hidden_dim: int = 2048, head_output_dim: int = 128):
     """
     Args:
       teacher_width: the teacher's base width (128 for SwAV's ResNet-50x2).
+      student_width, head_hidden_dim, head_output_dim: the student's base width and both
+        networks' head sizes (smaller only for the smoke run).
       device: where the networks and the queue live (``'cuda'`` for the GPU row).
       amp_dtype: ``torch.autocast`` compute dtype (``torch.bfloat16`` / ``float16``), or
         None for float32; parameters, the queue and the loss stay float32.
@@ -125,16 +132,19 @@ class TorchBingoStep:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.memory_format = memory_format
     self.amp_dtype = amp_dtype
-    self.student = ResNetWithHead(student_arch).train().to(self.device,
-                                                           memory_format=memory_format)
+    self.student = ResNetWithHead(student_arch, student_width, head_hidden_dim,
+                                  head_output_dim).train().to(self.device,
+                                                              memory_format=memory_format)
     # Training-mode BN (docs/method.md §5).
-    self.teacher = ResNetWithHead(teacher_arch, width=teacher_width).train().to(
-        self.device, memory_format=memory_format)
+    self.teacher = ResNetWithHead(teacher_arch, teacher_width, head_hidden_dim,
+                                  head_output_dim).train().to(self.device,
+                                                              memory_format=memory_format)
     for p in self.teacher.parameters():
       p.requires_grad_(False)
     self.optimizer = torch.optim.SGD(self.student.parameters(), lr=lr * batch_size / 256,
                                      momentum=0.9, weight_decay=1e-4)
-    self.queue = F.normalize(torch.randn(queue_size, 128, device=self.device), dim=1)
+    self.queue = F.normalize(torch.randn(queue_size, head_output_dim, device=self.device),
+                             dim=1)
     self.pointer = 0
     self.temperature = temperature
     self.rng = np.random.default_rng(seed)
@@ -179,3 +189,27 @@ class TorchBingoStep:
     self.queue[self.pointer:self.pointer + batch] = k
     self.pointer = (self.pointer + batch) % self.queue.shape[0]
     return loss.item()
+
+
+def time_step(batch_size: int, image_size: int, steps: int, *, device: str = 'cuda',
+              smoke: bool = False) -> float:
+  """Median seconds of ``steps`` R-18 <- R-50x2 steps, AMP bf16 and channels-last, after one
+  warm-up step, on random views already on ``device`` (no augmentation, no data loading).
+
+  ``smoke``: networks of width 8 with small heads and a queue of four batches (CPU-sized).
+  """
+  sizes = (dict(student_width=8, teacher_width=8, head_hidden_dim=32, head_output_dim=16)
+           if smoke else dict(teacher_width=128))
+  queue_size = 4 * batch_size if smoke else 65536
+  step = TorchBingoStep('resnet18', 'resnet50', batch_size, queue_size, 0.2, device=device,
+                        amp_dtype=torch.bfloat16, channels_last=True, **sizes)
+  views = [torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(4)]
+  step(*views)
+  times = []
+  for _ in range(steps):
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    began = time.perf_counter()
+    step(*views)  # its loss.item() waits for the step
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))

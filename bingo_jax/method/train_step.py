@@ -283,7 +283,7 @@ def _keep_if_finite(state: TrainState, new_state: TrainState, grads: Any,
     The state after the step; ``metrics`` gains ``grad_norm`` and ``skipped`` (1 when the
     update was dropped).
   """
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
             & _all_finite(new_state))
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
