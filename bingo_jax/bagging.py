@@ -121,7 +121,8 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     source = data_sources.make_source(config.data, config.data.train_split)
   fileio.makedirs(workdir)
   bag_path = bags_config.get('path') or fileio.join(workdir, 'bags.npz')
-  common = dict(fingerprint=source.fingerprint, data=_describe_data(config))
+  common = dict(fingerprint=source.fingerprint,
+                content_fingerprint=source.content_fingerprint, data=_describe_data(config))
   if method == 'labels':
     if source.labels is None:
       raise ValueError(f'bags.method=labels but the source {source!r} has no labels.')

@@ -272,7 +272,8 @@ def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> d
   if bags_path and fileio.exists(bags_path):
     bags = bag_file.load_bags(bags_path)
     bags.check_matches(len(train_source), train_source.fingerprint,
-                       f'training split {train_source.description}')
+                       f'training split {train_source.description}',
+                       content_fingerprint=train_source.content_fingerprint)
     train = transform(cached_features(network, train_source, split='train', config=config,
                                       workdir=workdir, mesh=mesh))
     metrics.update(analysis.bag_distance(train, bags))

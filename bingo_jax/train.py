@@ -126,7 +126,8 @@ def load_training_bags(config: ml_collections.ConfigDict, source: Any,
     raise FileNotFoundError(f'config.bags.path = {path!r}: {e}') from e
   what = (f'the training split {config.data.train_split!r} of data source '
           f'{config.data.source!r} ({config.data.name or config.data.path})')
-  bags.check_matches(num_images, source.fingerprint, what)
+  bags.check_matches(num_images, source.fingerprint, what,
+                     content_fingerprint=source.content_fingerprint)
   return bags
 
 
