@@ -266,8 +266,9 @@ def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   try:
     _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
-  except (bad_images.BadImageError, model_io.NonFiniteModelError) as e:
-    # The undecodable images or the teacher's NaN/Inf arrays by name, not a traceback.
+  except (bad_images.BadImageError, model_io.NonFiniteModelError, fileio.WriteError) as e:
+    # The undecodable images, the teacher's NaN/Inf arrays or a file that could not be
+    # written (a full disk) by name, not a traceback.
     logging.error('%s', e)
     raise SystemExit(1) from None
   logging.info('done: %s', path)

@@ -108,7 +108,7 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
   if network is None:
     return pixel_features(source, image_size)
   key = '-'.join([split, features_lib.describe_model(network)['variables_checksum'],
-                  source.fingerprint[:16], str(image_size)])
+                  source.fingerprint[:16], source.content_fingerprint[:16], str(image_size)])
   path = fileio.join(workdir, 'features', f'{key}.npy')
   cached = None
   if config.eval.cache_features and fileio.isfile(path):
@@ -408,8 +408,9 @@ def main(argv: list[str]) -> None:
   try:
     evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
   except (checkpointing.CheckpointError, bad_images.BadImageError,
-          model_io.NonFiniteModelError, FileExistsError) as e:
-    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken:
+          model_io.NonFiniteModelError, FileExistsError, fileio.WriteError) as e:
+    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken,
+    # a result or cache file that could not be written (a full disk):
     # the cause in one message, not orbax's asyncio traceback.
     logging.error('%s', e)
     sys.exit(1)

@@ -74,3 +74,62 @@ def test_bags_of_other_pixels_under_the_same_names_are_refused(inputs, tmp_path)
   bags.metadata['content_fingerprint'] = source_b.content_fingerprint
   bags.check_matches(len(source_b), source_b.fingerprint, 'B',
                      content_fingerprint=source_b.content_fingerprint)
+
+
+# ``python -m MODULE ARGS`` with a file size limit: a write past LIMIT bytes fails with EFBIG
+# ('File too large'), as on a full disk. SIGXFSZ ignored (Python's default too), so the write
+# fails instead of the process being killed.
+_UNDER_SIZE_LIMIT = (
+    'import resource, runpy, signal, sys\n'
+    'limit = int(sys.argv.pop(1))\n'
+    'signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n'
+    'resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit('
+    'resource.RLIMIT_FSIZE)[1]))\n'
+    'sys.argv.pop(1)  # -m\n'
+    'module = sys.argv[1]\n'
+    'del sys.argv[1]\n'
+    'runpy.run_module(module, run_name="__main__", alter_sys=True)\n')
+
+
+def _files(directory) -> list:
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+@pytest.mark.parametrize('case', ['feature shard', 'bag file', 'report picture',
+                                  'evaluation features', 'export'])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_partial(
+    inputs, tmp_path, case):
+  """bingo-bag, bingo-eval and bingo-export when a file cannot be written (a file size limit
+  stands in for the full disk): exit 1, one line naming the file, no traceback, neither the
+  file nor its temporary left."""
+  out = tmp_path / 'out'
+  labels = ('--config.bags.method=labels', f'--config.bags.path={out}/bags.npz')
+  command, limit, failing = {
+      'feature shard': (_bag_command(inputs, str(out), '--config.bags.shard_size=48',
+                                     f'--config.bags.path={out}/bags.npz'),
+                        4096, 'features/'),
+      'bag file': (_bag_command(inputs, str(out), *labels), 2000, 'bags.npz'),
+      'report picture': (_bag_command(inputs, str(out), *labels), 100_000, 'bag_report.png'),
+      'evaluation features': (
+          [sys.executable, '-m', 'bingo_jax.evaluate', '--config', 'tiny_test',
+           '--checkpoint', inputs['teacher'], '--protocol', 'knn', '--workdir', str(out),
+           f'--config.data.path={inputs["images"]}', '--config.eval.batch_size=16'],
+          4096, 'features/'),
+      'export': ([sys.executable, '-m', 'bingo_jax.export', inputs['teacher'],
+                  str(out / 'teacher.pth.tar')], 10_000, 'teacher.pth.tar'),
+  }[case]
+  os.makedirs(out)
+  rc, stderr = _run(inputs, command[1:],
+                    prefix=(sys.executable, '-c', _UNDER_SIZE_LIMIT, str(limit)))
+  assert rc == 1, stderr[-3000:]
+  line = _last_line(stderr)
+  # EFBIG, or numpy's short write without an errno ('3072 requested and 1984 written').
+  assert 'Cannot write' in line and ('File too large' in line or 'disk is full' in line), (
+      stderr[-3000:])
+  assert f'{out}/{failing}' in line, line
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  left = _files(out)
+  assert not [name for name in left if '.tmp-' in name], left
+  written = line.split('Cannot write ')[1].split(':')[0]
+  assert not os.path.exists(written), written
