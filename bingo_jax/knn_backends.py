@@ -25,6 +25,9 @@ the last candidate's) is searched again with four times the candidates, up to ev
 result is the float64 brute-force top-k with ties broken by index.
 """
 
+# size: the four backends share the row access and the float64 ranking of this module; split
+# apart, each would import the others' private helpers.
+
 from __future__ import annotations
 
 import math
