@@ -121,8 +121,8 @@ class ImageSource(abc.ABC):
     """sha256 of what the images hold, computed once: two copies of a data set with the same
     names and other pixels differ in it (``fingerprint`` names only the image list).
 
-    Cheap at ImageNet scale: by default the decoded pixels of ``content_sample(len(self))``;
-    sources of files add the size of every file (``_update_content_digest``).
+    Cheap at ImageNet scale: the ``content_sizes`` of every image, where the source has them
+    (file sizes), and the ``content_bytes`` of ``content_sample(len(self))``.
     """
     if self._content_fingerprint is None:
       digest = hashlib.sha256(f'{len(self)} images\n'.encode())
@@ -132,10 +132,26 @@ class ImageSource(abc.ABC):
 
   def _update_content_digest(self, digest) -> None:
     """Feeds the content of the images to ``digest`` (a hashlib object)."""
+    sizes = self.content_sizes()
+    if sizes is not None:
+      digest.update(np.asarray(sizes, np.int64).tobytes())
     for index in content_sample(len(self)):
-      image = np.ascontiguousarray(self.read(int(index)))
-      digest.update(f'{index}:{image.shape}:{image.dtype}\n'.encode())
-      digest.update(image.data)
+      digest.update(f'{index}\n'.encode())
+      digest.update(self.content_bytes(int(index)))
+
+  def content_sizes(self) -> Optional[np.ndarray]:
+    """``(N,)`` byte counts of the stored images (files), or ``None`` where there are none."""
+    return None
+
+  def content_bytes(self, index: int) -> bytes:
+    """What image ``index`` holds, as stored (file bytes) or, by default, decoded pixels;
+    ``b'undecodable'`` for an image that cannot be read (the fingerprint must not fail on
+    the bad images ``data.on_bad_image='skip'`` trains past)."""
+    try:
+      image = np.ascontiguousarray(self.read(index))
+    except Exception:  # pylint: disable=broad-except
+      return b'undecodable'
+    return f'{image.shape}:{image.dtype}\n'.encode() + image.tobytes()
 
   @property
   def labels(self) -> Optional[np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from bingo_jax.data_sources.base import ImageSource, content_sample, default_num_classes
+from bingo_jax.data_sources.base import ImageSource, default_num_classes
 
 # File types tf.io.decode_image reads (torchvision's ImageFolder list minus ppm/pgm/tif, which
 # TF cannot decode).
@@ -51,11 +51,11 @@ class EncodedSource(ImageSource):
   def __len__(self) -> int:
     return int(self._encoded.shape[0])
 
-  def _update_content_digest(self, digest) -> None:
-    # Every image's byte count and the bytes of the sample (no decoding).
-    digest.update(np.array([len(e) for e in self._encoded], np.int64).tobytes())
-    for index in content_sample(len(self)):
-      digest.update(self._encoded[index])
+  def content_sizes(self) -> np.ndarray:
+    return np.array([len(e) for e in self._encoded], np.int64)
+
+  def content_bytes(self, index: int) -> bytes:
+    return bytes(self._encoded[index])
 
   def read(self, index: int) -> np.ndarray:
     return decode_to_numpy(self._encoded[self._check_index(index)])
@@ -91,15 +91,16 @@ class FileListSource(ImageSource):
   def __len__(self) -> int:
     return len(self._paths)
 
-  def _update_content_digest(self, digest) -> None:
-    """The size of every file (local files: one ``stat`` each, seconds for ImageNet; skipped
-    for URLs, where a ``stat`` is a request) and the bytes of the sample's files."""
-    if not any('://' in path for path in self._paths[:1]):
-      digest.update(np.array([os.path.getsize(path) for path in self._paths],
-                             np.int64).tobytes())
-    for index in content_sample(len(self)):
-      with tf.io.gfile.GFile(self._paths[index], 'rb') as f:
-        digest.update(f.read())
+  def content_sizes(self) -> Optional[np.ndarray]:
+    """The size of every file: one ``stat`` each, seconds for ImageNet on a local disk;
+    ``None`` for URLs, where a ``stat`` is a request."""
+    if '://' in self._paths[0]:
+      return None
+    return np.array([os.path.getsize(path) for path in self._paths], np.int64)
+
+  def content_bytes(self, index: int) -> bytes:
+    with tf.io.gfile.GFile(self._paths[index], 'rb') as f:
+      return f.read()
 
   def read(self, index: int) -> np.ndarray:
     path = self._paths[self._check_index(index)]
