@@ -6,6 +6,7 @@ The set-up is the tests' tiny one (bingo_jax/testing/tiny_run.py): 48 random PNG
 random-neighbour bags, a random ResNet-18 (width 8) teacher.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -74,6 +75,37 @@ def test_bags_of_other_pixels_under_the_same_names_are_refused(inputs, tmp_path)
   bags.metadata['content_fingerprint'] = source_b.content_fingerprint
   bags.check_matches(len(source_b), source_b.fingerprint, 'B',
                      content_fingerprint=source_b.content_fingerprint)
+
+
+def test_exact_bags_do_not_depend_on_the_query_batch(inputs, tmp_path):
+  """bingo-bag with query batches of 16384 and of 1, on a list where image 0 appears 12 times
+  (exact ties among more copies than a bag holds): the same bag file contents, equal to the
+  float64 brute force over the stored features with ties broken by the lower index."""
+  from bingo_jax import features as features_lib  # pylint: disable=import-outside-toplevel
+  from bingo_jax import knn_backends  # pylint: disable=import-outside-toplevel
+  with open(inputs['images']) as f:  # 'images/000.png 0', ...: made absolute for the new list
+    lines = [os.path.join(inputs['root'], line) for line in f.read().splitlines()]
+  images = str(tmp_path / 'images.txt')
+  with open(images, 'w') as f:
+    f.write('\n'.join(lines + [lines[0]] * 11) + '\n')
+  data = dict(inputs, images=images)
+  workdir = str(tmp_path / 'bags')  # the second run reuses the first one's features
+  neighbours = {}
+  for batch in (16384, 1):
+    path = str(tmp_path / f'bags-{batch}.npz')
+    rc, stderr = _run(inputs, _bag_command(data, workdir, '--config.bags.method=knn',
+                                           f'--config.bags.query_batch_size={batch}',
+                                           f'--config.bags.path={path}'))
+    assert rc == 0, stderr[-3000:]
+    neighbours[batch] = bag_file.load_bags(path).neighbors
+  np.testing.assert_array_equal(neighbours[1], neighbours[16384])
+  rows = knn_backends.FeatureRows(features_lib.open_feature_shards(f'{workdir}/features'))
+  x = rows.block(0, rows.num_rows).astype(np.float64)
+  # Exactly rounded sums: identical rows score identically, whatever the summation order.
+  similarity = np.array([[math.fsum(a * b) for b in x] for a in x])
+  np.fill_diagonal(similarity, -np.inf)
+  expected = np.argsort(-similarity, axis=1, kind='stable')[:, :3]
+  np.testing.assert_array_equal(neighbours[1], expected)
 
 
 # ``python -m MODULE ARGS`` with a file size limit: a write past LIMIT bytes fails with EFBIG
