@@ -121,7 +121,8 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
     source = data_sources.make_source(config.data, config.data.train_split)
   fileio.makedirs(workdir)
   bag_path = bags_config.get('path') or fileio.join(workdir, 'bags.npz')
-  common = dict(fingerprint=source.fingerprint, data=_describe_data(config))
+  common = dict(fingerprint=source.fingerprint,
+                content_fingerprint=source.content_fingerprint, data=_describe_data(config))
   if method == 'labels':
     if source.labels is None:
       raise ValueError(f'bags.method=labels but the source {source!r} has no labels.')
@@ -163,10 +164,7 @@ def _feature_bags(config, workdir: str, source, bag_path: str, common: dict, *,
                features_dir, time.perf_counter() - started)
   common.update(teacher=teacher_record, feature_dim=features.feature_dim,
                 image_size=image_size)
-  settings = {'kmeans': {'num_clusters': int(bags_config.num_clusters)},
-              'approx': {'k': k, 'index': bags_config.approx_index,
-                         'search_parameters': bags_config.approx_search_parameters}
-              }.get(method, {'k': k})
+  settings = search_settings(bags_config)
   # Decided on process 0 for all: a process that alone skipped the jax search would leave
   # the others waiting in its collectives.
   is_writer = jax.process_index() == 0
@@ -179,9 +177,31 @@ def _feature_bags(config, workdir: str, source, bag_path: str, common: dict, *,
   if method != 'jax' and not is_writer:
     return None  # faiss methods run on process 0 only.
   started = time.perf_counter()
-  bags = _search(features, bags_config, common, mesh=mesh, progress=progress)
+  bags = _search(features, bags_config, dict(common, **settings), mesh=mesh, progress=progress)
   logging.info('bags (%s): %.1f s', method, time.perf_counter() - started)
   return bags
+
+
+# The ranking of the exact methods (knn_backends._exact_top_k). Recorded in their bag files,
+# so a file from before it (float32 ranking, whose ties depended on the query batch) is
+# recomputed rather than kept.
+EXACT_RANKING = 'float64, ties by index'
+
+
+def search_settings(bags_config) -> dict:
+  """Every setting that changes the bags of a feature-based method (recorded in the bag file;
+  a file that differs in one is recomputed). ``query_batch_size`` and the block sizes are not
+  among them: the exact methods do not depend on them."""
+  method = bags_config.method
+  if method == 'kmeans':
+    return {'num_clusters': int(bags_config.num_clusters),
+            'kmeans_iterations': int(bags_config.kmeans_iterations),
+            'seed': int(bags_config.seed)}
+  if method == 'approx':
+    return {'k': int(bags_config.k), 'index': bags_config.approx_index,
+            'search_parameters': bags_config.approx_search_parameters,
+            'seed': int(bags_config.seed)}
+  return {'k': int(bags_config.k), 'ranking': EXACT_RANKING}
 
 
 def _search(features: features_lib.FeatureShards, bags_config, common: dict, *,
@@ -189,6 +209,7 @@ def _search(features: features_lib.FeatureShards, bags_config, common: dict, *,
   """The bags ``bags_config.method`` finds among the teacher features (``knn_backends``)."""
   method, k = bags_config.method, int(bags_config.k)
   query_batch_size = int(bags_config.query_batch_size)
+  common = {key: value for key, value in common.items() if key != 'k'}  # the table's width
   if method == 'jax':
     neighbors, _ = knn_backends.exact_knn_jax(features, k, mesh=mesh,
                                               query_batch_size=query_batch_size,
@@ -204,15 +225,12 @@ def _search(features: features_lib.FeatureShards, bags_config, common: dict, *,
         search_parameters=bags_config.approx_search_parameters,
         recall_sample=int(bags_config.approx_recall_sample), seed=int(bags_config.seed),
         progress=progress)
-    return bag_file.Bags.from_neighbors(
-        neighbors, method=method, index=bags_config.approx_index,
-        search_parameters=bags_config.approx_search_parameters, recall_at_k=recall, **common)
+    return bag_file.Bags.from_neighbors(neighbors, method=method, recall_at_k=recall, **common)
   # kmeans (compute_bags checked the method)
   groups = knn_backends.kmeans_groups(features, int(bags_config.num_clusters),
                                       iterations=int(bags_config.kmeans_iterations),
                                       seed=int(bags_config.seed))
-  return bag_file.Bags.from_groups(groups, method=method,
-                                   num_clusters=int(bags_config.num_clusters), **common)
+  return bag_file.Bags.from_groups(groups, method=method, **common)
 
 
 def _existing_bags(path: str, expected: dict) -> Optional[bag_file.Bags]:
@@ -248,8 +266,9 @@ def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   try:
     _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
-  except (bad_images.BadImageError, model_io.NonFiniteModelError) as e:
-    # The undecodable images or the teacher's NaN/Inf arrays by name, not a traceback.
+  except (bad_images.BadImageError, model_io.NonFiniteModelError, fileio.WriteError) as e:
+    # The undecodable images, the teacher's NaN/Inf arrays or a file that could not be
+    # written (a full disk) by name, not a traceback.
     logging.error('%s', e)
     raise SystemExit(1) from None
   logging.info('done: %s', path)

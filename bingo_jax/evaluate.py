@@ -115,7 +115,7 @@ def cached_features(network: Optional[model_io.LoadedModel], source: Any, *, spl
   if network is None:
     return pixel_features(source, image_size)
   key = '-'.join([split, features_lib.describe_model(network)['variables_checksum'],
-                  source.fingerprint[:16], str(image_size)])
+                  source.fingerprint[:16], source.content_fingerprint[:16], str(image_size)])
   path = fileio.join(workdir, 'features', f'{key}.npy')
   cached = None
   if config.eval.cache_features and fileio.isfile(path):
@@ -279,7 +279,8 @@ def run_analysis(network, train_source, eval_source, config, workdir, mesh) -> d
   if bags_path and fileio.exists(bags_path):
     bags = bag_file.load_bags(bags_path)
     bags.check_matches(len(train_source), train_source.fingerprint,
-                       f'training split {train_source.description}')
+                       f'training split {train_source.description}',
+                       content_fingerprint=train_source.content_fingerprint)
     train = transform(cached_features(network, train_source, split='train', config=config,
                                       workdir=workdir, mesh=mesh))
     metrics.update(analysis.bag_distance(train, bags))
@@ -414,8 +415,9 @@ def main(argv: list[str]) -> None:
   try:
     evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
   except (checkpointing.CheckpointError, bad_images.BadImageError,
-          model_io.NonFiniteModelError, FileExistsError) as e:
-    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken:
+          model_io.NonFiniteModelError, FileExistsError, fileio.WriteError) as e:
+    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken,
+    # a result or cache file that could not be written (a full disk):
     # the cause in one message, not orbax's asyncio traceback.
     logging.error('%s', e)
     sys.exit(1)

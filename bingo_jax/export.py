@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     obj = torch_checkpoints.export_torch_checkpoint(loaded, destination, layout,
                                                     drop_head=_DROP_HEAD.value,
                                                     overwrite=_OVERWRITE.value)
-  except (FileNotFoundError, FileExistsError, ValueError, checkpointing.CheckpointError) as e:
+  except (FileNotFoundError, FileExistsError, ValueError, checkpointing.CheckpointError,
+          fileio.WriteError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   state = obj['state_dict'] if layout == 'moco' else obj

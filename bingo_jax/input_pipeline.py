@@ -265,7 +265,8 @@ def _checked_views(views: Sequence[str], source: ImageSource, bags) -> tuple[str
     if views_lib.needs_bags(views):
       raise ValueError(f'views = {views} include views of the positive, which need bags.')
   else:
-    bags.check_matches(len(source), source.fingerprint, f'training data {source.description}')
+    bags.check_matches(len(source), source.fingerprint, f'training data {source.description}',
+                       content_fingerprint=source.content_fingerprint)
   return views
 
 

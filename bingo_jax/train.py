@@ -59,7 +59,7 @@ from bingo_jax.store import workdir_records
 SUMMARY_RECORD = run_summary.SUMMARY_RECORD
 # Exit status of a run stopped by SIGTERM/SIGINT after saving (sysexits.h EX_TEMPFAIL: "try
 # again later"), so a scheduler can requeue it; errors exit 1, a finished run 0.
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = preemption_lib.EXIT_PREEMPTED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +126,8 @@ def load_training_bags(config: ml_collections.ConfigDict, source: Any,
     raise FileNotFoundError(f'config.bags.path = {path!r}: {e}') from e
   what = (f'the training split {config.data.train_split!r} of data source '
           f'{config.data.source!r} ({config.data.name or config.data.path})')
-  bags.check_matches(num_images, source.fingerprint, what)
+  bags.check_matches(num_images, source.fingerprint, what,
+                     content_fingerprint=source.content_fingerprint)
   return bags
 
 
@@ -373,8 +374,13 @@ def _check_resumable(stored: dict, current: dict, directory: str, step: int) -> 
 
 _CONFIG = cli.shared(cli.CONFIG)
 _WORKDIR = cli.shared(cli.WORKDIR)  # checkpoints, logs; a rerun resumes from the latest
-_JAX_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
-                                     'Call jax.distributed.initialize() (multi-host runs).')
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+    'jax_distributed', False, 'Call jax.distributed.initialize() (multi-host runs; the cluster '
+    'is detected, or given by --process_id, --num_processes and JAX_COORDINATOR_ADDRESS).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --jax_distributed: this '
+                                   "process's index, where the cluster is not detected.")
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --jax_distributed: the '
+                                      'number of processes, where the cluster is not detected.')
 _SIMULATE_PREEMPTION = flags.DEFINE_integer(
     'simulate_preemption_at_step', None, 'Testing aid: SIGTERM this process after this step.')
 
@@ -383,7 +389,9 @@ def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # A dead peer ends the survivors with EXIT_PREEMPTED, not an abort (preemption.py).
+    preemption_lib.initialize_distributed(process_id=_PROCESS_ID.value,
+                                          num_processes=_NUM_PROCESSES.value)
   # tf.data runs on the host only; it must not take accelerator memory from JAX. (Training
   # from data held on the devices needs no TensorFlow at all.)
   try:

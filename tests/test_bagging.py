@@ -190,3 +190,33 @@ def test_purity_of_bags_that_are_all_empty_is_reported_as_none():
   summary = bag_report.purity_summary(singletons, np.array([0, 1, 0, 1]))
   assert summary['purity'] is None and summary['anchors_with_empty_bag'] == 4
   assert '): - (chance 0.5000)' in bag_report.format_purity(summary)
+
+
+def _lattice_features(n, d, seed):
+  """Rows of {-1, 0, 1} / 4: every inner product is exact in float32, so distinct rows tie
+  exactly and often (the engineered ties), plus two exact duplicates groups."""
+  x = np.random.default_rng(seed).integers(-1, 2, size=(n, d)).astype(np.float32) / 4
+  x[20:40] = x[20]   # 20 copies: more ties than the first search's candidates
+  x[50] = x[51]
+  return x
+
+
+@pytest.mark.parametrize('backend', ['faiss', 'jax'])
+@pytest.mark.parametrize('make_features', [_lattice_features, _random_features])
+def test_exact_knn_is_float64_brute_force_whatever_the_batches(backend, make_features):
+  """Exact bags equal float64 brute force with ties broken by the lower index, for a query
+  batch of 1, 7 and all: neither the batch shape nor the database blocks change a bag."""
+  x = make_features(300, 12, seed=5)
+  expected = _brute_force_knn(x, 6)
+  for batch in (1, 7, 16384):
+    if backend == 'faiss':
+      neighbors, scores = knn_backends.exact_knn_faiss(
+          x, 6, query_batch_size=batch, database_block_bytes=12 * 4 * (97 if batch == 7 else 300),
+          progress=False)
+    else:
+      neighbors, scores = knn_backends.exact_knn_jax(
+          x, 6, query_batch_size=batch, database_chunk_rows=16 if batch == 7 else 300,
+          progress=False)
+    np.testing.assert_array_equal(neighbors, expected, err_msg=f'query batch {batch}')
+    reference = np.take_along_axis(x.astype(np.float64) @ x.astype(np.float64).T, expected, 1)
+    np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import multihost_train_worker as worker
 from bingo_jax.data import parallel
@@ -55,3 +56,57 @@ def test_two_processes_match_one_process(tmp_path):
         assert error <= 1e-5, f'process {i} {name}: relative error {error:.2e}'
   assert int(expected['queue_pointer']) == worker.NUM_STEPS * worker.GLOBAL_BATCH % (
       4 * worker.GLOBAL_BATCH)
+
+
+@pytest.mark.parametrize('victim', [1, 0])
+def test_a_dead_peer_ends_the_survivor_with_the_requeue_status(tmp_path, victim):
+  """Two training processes; one is killed after step 4 is saved. The other exits 75 (before:
+  an abort, 134, after the 100 s heartbeat timeout) within seconds, naming the dead one, and
+  leaves only complete steps. Process 0 hosts the coordination service: its loss is the
+  client library's abort, turned into the same exit."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+
+  from bingo_jax.store import checkpointing  # pylint: disable=import-outside-toplevel
+  from bingo_jax.testing import tiny_run  # pylint: disable=import-outside-toplevel
+
+  inputs = tiny_run.make_inputs(str(tmp_path / 'inputs'))
+  workdir = str(tmp_path / 'run')
+  env = dict(tiny_run.environment(inputs), JAX_PLATFORMS='cpu',
+             JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}')
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace('device_count=2', 'device_count=1')
+  command = tiny_run.train_command(inputs, workdir, '--config.train.epochs=100',
+                                   '--config.train.checkpoint_every_steps=2',
+                                   '--jax_distributed', f'--num_processes={NUM_PROCESSES}')
+  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(NUM_PROCESSES)]
+  processes = [subprocess.Popen(command + [f'--process_id={i}'], env=env, stdout=logs[i],
+                                stderr=subprocess.STDOUT) for i in range(NUM_PROCESSES)]
+  try:
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '4')):
+      assert all(p.poll() is None for p in processes), 'a process ended before step 4'
+      assert time.time() < deadline, 'step 4 was not saved in time'
+      time.sleep(0.05)
+    processes[victim].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    status = processes[1 - victim].wait(timeout=TIMEOUT_S)
+    waited = time.time() - killed_at
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+    for log in logs:
+      log.close()
+  with open(tmp_path / f'process{1 - victim}.log') as f:
+    output = f.read()
+  assert status == 75, output[-3000:]
+  assert waited < 30, waited
+  last = output.strip().splitlines()[-1]
+  assert f'Peer process {victim}' in last and 'of 2 stopped' in last, last
+  assert 'Traceback' not in output
+  # Every step left is complete and restores (the survivor saved nothing after the failure).
+  checkpointer = checkpointing.TrainCheckpointer(workdir, 1, read_only=True)
+  steps = checkpointer.all_steps()
+  assert 4 in steps
+  for step in steps:
+    checkpointer.restore_arrays(step)

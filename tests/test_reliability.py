@@ -483,6 +483,17 @@ def _copy_data(inputs: dict, root: str) -> dict:
   return dict(inputs, images=os.path.join(root, 'images.txt'))
 
 
+def _bags_declared_for(data: dict, root: str) -> dict:
+  """``data`` with the tiny bags rewritten under ``root`` for its (changed) files: the same
+  neighbours, recording the copy's content fingerprint, which training checks."""
+  config = tiny_test.get_config()
+  config.data.path = data['images']
+  bags = bag_file.load_bags(data['bags'])
+  bags.metadata['content_fingerprint'] = data_sources.make_source(
+      config.data, 'train').content_fingerprint
+  return dict(data, bags=bag_file.save_bags(os.path.join(root, 'bags.npz'), bags))
+
+
 def _first_read_at(inputs: dict, step: int) -> int:
   """An image the training pipeline first reads (as anchor or positive) at ``step``."""
   from bingo_jax import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -507,6 +518,7 @@ def test_bad_training_image_is_named_or_skipped(inputs, tmp_path):
   broken = _copy_data(inputs, str(tmp_path / 'broken'))
   with open(tmp_path / 'broken' / name, 'wb') as f:
     f.write(b'not a PNG any more' * 20)
+  broken = _bags_declared_for(broken, str(tmp_path / 'broken'))
 
   # 'error': stops at step 2 naming the file; step 1's work is checkpointed first.
   workdir = str(tmp_path / 'error')
@@ -529,6 +541,7 @@ def test_bad_training_image_is_named_or_skipped(inputs, tmp_path):
   assert [(r['index'], r['file'], r['replaced_by']) for r in records] == [(bad, name, bad + 1)]
   healed = _copy_data(inputs, str(tmp_path / 'healed'))
   shutil.copy(tmp_path / 'healed' / f'images/{bad + 1:03d}.png', tmp_path / 'healed' / name)
+  healed = _bags_declared_for(healed, str(tmp_path / 'healed'))
   reference = str(tmp_path / 'reference')
   _train(healed, reference)
   _assert_same_state(skipped, reference)

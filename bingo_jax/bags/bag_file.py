@@ -15,8 +15,8 @@ One format holds both kinds of bags the offline stage produces (docs/method.md Â
 
 A bag file is a ``.npz`` written under a temporary name and renamed into place (atomic); its
 metadata (method, k or C, teacher, feature dim, number of images, fingerprint of the image
-list, creation time) is a JSON string stored inside it, so the training input pipeline can
-refuse a bag file made for other data (``Bags.check_matches``).
+list and of the images' content, creation time) is a JSON string stored inside it, so the
+training input pipeline can refuse a bag file made for other data (``Bags.check_matches``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import json
 from typing import Any, Optional
 
 import numpy as np
+from absl import logging
 
 from bingo_jax.store import fileio
 
 FORMAT_VERSION = 1
+_WARNED_WITHOUT_CONTENT = set()  # bag files already warned about, one line per file
 _METADATA_KEY = 'metadata_json'
 _FIXED_KEYS = ('neighbors',)
 _GROUP_KEYS = ('group_of', 'group_offsets', 'group_members', 'position_in_group')
@@ -140,6 +142,11 @@ class Bags:
   def fingerprint(self) -> str:
     return self.metadata.get('fingerprint', '')
 
+  @property
+  def content_fingerprint(self) -> Optional[str]:
+    """``source.content_fingerprint`` of the images bagged (``None`` in older bag files)."""
+    return self.metadata.get('content_fingerprint')
+
   def _name(self) -> str:
     return self.path if self.path is not None else f'<in-memory {self.method} bags>'
 
@@ -162,7 +169,8 @@ class Bags:
     members = self.group_members[start:stop]
     return np.delete(members, self.position_in_group[anchor_index])
 
-  def check_matches(self, num_images: int, fingerprint: str, what: str) -> None:
+  def check_matches(self, num_images: int, fingerprint: str, what: str,
+                    content_fingerprint: Optional[str] = None) -> None:
     """Refuses bags made for other data.
 
     Args:
@@ -170,8 +178,12 @@ class Bags:
       fingerprint: that data's fingerprint (``source.fingerprint``).
       what: a description of that data for the message, e.g. ``"training split 'train' of
         tfds imagenet2012"``.
+      content_fingerprint: that data's ``source.content_fingerprint`` (what the images hold),
+        or ``None`` not to compare it. Bag files made before bag files recorded it are
+        accepted with a warning: their images are matched by name only.
     Raises:
-      ValueError: naming the bag file and both values when the count or fingerprint differs.
+      ValueError: naming the bag file and both values when the count or a fingerprint
+        differs.
     """
     problems = []
     if int(num_images) != self.num_images:
@@ -179,6 +191,18 @@ class Bags:
     if str(fingerprint) != self.fingerprint:
       problems.append(f'its image-list fingerprint is {self.fingerprint!r} but {what} has '
                       f'{fingerprint!r}')
+    recorded = self.metadata.get('content_fingerprint')
+    if content_fingerprint is not None and not problems:
+      if recorded is None:
+        if self._name() not in _WARNED_WITHOUT_CONTENT:
+          _WARNED_WITHOUT_CONTENT.add(self._name())
+          logging.warning('Bag file %s records no content fingerprint (made before bag files '
+                          'did): its images are matched to %s by name only. Recompute the '
+                          'bags (python -m bingo_jax.bagging) to check the pixels too.',
+                          self._name(), what)
+      elif str(content_fingerprint) != recorded:
+        problems.append(f'the images differ: same names, but its content fingerprint is '
+                        f'{recorded!r} and {what} has {content_fingerprint!r}')
     if problems:
       raise ValueError(
           f'Bag file {self._name()} does not belong to {what}: ' + '; '.join(problems)

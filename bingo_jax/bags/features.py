@@ -172,7 +172,8 @@ def _prepare_directory(directory: str, record: dict) -> dict:
     fileio.write_json_atomically(record_path, record)
     return record
   stored = fileio.read_json(record_path)
-  keys = ('num_images', 'fingerprint', 'shard_size', 'image_size', 'normalized', 'model')
+  keys = ('num_images', 'fingerprint', 'content_fingerprint', 'shard_size', 'image_size',
+          'normalized', 'model')
   differing = [k for k in keys if stored.get(k) != record.get(k)]
   if differing:
     details = '; '.join(f'{k}: stored {stored.get(k)!r}, now {record.get(k)!r}'
@@ -261,7 +262,10 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
   num_shards = math.ceil(num_images / shard_size)
 
   record = {'format_version': FORMAT_VERSION, 'num_images': num_images,
-            'fingerprint': str(getattr(source, 'fingerprint', '')), 'shard_size': shard_size,
+            'fingerprint': str(getattr(source, 'fingerprint', '')),
+            'content_fingerprint': (str(source.content_fingerprint) if output_dir
+                                    and hasattr(source, 'content_fingerprint') else None),
+            'shard_size': shard_size,
             'image_size': int(image_size), 'normalized': bool(normalize_features),
             'model': describe_model(loaded_model), 'feature_dim': None, 'dtype': 'float16'}
   done = np.zeros(num_shards, bool)
@@ -281,23 +285,25 @@ def extract_features(loaded_model: Any, source: ImageSource, *, image_size: int,
       bar.write(f'features: resuming, {int(done.sum())}/{num_shards} shards already in '
                 f'{output_dir}')
 
-  for shard in todo:
-    start, stop = shard * shard_size, min((shard + 1) * shard_size, num_images)
-    batches = input_pipeline.make_eval_dataset(
-        source, image_size, local_batch, start=start, stop=stop, process_index=process_index,
-        process_count=process_count)
-    shard_features = _range_features(forward, variables, batches, mesh, start, stop, bar)
-    if output_dir is None:
-      features_all = shard_features
-      continue
-    if is_writer:
-      if record.get('feature_dim') is None:
-        record['feature_dim'] = int(shard_features.shape[1])
-        fileio.write_json_atomically(fileio.join(output_dir, FEATURES_RECORD), record)
-      fileio.atomic_write(shard_path(output_dir, shard),
-                          lambda f: np.save(f, shard_features.astype(np.float16)))
-  if bar is not None:
-    bar.close()
+  try:
+    for shard in todo:
+      start, stop = shard * shard_size, min((shard + 1) * shard_size, num_images)
+      batches = input_pipeline.make_eval_dataset(
+          source, image_size, local_batch, start=start, stop=stop, process_index=process_index,
+          process_count=process_count)
+      shard_features = _range_features(forward, variables, batches, mesh, start, stop, bar)
+      if output_dir is None:
+        features_all = shard_features
+        continue
+      if is_writer:
+        if record.get('feature_dim') is None:
+          record['feature_dim'] = int(shard_features.shape[1])
+          fileio.write_json_atomically(fileio.join(output_dir, FEATURES_RECORD), record)
+        fileio.atomic_write(shard_path(output_dir, shard),
+                            lambda f: np.save(f, shard_features.astype(np.float16)))
+  finally:
+    if bar is not None:
+      bar.close()  # before an error is reported, not after it
   if output_dir is None:
     return features_all
   multihost_utils.sync_global_devices('bingo_jax.bags.features: shards written')

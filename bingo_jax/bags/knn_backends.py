@@ -13,7 +13,20 @@ L2-normalised features), best first, never the query itself:
 
 The anchor's own index is excluded wherever it lands among ties (duplicated images tie with
 it), not by dropping column 0.
+
+The exact backends return the same neighbours whatever their batch sizes, block sizes or
+device count: a float32 matrix product rounds differently for other batch shapes (faiss's
+BLAS and SIMD paths, XLA's tiling), which reorders near-ties. So they search for more
+candidates than ``k``, score those again in float64 (each score one product of two rows,
+independent of any batch) and rank them by that score, the lower index first among equal
+scores (``_exact_top_k``). A query whose float32 candidate list may have missed one of its
+float64 top-k (the float32 rounding bound exceeds the gap between its k-th float64 score and
+the last candidate's) is searched again with four times the candidates, up to every row. The
+result is the float64 brute-force top-k with ties broken by index.
 """
+
+# size: the four backends share the row access and the float64 ranking of this module; split
+# apart, each would import the others' private helpers.
 
 from __future__ import annotations
 
@@ -96,10 +109,24 @@ class FeatureRows:
 
   def rows(self, indices: np.ndarray) -> np.ndarray:
     """Arbitrary rows as float32 ``(len(indices), D)``."""
+    indices = np.asarray(indices, np.int64)
     if self._shards is None:
       return np.ascontiguousarray(self._array[indices], np.float32)
     size = self._shards.shard_size
-    return np.stack([self._mapped[i // size][i % size] for i in indices]).astype(np.float32)
+    out = np.empty((len(indices), self.dim), np.float32)
+    shard_of = indices // size
+    for shard in np.unique(shard_of):
+      chosen = shard_of == shard
+      out[chosen] = self._mapped[shard][indices[chosen] - shard * size]
+    return out
+
+  def max_norm(self, block_rows: int = 65536) -> float:
+    """The largest L2 norm of a row (float64), read block by block."""
+    largest = 0.0
+    for start in range(0, self.num_rows, block_rows):
+      block = self.block(start, min(start + block_rows, self.num_rows)).astype(np.float64)
+      largest = max(largest, float(np.sqrt(np.max(np.sum(block * block, axis=1)))))
+    return largest
 
 
 def _merge_top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,9 +147,10 @@ def exact_knn_faiss(features: FeatureInput, k: int, *, query_indices: Optional[n
 
   The database is searched in row blocks of at most ``database_block_bytes`` (float32), each
   query keeping its best candidates across blocks, so the features never need to be held in
-  float32 at once. Per block ``k + 1`` results are asked for, and the query's own index is
-  removed wherever it appears (duplicated images tie with the anchor, so it need not be
-  first); the ``k`` best remaining are the exact top-k over every other image.
+  float32 at once. The query's own index is removed wherever it appears (duplicated images tie
+  with the anchor, so it need not be first). The candidates are ranked in float64 with index
+  tie-break (``_exact_top_k``): the result does not depend on ``query_batch_size`` or
+  ``database_block_bytes``.
 
   Args:
     features: ``(N, D)`` array or ``FeatureShards`` (L2-normalised for cosine ranking).
@@ -134,11 +162,24 @@ def exact_knn_faiss(features: FeatureInput, k: int, *, query_indices: Optional[n
   Returns:
     ``(neighbors (Q, k) int32, scores (Q, k) float32)``.
   """
-  faiss = faiss_module()
   rows = FeatureRows(features)
   if rows.num_rows <= k:
     raise ValueError(f'kNN with k={k} needs more than {k} images, got {rows.num_rows}.')
   queries = np.arange(rows.num_rows) if query_indices is None else np.asarray(query_indices)
+
+  def search(query_ids, num_candidates, show_progress):
+    return _faiss_candidates(rows, query_ids, num_candidates, query_batch_size,
+                             database_block_bytes, show_progress)
+
+  return _exact_top_k(rows, queries, k, search, float32_rounding=_FLOAT32_ROUNDING,
+                      progress=progress)
+
+
+def _faiss_candidates(rows: FeatureRows, queries: np.ndarray, k: int, query_batch_size: int,
+                      database_block_bytes: int, progress: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Float32 top-``k`` of every query among the other rows: ``(ids (Q, k) int64, scores)``."""
+  faiss = faiss_module()
   block_rows = max(k + 1, database_block_bytes // (4 * rows.dim))
   num_blocks = math.ceil(rows.num_rows / block_rows)
   best_scores = np.full((len(queries), k), -np.inf, np.float32)
@@ -160,7 +201,83 @@ def exact_knn_faiss(features: FeatureInput, k: int, *, query_indices: Optional[n
       best_scores[first:first + len(query_ids)], best_ids[first:first + len(query_ids)] = merged
       bar.update(len(query_ids))
   bar.close()
-  return best_ids.astype(np.int32), best_scores
+  best_ids[np.isinf(best_scores)] = -1
+  return best_ids, best_scores
+
+
+# Relative rounding of a float32 inner product of D terms is at most about D * 2^-24 (each
+# product and partial sum rounds once); one float32 epsilon (2^-23) per term leaves a factor 2.
+_FLOAT32_ROUNDING = float(np.finfo(np.float32).eps)
+
+
+def _exact_top_k(rows: FeatureRows, queries: np.ndarray, k: int, search, *,
+                 float32_rounding: float, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The float64 top-``k`` of each query (lower index first among equal scores), from the
+  float32 candidates of ``search(query_ids, num_candidates, progress) -> (ids, scores)``.
+
+  A query is settled when no row outside its candidates can reach its k-th float64 score:
+  every such row scored at most the last candidate's float32 score, and float32 scores are
+  within ``float32_rounding * (D + 2) * |query| * max |row|`` of float64 ones. The others are
+  searched again with four times the candidates, at most every other row (then settled).
+
+  Returns:
+    ``(neighbors (Q, k) int32, scores (Q, k) float32)``: the float64 scores, rounded.
+  """
+  num_others = rows.num_rows - 1
+  num_candidates = min(num_others, k + max(k, 16))
+  scale = float32_rounding * (rows.dim + 2) * rows.max_norm()
+  neighbors = np.empty((len(queries), k), np.int32)
+  scores = np.empty((len(queries), k), np.float32)
+  pending = np.arange(len(queries))
+  first_search = True
+  while pending.size:
+    candidate_ids, candidate_scores = search(queries[pending], num_candidates,
+                                             progress and first_search)
+    first_search = False
+    top_ids, top_scores, settled = _rank_in_float64(
+        rows, queries[pending], candidate_ids, candidate_scores, k, scale,
+        every_row=num_candidates >= num_others)
+    neighbors[pending[settled]] = top_ids[settled]
+    scores[pending[settled]] = top_scores[settled]
+    pending = pending[~settled]
+    if pending.size:
+      num_candidates = min(num_others, 4 * num_candidates)
+      logging.info('exact kNN: %d queries have near-ties beyond the candidates; searching '
+                   'them again with %d candidates.', pending.size, num_candidates)
+  return neighbors, scores
+
+
+def _rank_in_float64(rows: FeatureRows, query_ids: np.ndarray, candidate_ids: np.ndarray,
+                     candidate_scores: np.ndarray, k: int, scale: float, *, every_row: bool,
+                     chunk_elements: int = 1 << 22
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Candidates ranked by float64 score, then index: ``(ids (Q, k), scores (Q, k), settled
+  (Q,) bool)`` (see ``_exact_top_k``)."""
+  num_queries, num_candidates = candidate_ids.shape
+  top_ids = np.empty((num_queries, k), np.int32)
+  top_scores = np.empty((num_queries, k), np.float64)
+  settled = np.empty(num_queries, bool)
+  chunk = max(1, chunk_elements // max(1, num_candidates * rows.dim))
+  for first in range(0, num_queries, chunk):
+    part = slice(first, min(first + chunk, num_queries))
+    ids = np.asarray(candidate_ids[part], np.int64)
+    valid = ids >= 0
+    queries = rows.rows(query_ids[part]).astype(np.float64)
+    members = rows.rows(np.where(valid, ids, 0).ravel()).astype(np.float64).reshape(
+        ids.shape + (rows.dim,))
+    # One row product per (query, candidate): the same float64 sum whatever the batch.
+    exact = np.sum(queries[:, None, :] * members, axis=-1)
+    exact = np.where(valid, exact, -np.inf)
+    # Descending score, then ascending index (invalid slots, -inf, last).
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -exact), axis=-1)[:, :k]
+    top_ids[part] = np.take_along_axis(ids, order, 1)
+    top_scores[part] = np.take_along_axis(exact, order, 1)
+    # The k-th float64 score must beat anything a row outside the candidates could reach.
+    last_candidate = np.where(valid.all(axis=1), np.asarray(candidate_scores[part],
+                                                            np.float64).min(axis=1), -np.inf)
+    bound = scale * np.linalg.norm(queries, axis=1)
+    settled[part] = every_row | ~valid.all(axis=1) | (last_candidate + bound < top_scores[part][:, -1])
+  return top_ids, top_scores.astype(np.float32), settled
 
 
 def approx_knn_faiss(features: FeatureInput, k: int, *, index_factory: str = 'IVF{nlist},Flat',
@@ -181,8 +298,10 @@ def approx_knn_faiss(features: FeatureInput, k: int, *, index_factory: str = 'IV
     seed: sampling seed.
     progress: tqdm bar.
   Returns:
-    ``(neighbors (N, k) int32, recall@k on the sample or None)``. An anchor for which the
-    index returns fewer than ``k`` other images gets its best exact-search neighbours instead.
+    ``(neighbors (N, k) int32, recall@k on the sample or None)``. The index's best
+    ``k + max(k, 16)`` candidates are ranked as ``exact_knn_faiss`` ranks (float64, ties by
+    index). An anchor for which the index returns fewer than ``k`` other images gets its
+    exact-search neighbours instead.
   """
   faiss = faiss_module()
   rows = FeatureRows(features)
@@ -199,12 +318,16 @@ def approx_knn_faiss(features: FeatureInput, k: int, *, index_factory: str = 'IV
     faiss.ParameterSpace().set_index_parameters(index, search_parameters)
   neighbors = np.empty((n, k), np.int32)
   incomplete = []
+  num_candidates = min(n - 1, k + max(k, 16))
   bar = _tqdm(n, f'knn (faiss {factory})', progress)
   for first in range(0, n, query_batch_size):
     query_ids = np.arange(first, min(first + query_batch_size, n))
-    scores, ids = index.search(rows.block(first, query_ids[-1] + 1), k + 1)
-    scores = np.where((ids == query_ids[:, None]) | (ids < 0), -np.inf, scores)
-    scores, ids = _merge_top(scores, ids, k)
+    scores, ids = index.search(rows.block(first, query_ids[-1] + 1), num_candidates + 1)
+    invalid = (ids == query_ids[:, None]) | (ids < 0)
+    scores = np.where(invalid, -np.inf, scores)
+    scores, ids = _merge_top(scores, np.where(invalid, -1, ids), num_candidates)
+    # Ranked as the exact backends rank (float64, ties by index), among what the index found.
+    ids, scores, _ = _rank_in_float64(rows, query_ids, ids, scores, k, 0.0, every_row=True)
     neighbors[first:first + len(query_ids)] = ids
     incomplete.extend(query_ids[np.isinf(scores).any(axis=1)])
     bar.update(len(query_ids))
@@ -357,14 +480,33 @@ def exact_knn_jax(features: FeatureInput, k: int, *, mesh: Optional[Mesh] = None
                   query_indices: Optional[np.ndarray] = None, query_batch_size: int = 1024,
                   database_chunk_rows: int = 16384, dtype: Any = jnp.float32,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """``JaxKnnIndex(features, k, ...).search(query_indices)``: see ``JaxKnnIndex``.
+  """Exact kNN on the accelerators: ``JaxKnnIndex`` candidates ranked in float64 with index
+  tie-break (``_exact_top_k``), so the result does not depend on ``query_batch_size``,
+  ``database_chunk_rows`` or the device count.
 
   Returns:
     ``(neighbors (Q, k) int32, scores (Q, k) float32)`` for ``query_indices`` (default all N).
   """
-  index = JaxKnnIndex(features, k, mesh=mesh, query_batch_size=query_batch_size,
-                      database_chunk_rows=database_chunk_rows, dtype=dtype)
-  return index.search(query_indices, progress=progress)
+  rows = FeatureRows(features)
+  if rows.num_rows <= k:
+    raise ValueError(f'kNN with k={k} needs more than {k} images, got {rows.num_rows}.')
+  queries = np.arange(rows.num_rows) if query_indices is None else np.asarray(query_indices)
+  indexes = {}
+
+  def search(query_ids, num_candidates, show_progress):
+    if num_candidates not in indexes:  # a wider search (near-ties) places the rows again
+      indexes.clear()
+      indexes[num_candidates] = JaxKnnIndex(
+          features, num_candidates, mesh=mesh, query_batch_size=query_batch_size,
+          database_chunk_rows=database_chunk_rows, dtype=dtype)
+    ids, scores = indexes[num_candidates].search(query_ids, progress=show_progress)
+    return np.where(np.isinf(scores), -1, ids), scores
+
+  # Features stored in a narrower type are rounded once each before the float32 product.
+  input_rounding = 0.0 if jnp.dtype(dtype) == jnp.float32 else float(jnp.finfo(dtype).eps)
+  return _exact_top_k(rows, queries, k, search,
+                      float32_rounding=_FLOAT32_ROUNDING + 2 * input_rounding / (rows.dim + 2),
+                      progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

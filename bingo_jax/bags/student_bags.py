@@ -85,6 +85,7 @@ def compute_student_bags(config: ml_collections.ConfigDict, student_model: nn.Mo
                features.shape[0], features.shape[1], k, bags_config.method,
                time.perf_counter() - started)
   return bag_file.Bags.from_neighbors(neighbors, method=METHOD, fingerprint=source.fingerprint,
+                                      content_fingerprint=source.content_fingerprint,
                                       search=bags_config.method, image_size=image_size,
                                       feature_dim=int(features.shape[1]), **metadata)
 
@@ -132,7 +133,8 @@ class StudentBags:
             f'epoch {epoch} were computed, and needs them (config.bags.source = '
             "'student'). Resume from an earlier checkpoint or use a new --workdir.")
       bags = bag_file.load_bags(path)
-      bags.check_matches(len(self._source), self._source.fingerprint, path)
+      bags.check_matches(len(self._source), self._source.fingerprint, path,
+                         content_fingerprint=self._source.content_fingerprint)
       return bags
     bags = compute_student_bags(
         self._config, self._model, {'params': state.params, 'batch_stats': state.batch_stats},

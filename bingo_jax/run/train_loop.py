@@ -195,6 +195,10 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, state: Any, run_st
     outcome.last_metrics = metrics_check.take_mean() or outcome.last_metrics
     checkpointer.close()  # waits for the last save; raises if it failed
     closed = True
+  except Exception as e:
+    # Multi-host: a dead peer exits EXIT_PREEMPTED here, before the close below waits for it.
+    preemption.exit_if_peer_lost(e, step, last_saved)
+    raise
   finally:
     if not closed:
       checkpointer.close(failed=True)  # after an error: waits for a save in flight, if sound

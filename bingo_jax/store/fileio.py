@@ -135,6 +135,15 @@ def read_json(path: PathLike) -> Any:
     return json.load(f)
 
 
+class WriteError(OSError):
+  """A file could not be written (a full disk, a file size limit, no permission): the message
+  names the file. Nothing was left at the destination, not even the temporary file, and what
+  was there before is unchanged. The commands print it as one line and exit 1."""
+
+  def __str__(self) -> str:
+    return str(self.strerror)
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> str:
   """Writes a file atomically (see the module docstring for URLs).
 
@@ -143,7 +152,23 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> str:
     write: called with the temporary file opened for binary writing.
   Returns:
     The absolute path (or the URL) written.
+  Raises:
+    WriteError: naming ``path``, for any ``OSError`` of the write (``numpy.save`` on a full
+      disk says only ``4096 requested and 1984 written``).
   """
+  try:
+    return _atomic_write(path, write)
+  except WriteError:
+    raise
+  except OSError as e:
+    reason = e.strerror or str(e)
+    if e.errno is None and 'requested and' in str(e):
+      reason = f'{e}: the disk is full or a file size limit was reached'
+    raise WriteError(e.errno, f'Cannot write {absolute(path)}: {reason}. Nothing was left '
+                     'there; make space and rerun the command') from e
+
+
+def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> str:
   if is_url(path):
     return _atomic_write_url(str(path), write)
   path = os.path.abspath(path)

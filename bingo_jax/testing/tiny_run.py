@@ -77,7 +77,8 @@ def write_bags(path: str, images: str, rng: np.random.Generator) -> None:
   neighbours = np.stack([rng.choice(np.delete(np.arange(num_images), i), 3, replace=False)
                          for i in range(num_images)])
   bag_file.save_bags(path, bag_file.Bags.from_neighbors(neighbours, method='knn',
-                                                        fingerprint=source.fingerprint))
+                                                        fingerprint=source.fingerprint,
+                                                        content_fingerprint=source.content_fingerprint))
 
 
 def write_teacher(path: str) -> None:

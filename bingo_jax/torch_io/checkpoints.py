@@ -373,7 +373,12 @@ def save_torch(obj: Any, path: str, overwrite: bool = False) -> str:
   if fileio.exists(path) and fileio.isdir(path):
     raise FileExistsError(f'{path} exists and is not a file (a directory?); --overwrite only '
                           'replaces a file. Give a new destination path.')
-  return fileio.atomic_write(path, lambda f: torch.save(_to_torch(obj), f))
+  # Serialised in memory first: torch.save into a file that cannot take the bytes (a full
+  # disk) fails with 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos',
+  # while a plain write fails with the OSError that names the cause.
+  serialised = io.BytesIO()
+  torch.save(_to_torch(obj), serialised)
+  return fileio.atomic_write(path, lambda f: f.write(serialised.getbuffer()))
 
 
 def export_torch_checkpoint(loaded: model_io.LoadedModel, path: str, export_format: str,

@@ -35,6 +35,17 @@ def fingerprint_of(identifiers: Iterable[str]) -> str:
   return digest.hexdigest()
 
 
+# Images whose bytes go into a content fingerprint: enough to catch another copy of the data
+# (other pixels under the same names), few enough to read at every start at ImageNet scale.
+CONTENT_SAMPLE_SIZE = 128
+
+
+def content_sample(num_images: int, size: int = CONTENT_SAMPLE_SIZE) -> np.ndarray:
+  """The images a content fingerprint reads: ``size`` indices evenly spread over
+  ``[0, num_images)`` (``i * N // size``; every image when there are at most ``size``)."""
+  return np.unique(np.arange(size, dtype=np.int64) * num_images // size)
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
   """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` -> ``(H, W, 3)`` (grayscale replicated)."""
   image = np.asarray(image)
@@ -86,6 +97,7 @@ class ImageSource(abc.ABC):
     self._num_classes = num_classes
     self._identifiers = identifiers
     self._fingerprint = None
+    self._content_fingerprint = None
     self._tf_constants = {}
 
   @abc.abstractmethod
@@ -103,6 +115,43 @@ class ImageSource(abc.ABC):
     if self._fingerprint is None:
       self._fingerprint = fingerprint_of(self.identifiers())
     return self._fingerprint
+
+  @property
+  def content_fingerprint(self) -> str:
+    """sha256 of what the images hold, computed once: two copies of a data set with the same
+    names and other pixels differ in it (``fingerprint`` names only the image list).
+
+    Cheap at ImageNet scale: the ``content_sizes`` of every image, where the source has them
+    (file sizes), and the ``content_bytes`` of ``content_sample(len(self))``.
+    """
+    if self._content_fingerprint is None:
+      digest = hashlib.sha256(f'{len(self)} images\n'.encode())
+      self._update_content_digest(digest)
+      self._content_fingerprint = digest.hexdigest()
+    return self._content_fingerprint
+
+  def _update_content_digest(self, digest) -> None:
+    """Feeds the content of the images to ``digest`` (a hashlib object)."""
+    sizes = self.content_sizes()
+    if sizes is not None:
+      digest.update(np.asarray(sizes, np.int64).tobytes())
+    for index in content_sample(len(self)):
+      digest.update(f'{index}\n'.encode())
+      digest.update(self.content_bytes(int(index)))
+
+  def content_sizes(self) -> Optional[np.ndarray]:
+    """``(N,)`` byte counts of the stored images (files), or ``None`` where there are none."""
+    return None
+
+  def content_bytes(self, index: int) -> bytes:
+    """What image ``index`` holds, as stored (file bytes) or, by default, decoded pixels;
+    ``b'undecodable'`` for an image that cannot be read (the fingerprint must not fail on
+    the bad images ``data.on_bad_image='skip'`` trains past)."""
+    try:
+      image = np.ascontiguousarray(self.read(index))
+    except Exception:  # pylint: disable=broad-except
+      return b'undecodable'
+    return f'{image.shape}:{image.dtype}\n'.encode() + image.tobytes()
 
   @property
   def labels(self) -> Optional[np.ndarray]:

@@ -46,6 +46,13 @@ class SubsetSource(ImageSource):
   def read(self, index: int) -> np.ndarray:
     return self.base.read(self.start + self._check_index(index))
 
+  def content_sizes(self) -> Optional[np.ndarray]:
+    sizes = self.base.content_sizes()
+    return None if sizes is None else sizes[self.start:self.stop]
+
+  def content_bytes(self, index: int) -> bytes:
+    return self.base.content_bytes(self.start + index)
+
   def _base_indices(self, indices):
     tf = tensorflow()
     return tf.cast(indices, tf.int64) + self.start
