@@ -39,10 +39,10 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bingo_jax import bad_images
 from bingo_jax import bag_file
 from bingo_jax import bag_report
 from bingo_jax import cli
+from bingo_jax import config_checks
 from bingo_jax import data_sources
 from bingo_jax import features as features_lib
 from bingo_jax import fileio
@@ -113,6 +113,7 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
   Returns:
     ``(bags, path of the bag file)``.
   """
+  config_checks.check_values(config)
   bags_config = config.bags
   method = bags_config.method
   if method not in METHODS:
@@ -246,12 +247,9 @@ _WORKDIR = cli.shared(cli.WORKDIR)  # features, bag file, report
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  try:
-    _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
-  except (bad_images.BadImageError, model_io.NonFiniteModelError) as e:
-    # The undecodable images or the teacher's NaN/Inf arrays by name, not a traceback.
-    logging.error('%s', e)
-    raise SystemExit(1) from None
+  # The undecodable images, the teacher's NaN/Inf arrays, a bad config value: one line
+  # naming them (cli.run), not a traceback.
+  _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
   logging.info('done: %s', path)
 
 

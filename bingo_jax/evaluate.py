@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import time
 from typing import Any, Optional
 
@@ -36,7 +35,7 @@ import numpy as np
 from absl import flags, logging
 
 from bingo_jax import bad_images, fileio
-from bingo_jax import checkpointing, cli, data_sources, features as features_lib
+from bingo_jax import checkpointing, cli, config_checks, data_sources, features as features_lib
 from bingo_jax import input_pipeline, model_io, parallel, progress
 from bingo_jax import images as images_lib
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
@@ -352,6 +351,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'--protocol {protocol!r}; expected one of {PROTOCOLS}.')
+  config_checks.check_values(config)
   started = time.time()
   mesh = mesh or parallel.make_mesh()
   fileio.makedirs(workdir)
@@ -404,14 +404,9 @@ _STEP = cli.shared(cli.STEP)
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  try:
-    evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
-  except (checkpointing.CheckpointError, bad_images.BadImageError,
-          model_io.NonFiniteModelError, FileExistsError) as e:
-    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken:
-    # the cause in one message, not orbax's asyncio traceback.
-    logging.error('%s', e)
-    sys.exit(1)
+  # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken, a
+  # bad config value: the cause in one line (cli.run), not orbax's asyncio traceback.
+  evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
 
 
 def cli_main() -> None:

@@ -381,6 +381,9 @@ _SIMULATE_PREEMPTION = flags.DEFINE_integer(
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
+  # A config value out of range is refused before any device, library or file is touched.
+  config_checks.check_values(_CONFIG.value)
+  config_checks.check_image_size(_CONFIG.value)
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
@@ -391,15 +394,10 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                 simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
-  except (checkpointing.CheckpointError, workdir_records.ConfigChangedError,
-          train_loop.NonFiniteLossError, workdir_lock.WorkdirLockedError,
-          bad_images.BadImageError, model_io.NonFiniteModelError) as e:
-    # Faults with a known cause: the message is the whole story (no traceback to dig through).
-    logging.error('%s', e)
-    sys.exit(1)
+  # A fault with a known cause (a damaged checkpoint, a refused resume, a diverged loss, a
+  # taken workdir, a bad image or teacher, a bad config value) ends in one line: cli.run.
+  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
   # A real preemption exits EXIT_PREEMPTED so that a scheduler requeues the job; the testing
   # aid's stop was asked for, and exits 0.
   if summary['preempted'] and _SIMULATE_PREEMPTION.value is None:
