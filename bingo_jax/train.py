@@ -176,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lock.release()
 
 
+# size: the run set up in the order it happens, each section a few calls, read top to bottom.
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         lock: workdir_lock.WorkdirLock,
                         preemption: preemption_lib.PreemptionWatcher,
@@ -202,7 +203,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock.acquire()
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   student_config = student_model_config(config)
-  config_changes = workdir_records.write_workdir_records(
+  config_changes = workdir_records.check_workdir_records(
       workdir, student_config, config.to_json_best_effort(),
       resuming=bool(checkpointer.all_steps()),
       allow_config_change=config.train.get('allow_config_change', False))
@@ -223,6 +224,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, train_step, teacher_variables, source, bags, mesh, batch_views,
       start_step=start_step, local_batch_size=local_batch_size, steps_per_epoch=steps_per_epoch,
       bag_source=student_bags.bag_source(config, workdir, student, source, mesh, steps_per_epoch))
+  # Every check has passed (the checkpoint fits this config): only now are the records
+  # rewritten, so that a refused run leaves them as they were.
+  workdir_records.write_workdir_records(workdir, student_config, config.to_json_best_effort(),
+                                        checked_changes=config_changes)
 
   # ---- the loop (elapsed time and core-hours continue from the checkpoint's, progress.py) ----
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
