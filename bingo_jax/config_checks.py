@@ -1,10 +1,11 @@
 """Every check of a config, in one place, run before anything is compiled.
 
 ``check_values`` checks each value of the schema on its own (sizes positive, learning rates
-non-negative, ...; every stage calls it first); ``check_config`` adds the consistency of a
-training config (it calls ``check_values``; the trainer calls it before reading any file);
-``check_step_models`` adds what only the built networks can tell. The step builders call the
-last two. Each error names the ``config.*`` keys and their values.
+non-negative, ...; every stage calls it first); ``check_training_config`` adds the consistency
+of a training config (the trainer calls it before touching a device or a file), and
+``check_config`` the split of the batch over the mesh; ``check_step_models`` adds what only the
+built networks can tell. The step builders call the last two. Each error names the
+``config.*`` keys and their values.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def _default_is_none(section: str, name: str) -> bool:
-  return config_common.base_config()[section].get(name, 0) is None
+  # teacher.bn_group_size: None is the global statistics, as for the student (default None
+  # there).
+  return (f'{section}.{name}' == 'teacher.bn_group_size'
+          or config_common.base_config()[section].get(name, 0) is None)
 
 
 def check_image_size(config: ml_collections.ConfigDict) -> None:
@@ -170,7 +174,7 @@ def key_encoder_shuffles(config: ml_collections.ConfigDict) -> bool:
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: Optional[int] = None) -> None:
-  """Batch, BatchNorm-group, queue and option consistency of a training config.
+  """``check_training_config``, and the global batch split over the mesh.
 
   Args:
     config: the experiment config.
@@ -179,17 +183,28 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
   Raises:
     ValueError: naming the offending ``config.*`` keys and values.
   """
-  check_values(config)
-  check_image_size(config)
-  train = config.train
-  batch = train.batch_size
+  check_training_config(config)
+  batch = config.train.batch_size
   num_processes = jax.process_count() if num_processes is None else num_processes
-  if batch <= 0 or batch % num_devices:
+  if batch % num_devices:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'devices ({num_devices}).')
   if batch % num_processes:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'processes ({num_processes}).')
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Values, choices, batch, BatchNorm-group, queue and option consistency of a training
+  config: every check that needs no device (the trainer runs it first).
+
+  Raises:
+    ValueError: naming the offending ``config.*`` keys and values.
+  """
+  check_values(config)
+  check_image_size(config)
+  train = config.train
+  batch = train.batch_size
   choices = {'config.train.method': (method(config), METHODS),
              'config.train.cutmix': (train.cutmix, CUTMIX_CHOICES),
              'config.train.lr_schedule': (train.lr_schedule, LR_SCHEDULES),
@@ -210,7 +225,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
   if key_encoder_shuffles(config):
     groups.append(('teacher', config.teacher.bn_group_size))
   for section, group in groups:
-    if group is not None and (group <= 0 or batch % group):
+    if group is not None and batch % group:
       raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
                        f'config.{section}.bn_group_size = {group} (BatchNorm statistics are '
                        'taken over groups of that many images).')

@@ -159,6 +159,12 @@ def _num_classes(*sources: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def run_knn(network, train_source, eval_source, config, workdir, mesh) -> dict:
+  # Checked before the feature pass: a k beyond the bank is known from the split's size.
+  largest = max(config.eval.knn_k, config.eval.knn_weighted_k)
+  if largest > len(train_source):
+    raise ValueError(f'config.eval.knn_k = {config.eval.knn_k} and config.eval.knn_weighted_k '
+                     f'= {config.eval.knn_weighted_k}: the kNN bank ({train_source.description}'
+                     f') holds only {len(train_source)} images.')
   train = cached_features(network, train_source, split='train', config=config,
                           workdir=workdir, mesh=mesh)
   test = cached_features(network, eval_source, split='eval', config=config, workdir=workdir,

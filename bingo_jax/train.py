@@ -387,8 +387,7 @@ _SIMULATE_PREEMPTION = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
   # A config value out of range is refused before any device, library or file is touched.
-  config_checks.check_values(_CONFIG.value)
-  config_checks.check_image_size(_CONFIG.value)
+  config_checks.check_training_config(_CONFIG.value)
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
