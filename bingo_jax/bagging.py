@@ -44,8 +44,8 @@ from bingo_jax.bags import bag_report
 from bingo_jax.bags import features as features_lib
 from bingo_jax.bags import knn_backends
 from bingo_jax.console import cli
-from bingo_jax.data import bad_images
 from bingo_jax.data import sources as data_sources
+from bingo_jax.method import config_checks
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.store import fileio
 from bingo_jax.store import model_io
@@ -113,6 +113,7 @@ def compute_bags(config, workdir: str, *, source=None, mesh: Optional[Mesh] = No
   Returns:
     ``(bags, path of the bag file)``.
   """
+  config_checks.check_values(config)
   bags_config = config.bags
   method = bags_config.method
   if method not in METHODS:
@@ -264,13 +265,9 @@ _WORKDIR = cli.shared(cli.WORKDIR)  # features, bag file, report
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  try:
-    _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
-  except (bad_images.BadImageError, model_io.NonFiniteModelError, fileio.WriteError) as e:
-    # The undecodable images, the teacher's NaN/Inf arrays or a file that could not be
-    # written (a full disk) by name, not a traceback.
-    logging.error('%s', e)
-    raise SystemExit(1) from None
+  # The undecodable images, the teacher's NaN/Inf arrays, a bad config value: one line
+  # naming them (cli.run), not a traceback.
+  _, path = compute_bags(_CONFIG.value, _WORKDIR.value)
   logging.info('done: %s', path)
 
 

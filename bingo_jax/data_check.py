@@ -8,7 +8,8 @@ the batch that first reads it (``config.data.on_bad_image='error'``, the default
 replaced by another image (``'skip'``). Each image is decoded with the data source's own
 decoder (``source.read``: the decode the pipelines use), in ``--workers`` threads. Exit status:
 0 when every image decodes, 1 when some do not (they are listed, one line each:
-``<source>: image <index> (<file>): <problem>``), 2 for a config that names no readable data.
+``<source>: image <index> (<file>): <problem>``), and 1 with one line, ``error: ...``, for a
+config that names no readable data.
 """
 
 from __future__ import annotations
@@ -87,11 +88,7 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   splits = _SPLITS.value or list(dict.fromkeys([config.data.train_split,
                                                 config.data.eval_split]))
-  try:
-    report = run(config, splits, _WORKERS.value, _OUTPUT.value)
-  except (FileNotFoundError, ValueError) as e:
-    logging.error('%s', e)
-    sys.exit(2)
+  report = run(config, splits, _WORKERS.value, _OUTPUT.value)  # a bad config: cli.run's line
   sys.exit(1 if any(entry['bad'] for entry in report.values()) else 0)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import time
 from typing import Any, Optional
 
@@ -43,6 +42,7 @@ from bingo_jax.data import images as images_lib
 from bingo_jax.data import parallel
 from bingo_jax.data import sources as data_sources
 from bingo_jax.eval import analysis, finetune, knn, linear, subsets
+from bingo_jax.method import config_checks
 from bingo_jax.models import create_model, init_variables
 from bingo_jax.run import progress
 from bingo_jax.store import checkpointing
@@ -167,6 +167,12 @@ def _num_classes(*sources: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def run_knn(network, train_source, eval_source, config, workdir, mesh) -> dict:
+  # Checked before the feature pass: a k beyond the bank is known from the split's size.
+  largest = max(config.eval.knn_k, config.eval.knn_weighted_k)
+  if largest > len(train_source):
+    raise ValueError(f'config.eval.knn_k = {config.eval.knn_k} and config.eval.knn_weighted_k '
+                     f'= {config.eval.knn_weighted_k}: the kNN bank ({train_source.description}'
+                     f') holds only {len(train_source)} images.')
   train = cached_features(network, train_source, split='train', config=config,
                           workdir=workdir, mesh=mesh)
   test = cached_features(network, eval_source, split='eval', config=config, workdir=workdir,
@@ -360,6 +366,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, protocol: str, 
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'--protocol {protocol!r}; expected one of {PROTOCOLS}.')
+  config_checks.check_values(config)
   started = time.time()
   mesh = mesh or parallel.make_mesh()
   fileio.makedirs(workdir)
@@ -412,15 +419,9 @@ _STEP = cli.shared(cli.STEP)
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
-  try:
-    evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
-  except (checkpointing.CheckpointError, bad_images.BadImageError,
-          model_io.NonFiniteModelError, FileExistsError, fileio.WriteError) as e:
-    # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken,
-    # a result or cache file that could not be written (a full disk):
-    # the cause in one message, not orbax's asyncio traceback.
-    logging.error('%s', e)
-    sys.exit(1)
+  # A damaged checkpoint, a bad image, a model file holding NaN/Inf, an export path taken, a
+  # bad config value: the cause in one line (cli.run), not orbax's asyncio traceback.
+  evaluate(_CONFIG.value, _CHECKPOINT.value, _PROTOCOL.value, _WORKDIR.value, _STEP.value)
 
 
 def cli_main() -> None:

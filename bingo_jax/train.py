@@ -177,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lock.release()
 
 
+# size: the run set up in the order it happens, each section a few calls, read top to bottom.
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         lock: workdir_lock.WorkdirLock,
                         preemption: preemption_lib.PreemptionWatcher,
@@ -203,7 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock.acquire()
   checkpointer = checkpointing.TrainCheckpointer(workdir, keep=config.train.keep_checkpoints)
   student_config = student_model_config(config)
-  config_changes = workdir_records.write_workdir_records(
+  config_changes = workdir_records.check_workdir_records(
       workdir, student_config, config.to_json_best_effort(),
       resuming=bool(checkpointer.all_steps()),
       allow_config_change=config.train.get('allow_config_change', False))
@@ -224,6 +225,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, train_step, teacher_variables, source, bags, mesh, batch_views,
       start_step=start_step, local_batch_size=local_batch_size, steps_per_epoch=steps_per_epoch,
       bag_source=student_bags.bag_source(config, workdir, student, source, mesh, steps_per_epoch))
+  # Every check has passed (the checkpoint fits this config): only now are the records
+  # rewritten, so that a refused run leaves them as they were.
+  workdir_records.write_workdir_records(workdir, student_config, config.to_json_best_effort(),
+                                        checked_changes=config_changes)
 
   # ---- the loop (elapsed time and core-hours continue from the checkpoint's, progress.py) ----
   chrono = progress.Chronometer(start_step, total_steps, global_batch_size, mesh.devices.size,
@@ -387,6 +392,8 @@ _SIMULATE_PREEMPTION = flags.DEFINE_integer(
 
 def main(argv: list[str]) -> None:
   cli.no_positional_arguments(argv)
+  # A config value out of range is refused before any device, library or file is touched.
+  config_checks.check_training_config(_CONFIG.value)
   progress.quiet_library_logs()
   if _JAX_DISTRIBUTED.value:
     # A dead peer ends the survivors with EXIT_PREEMPTED, not an abort (preemption.py).
@@ -399,15 +406,10 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                 simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
-  except (checkpointing.CheckpointError, workdir_records.ConfigChangedError,
-          train_loop.NonFiniteLossError, workdir_lock.WorkdirLockedError,
-          bad_images.BadImageError, model_io.NonFiniteModelError) as e:
-    # Faults with a known cause: the message is the whole story (no traceback to dig through).
-    logging.error('%s', e)
-    sys.exit(1)
+  # A fault with a known cause (a damaged checkpoint, a refused resume, a diverged loss, a
+  # taken workdir, a bad image or teacher, a bad config value) ends in one line: cli.run.
+  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               simulate_preemption_at_step=_SIMULATE_PREEMPTION.value)
   # A real preemption exits EXIT_PREEMPTED so that a scheduler requeues the job; the testing
   # aid's stop was asked for, and exits 0.
   if summary['preempted'] and _SIMULATE_PREEMPTION.value is None:

@@ -123,3 +123,93 @@ def test_workdir_records_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match='different student'):
     workdir_records.write_workdir_records(workdir, dict(STUDENT, arch='resnet34'), '{}')
   assert not [name for name in os.listdir(workdir) if '.tmp-' in name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and export beside a running training whose rotation removes the step being read
+# (config.train.keep_checkpoints=1, checkpoint_every_steps=1).
+
+
+def _files_first_then_directory(step_dir: str, delay: float) -> None:
+  """Removes a step as orbax's rotation does: the files at once, the directory later."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      os.remove(os.path.join(root, name))
+  threading.Timer(delay, shutil.rmtree, (step_dir,)).start()
+
+
+def _save_when_read(monkeypatch, read_step: int, save) -> list:
+  """Makes the reader call ``save()`` (the training's next save) when it starts reading
+  ``read_step``, once; returns the list of the steps it reads, in order."""
+  read = checkpointing.TrainCheckpointer.restore_arrays
+  reads = []
+
+  def restore_arrays(self, step):
+    if step == read_step and step not in reads:
+      save()
+    reads.append(step)
+    return read(self, step)
+  monkeypatch.setattr(checkpointing.TrainCheckpointer, 'restore_arrays', restore_arrays)
+  return reads
+
+
+@pytest.mark.parametrize('removal', ['orbax rotation', 'files, then the directory 0.5 s later'])
+def test_a_step_rotated_away_while_read_is_not_damaged(tmp_path, student_variables, monkeypatch,
+                                                       caplog, removal):
+  """The reader lists step 6 and starts reading it; meanwhile the training saves step 7 and
+  its rotation removes step 6. Evaluation and export read step 7, with one line; step 6 is
+  never reported damaged (before: 'Checkpoint W/checkpoints/6 is damaged', then 'no
+  checkpoint restores intact (steps [6])', exit 1)."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  workdir = str(tmp_path / 'run')
+  workdir_records.write_workdir_records(workdir, STUDENT, '{}')
+  # The second kind keeps two steps and removes step 6 itself, as orbax's deleter does.
+  keep = 1 if removal == 'orbax rotation' else 2
+  training = checkpointing.TrainCheckpointer(workdir, keep=keep)
+  training.save(6, _state(student_variables, 6, mesh), {'step': 6})
+  training.wait()
+  step_7 = _state(student_variables, 7, mesh)
+
+  def save_7():
+    training.save(7, step_7, {'step': 7})
+    training.wait()
+    if removal != 'orbax rotation':
+      _files_first_then_directory(os.path.join(workdir, 'checkpoints', '6'), 0.5)
+  reads = _save_when_read(monkeypatch, 6, save_7)
+  with caplog.at_level('WARNING'):
+    loaded = checkpointing.load_any(workdir)  # what bingo-eval and bingo-export call
+  training.close()
+  assert reads == [6, 7] and loaded.metadata['step'] == 7
+  for got, want in zip(_host_leaves(loaded.variables['params']), _host_leaves(step_7.params)):
+    np.testing.assert_array_equal(got, want)
+  messages = [r.getMessage() for r in caplog.records]
+  assert not [m for m in messages if 'damaged' in m]
+  rotated = [m for m in messages if 'removed by the running training' in m]
+  assert len(rotated) == 1 and f'{workdir}/checkpoints/6 ' in rotated[0]
+  assert 'damaged_checkpoints' not in os.listdir(workdir)
+
+
+def test_export_beside_a_rotating_training_writes_the_newest_step(tmp_path, student_variables,
+                                                                  monkeypatch):
+  """The bingo-export command while the training (keep 1) replaces step 7 with step 8."""
+  import tool_runner  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  workdir = str(tmp_path / 'run')
+  workdir_records.write_workdir_records(workdir, STUDENT, '{}')
+  training = checkpointing.TrainCheckpointer(workdir, keep=1)
+  training.save(7, _state(student_variables, 7, mesh), {'step': 7})
+  training.wait()
+  step_8 = _state(student_variables, 8, mesh)
+  reads = _save_when_read(monkeypatch, 7, lambda: (training.save(8, step_8, {'step': 8}),
+                                                   training.wait()))
+  status = tool_runner.run_tool('export_torch.py', workdir, str(tmp_path / 'student.pth'),
+                                '--format', 'torchvision')
+  training.close()
+  assert status == 0 and reads == [7, 8]
+  exported = torch.load(tmp_path / 'student.pth')
+  # conv1 of the student at step 8: flax (h, w, in, out) -> torch (out, in, h, w).
+  want = np.transpose(np.asarray(step_8.params['backbone']['conv1']['kernel']), (3, 2, 0, 1))
+  np.testing.assert_array_equal(exported['conv1.weight'].numpy(), want)

@@ -185,6 +185,25 @@ def test_second_run_is_refused_and_a_stale_lock_is_taken_over(inputs, straight, 
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
 
 
+def test_a_refused_resume_leaves_the_workdir_records_as_they_were(inputs, straight, tmp_path):
+  """Issue 27: a resume with another queue size, allowed as a config change, is refused by the
+  checkpoints (their queue holds 64 keys). Before, W/config.json then said 128, and the
+  original command was refused in turn (queue_size: 128 -> 64)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(straight, workdir)
+  records = {name: open(os.path.join(workdir, name), 'rb').read()
+             for name in (workdir_records.CONFIG_RECORD, workdir_records.STUDENT_RECORD)}
+  rc, stderr = _run(inputs, _command(inputs, workdir, '--config.train.queue_size=128',
+                                     '--config.train.allow_config_change=true'))
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert rc == 1 and 'Traceback' not in stderr, stderr[-3000:]
+  assert len(errors) == 1 and 'does not fit this config' in errors[0], stderr[-3000:]
+  assert {name: open(os.path.join(workdir, name), 'rb').read() for name in records} == records
+  _train(inputs, workdir)  # the original command is accepted: nothing left to train
+  assert _summary(workdir)['runs'][-1]['start_step'] == TOTAL_STEPS
+  _assert_same_state(workdir, straight)
+
+
 def test_config_change_is_logged_when_allowed(tmp_path):
   workdir = str(tmp_path)
   student = dict(TEACHER, bn_group_size=4)

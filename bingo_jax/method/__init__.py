@@ -3,5 +3,5 @@
 skeleton (``train_step``), the teacher's keys (``teacher_keys``), the BINGO and MoCo v2 steps
 (``distill_step``, ``moco_step``) and the step a config asks for (``steps``).
 
-May import: data, models.
+May import: configs, data, models.
 """

@@ -1,18 +1,23 @@
-"""Every check of a training config, in one place, run before anything is compiled.
+"""Every check of a config, in one place, run before anything is compiled.
 
-``check_config`` looks at the config alone (the trainer calls it first, before reading any
-file); ``check_step_models`` adds what only the built networks can tell. The step builders
-call both. Each error names the ``config.*`` keys and their values.
+``check_values`` checks each value of the schema on its own (sizes positive, learning rates
+non-negative, ...; every stage calls it first); ``check_training_config`` adds the consistency
+of a training config (the trainer calls it before touching a device or a file), and
+``check_config`` the split of the batch over the mesh; ``check_step_models`` adds what only the
+built networks can tell. The step builders call the last two. Each error names the
+``config.*`` keys and their values.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import ml_collections
 
+from bingo_jax.configs import common as config_common
 from bingo_jax.data import views
 from bingo_jax.method import cutmix as cutmix_lib
 from bingo_jax.method import objectives
@@ -38,6 +43,91 @@ NAN_POLICIES = ('stop', 'skip')
 # (bingo_jax/bags/student_bags.py), whose kNN search is one of the exact backends.
 BAG_SOURCES = ('file', 'student')
 STUDENT_BAG_SEARCH = ('knn', 'jax')
+
+
+# The range of each numeric key of the schema (configs/common.py), checked by check_values:
+# 'positive' (> 0), 'non-negative' (>= 0), 'fraction' (0 < x <= 1), 'unit' (0 <= x <= 1).
+# A key missing from a config (one older than the key) is not checked; None is accepted only
+# where the schema's default is None (a FieldReference: "not set").
+VALUE_RANGES = {
+    'data.image_size': 'positive', 'data.canvas_size': 'positive',
+    'data.on_device_max_mb': 'non-negative',
+    'teacher.bn_group_size': 'positive',
+    'student.head_hidden_dim': 'positive', 'student.head_output_dim': 'positive',
+    'student.base_width': 'positive', 'student.bn_group_size': 'positive',
+    'bags.k': 'positive', 'bags.num_clusters': 'positive', 'bags.batch_size': 'positive',
+    'bags.shard_size': 'positive', 'bags.image_size': 'positive',
+    'bags.query_batch_size': 'positive', 'bags.approx_recall_sample': 'non-negative',
+    'bags.kmeans_iterations': 'positive', 'bags.report_anchors': 'non-negative',
+    'bags.report_members': 'non-negative',
+    'train.batch_size': 'positive', 'train.epochs': 'positive', 'train.base_lr': 'non-negative',
+    'train.momentum': 'unit', 'train.weight_decay': 'non-negative',
+    'train.temperature': 'positive', 'train.queue_size': 'positive',
+    'train.moco_momentum': 'unit', 'train.own_key_warmup_epochs': 'non-negative',
+    'train.cutmix_beta': 'positive', 'train.log_every_steps': 'positive',
+    'train.checkpoint_every_steps': 'positive', 'train.keep_checkpoints': 'positive',
+    'train.max_steps': 'non-negative', 'train.monitor_every_epochs': 'non-negative',
+    'train.monitor_bank_size': 'positive', 'train.monitor_eval_size': 'positive',
+    'eval.batch_size': 'positive', 'eval.knn_k': 'positive', 'eval.knn_weighted_k': 'positive',
+    'eval.knn_temperature': 'positive', 'eval.linear_epochs': 'positive',
+    'eval.linear_lr': 'non-negative', 'eval.linear_min_lr': 'non-negative',
+    'eval.linear_fast_epochs': 'positive', 'eval.linear_fast_lr': 'non-negative',
+    'eval.finetune_fraction': 'fraction', 'eval.finetune_epochs': 'positive',
+    'eval.finetune_lr': 'non-negative', 'eval.finetune_classifier_lr_multiplier': 'non-negative',
+    'eval.finetune_weight_decay': 'non-negative', 'eval.tsne_classes': 'positive',
+    'eval.tsne_per_class': 'positive', 'eval.tsne_perplexity': 'positive',
+}
+_RANGE_TESTS = {'positive': (lambda v: v > 0, 'must be positive'),
+                'non-negative': (lambda v: v >= 0, 'must be >= 0'),
+                'fraction': (lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
+                'unit': (lambda v: 0 <= v <= 1, 'must lie in [0, 1]')}
+# The smallest training crop a student accepts: its downsampling from the image to the last
+# feature map (the 'imagenet' stem: stride-2 convolution, stride-2 max-pool and three
+# stride-2 stages = 32, as EfficientNet's five stride-2 stages; the 'cifar' stem keeps the
+# resolution: 8). A smaller image reaches the last stage as a single padded pixel.
+MIN_IMAGE_SIZE = {'imagenet': 32, 'cifar': 8}
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Each numeric value of ``config`` within its range (``VALUE_RANGES``).
+
+  Raises:
+    ValueError: naming the first ``config.<key>`` out of range and its value.
+  """
+  for key, kind in VALUE_RANGES.items():
+    section, name = key.split('.')
+    if section not in config or name not in config[section]:
+      continue
+    value = config[section][name]
+    if value is None and _default_is_none(section, name):
+      continue
+    test, requirement = _RANGE_TESTS[kind]
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not math.isfinite(value) or not test(value)):
+      raise ValueError(f'config.{key} = {value!r} {requirement}'
+                       + (' (a number)' if not isinstance(value, (int, float)) else '') + '.')
+
+
+def _default_is_none(section: str, name: str) -> bool:
+  # teacher.bn_group_size: None is the global statistics, as for the student (default None
+  # there).
+  return (f'{section}.{name}' == 'teacher.bn_group_size'
+          or config_common.base_config()[section].get(name, 0) is None)
+
+
+def check_image_size(config: ml_collections.ConfigDict) -> None:
+  """``config.data.image_size`` at least the student's downsampling (``MIN_IMAGE_SIZE``).
+
+  Raises:
+    ValueError: naming the image size, the student's stem and the minimum.
+  """
+  stem = 'imagenet' if config.student.arch.startswith('efficientnet') else config.student.stem
+  minimum = MIN_IMAGE_SIZE.get(stem)
+  if minimum is not None and config.data.image_size < minimum:
+    raise ValueError(f'config.data.image_size = {config.data.image_size} is smaller than the '
+                     f'student\'s downsampling ({minimum} pixels: config.student.arch = '
+                     f'{config.student.arch!r}, stem {stem!r}); its last feature map would be '
+                     'one padded pixel.')
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -95,7 +185,7 @@ def shuffle_moves_images(config: ml_collections.ConfigDict) -> bool:
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: Optional[int] = None) -> None:
-  """Batch, BatchNorm-group, queue and option consistency of a training config.
+  """``check_training_config``, and the global batch split over the mesh.
 
   Args:
     config: the experiment config.
@@ -104,15 +194,28 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
   Raises:
     ValueError: naming the offending ``config.*`` keys and values.
   """
-  train = config.train
-  batch = train.batch_size
+  check_training_config(config)
+  batch = config.train.batch_size
   num_processes = jax.process_count() if num_processes is None else num_processes
-  if batch <= 0 or batch % num_devices:
+  if batch % num_devices:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'devices ({num_devices}).')
   if batch % num_processes:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'processes ({num_processes}).')
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Values, choices, batch, BatchNorm-group, queue and option consistency of a training
+  config: every check that needs no device (the trainer runs it first).
+
+  Raises:
+    ValueError: naming the offending ``config.*`` keys and values.
+  """
+  check_values(config)
+  check_image_size(config)
+  train = config.train
+  batch = train.batch_size
   choices = {'config.train.method': (method(config), METHODS),
              'config.train.cutmix': (train.cutmix, CUTMIX_CHOICES),
              'config.train.lr_schedule': (train.lr_schedule, LR_SCHEDULES),
@@ -133,17 +236,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
   if key_encoder_shuffles(config):
     groups.append(('teacher', config.teacher.bn_group_size))
   for section, group in groups:
-    if group is not None and (group <= 0 or batch % group):
+    if group is not None and batch % group:
       raise ValueError(f'config.train.batch_size = {batch} is not divisible by '
                        f'config.{section}.bn_group_size = {group} (BatchNorm statistics are '
                        'taken over groups of that many images).')
+  if train.queue_size < batch:
+    raise ValueError(f'config.train.queue_size = {train.queue_size} is smaller than one global '
+                     f'batch (config.train.batch_size = {batch}): the queue advances by whole '
+                     'batches.')
   if train.queue_size % batch:
     raise ValueError(f'config.train.queue_size = {train.queue_size} is not divisible by '
                      f'config.train.batch_size = {batch} (the queue advances by whole batches).')
   _check_method_options(config)
-  for key in ('epochs', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if train[key] <= 0:
-      raise ValueError(f'config.train.{key} = {train[key]} must be positive.')
 
 
 def _check_method_options(config: ml_collections.ConfigDict) -> None:

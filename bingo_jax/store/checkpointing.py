@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import time
 from typing import Any, Optional
 
 import flax.serialization
@@ -47,6 +48,10 @@ from bingo_jax.store import model_io
 from bingo_jax.store import workdir_records
 
 CHECKPOINTS_DIR = 'checkpoints'
+# How long a step that failed to read, with a newer step beside it, is watched for vanishing
+# before it counts as damaged: a running training's rotation (keep_checkpoints) removes a step
+# once a newer one is complete, its files first and its directory last.
+ROTATION_GRACE_SECONDS = 3.0
 _STATE = 'state'
 _PROGRESS = 'progress'
 # The errors of this module's API (raised by the integrity checks).
@@ -265,6 +270,22 @@ class TrainCheckpointer:
       return step, state, progress
     return None
 
+  def rotated_away(self, step: int, grace: float = ROTATION_GRACE_SECONDS) -> bool:
+    """Whether ``step``, which failed to read, was being removed by a running training's
+    rotation rather than damaged: a newer step exists and the step's directory is gone, or
+    goes within ``grace`` seconds. Refreshes the list of steps when it is.
+    """
+    directory = fileio.join(self.directory, str(step))
+    if not any(s > step for s in self._existing_steps()):
+      return False  # the rotation removes a step only once a newer one is complete
+    deadline = time.monotonic() + grace
+    while fileio.isdir(directory):
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.05)
+    self._manager.reload()
+    return True
+
   def report_damaged(self, step: int, cause: str) -> None:
     """Logs a damaged step in one line and, unless read-only, moves it aside.
 
@@ -351,30 +372,8 @@ def load_student(workdir: str, step: Optional[int] = None,
   workdir = fileio.absolute(workdir)
   model_config = workdir_records.read_student_record(workdir)
   checkpointer = TrainCheckpointer(workdir, keep=1, read_only=True)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'{checkpointer.directory} holds no checkpoint.')
   try:
-    if step is not None:
-      if step not in steps:
-        raise ValueError(f'{checkpointer.directory} has no checkpoint of step {step}; '
-                         f'available: {sorted(steps)}.')
-      try:
-        stored = checkpointer.restore_arrays(step)
-      except CheckpointError as e:
-        raise CheckpointError(f'{checkpointer.directory}/{step} is damaged: {e}') from None
-    else:
-      # The newest step that verifies: a damaged latest step is reported and skipped (not
-      # moved: evaluation and export only read the workdir).
-      for step in sorted(steps, reverse=True):
-        try:
-          stored = checkpointer.restore_arrays(step)
-          break
-        except CheckpointError as e:
-          checkpointer.report_damaged(step, str(e))
-      else:
-        raise CheckpointError(f'{checkpointer.directory}: no checkpoint restores intact '
-                              f'(steps {sorted(steps)}; see the warnings above).')
+    step, stored = _restore_for_reading(checkpointer, step)
   finally:
     checkpointer.close()
   variables = {'params': stored['params'], 'batch_stats': stored.get('batch_stats', {})}
@@ -384,6 +383,52 @@ def load_student(workdir: str, step: Optional[int] = None,
   return model_io.LoadedModel(model=model, variables=variables, model_config=model_config,
                               metadata={'workdir': workdir, 'step': int(step),
                                         'source_format': 'bingo_jax training checkpoint'})
+
+
+def _restore_for_reading(checkpointer: TrainCheckpointer,
+                         step: Optional[int]) -> tuple[int, dict]:
+  """``(step, stored arrays)`` of ``step``, or of the newest step that restores intact.
+
+  Beside a running training, a step may be removed by its rotation while it is read: that
+  step is not damaged; the newest complete step is taken instead, with one line. A damaged
+  step is reported and skipped (not moved: evaluation and export only read the workdir).
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint.
+    ValueError: ``step`` is not in the workdir, or was rotated away while read.
+    CheckpointError: ``step`` is damaged, or no step restores intact.
+  """
+  steps = checkpointer.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'{checkpointer.directory} holds no checkpoint.')
+  if step is not None and step not in steps:
+    raise ValueError(f'{checkpointer.directory} has no checkpoint of step {step}; '
+                     f'available: {sorted(steps)}.')
+  damaged = set()
+  for _ in range(100):  # each pass reads one step; a rotation makes one more pass
+    newest = [s for s in sorted(checkpointer.all_steps(), reverse=True) if s not in damaged]
+    if step is None and not newest:
+      break
+    reading = step if step is not None else newest[0]
+    try:
+      return reading, checkpointer.restore_arrays(reading)
+    except CheckpointError as e:
+      if checkpointer.rotated_away(reading):
+        if step is not None:
+          raise ValueError(f'{checkpointer.directory}/{step} was removed while being read (the '
+                           'running training keeps only its newest checkpoints, '
+                           'config.train.keep_checkpoints); available now: '
+                           f'{sorted(checkpointer.all_steps())}.') from None
+        logging.warning('Checkpoint %s/%d was removed by the running training while being '
+                        'read (it keeps only its newest checkpoints); reading the newest '
+                        'complete step instead.', checkpointer.directory, reading)
+        continue
+      if step is not None:
+        raise CheckpointError(f'{checkpointer.directory}/{step} is damaged: {e}') from None
+      checkpointer.report_damaged(reading, str(e))
+      damaged.add(reading)
+  raise CheckpointError(f'{checkpointer.directory}: no checkpoint restores intact '
+                        f'(steps {sorted(steps)}; see the warnings above).')
 
 
 def load_any(path: str, step: Optional[int] = None,

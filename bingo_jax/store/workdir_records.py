@@ -69,10 +69,10 @@ def config_changes(previous: dict, current: dict,
   return lines
 
 
-def write_workdir_records(workdir: str, student_model_config: dict, config_json: str,
+def check_workdir_records(workdir: str, student_model_config: dict, config_json: str,
                           resuming: bool = False, allow_config_change: bool = False,
                           defaults: Optional[dict] = None) -> list[str]:
-  """Writes ``student_model.json`` and ``config.json`` (process 0 only; others return).
+  """Compares this run with the workdir's records; writes nothing.
 
   Args:
     workdir: the training workdir.
@@ -97,25 +97,45 @@ def write_workdir_records(workdir: str, student_model_config: dict, config_json:
           f'{record_path} describes a different student ({previous}) than this config '
           f'({student_model_config}); its checkpoints cannot be resumed. Use a new --workdir.')
   config_path = fileio.join(workdir, CONFIG_RECORD)
-  current = json.loads(config_json)
   changes = []
   if resuming and fileio.isfile(config_path):
     if defaults is None:
       defaults = json.loads(config_common.base_config().to_json_best_effort())
-    changes = config_changes(fileio.read_json(config_path), current, defaults)
+    changes = config_changes(fileio.read_json(config_path), json.loads(config_json), defaults)
     if changes and not allow_config_change:
       raise ConfigChangedError(
           f'{workdir} holds checkpoints of a run with another config ({config_path}); this '
-          f'run changes {len(changes)} key(s):\n  ' + '\n  '.join(changes) +
-          '\nRerun with the recorded config, use a new --workdir, or pass '
+          f'run changes {len(changes)} key(s): ' + '; '.join(changes) +
+          '. Rerun with the recorded config, use a new --workdir, or pass '
           '--config.train.allow_config_change=true to resume with the change (it is logged '
           'and kept in train_summary.json).')
-    for line in changes:
-      logging.warning('Resuming with a changed config (allow_config_change): %s', line)
+  return changes
+
+
+def write_workdir_records(workdir: str, student_model_config: dict, config_json: str,
+                          resuming: bool = False, allow_config_change: bool = False,
+                          defaults: Optional[dict] = None,
+                          checked_changes: Optional[list[str]] = None) -> list[str]:
+  """Writes ``student_model.json`` and ``config.json`` (process 0 only) after
+  ``check_workdir_records`` (same arguments and errors), logging each accepted change.
+
+  The trainer checks first and writes only once every other check of the run has passed too
+  (the checkpoint restores onto this config), so that a refused run leaves the records as
+  they were; it passes the changes its check returned as ``checked_changes``.
+
+  Returns:
+    The config changes of a resume (empty for a fresh run).
+  """
+  changes = checked_changes
+  if changes is None:
+    changes = check_workdir_records(workdir, student_model_config, config_json, resuming,
+                                    allow_config_change, defaults)
+  for line in changes:
+    logging.warning('Resuming with a changed config (allow_config_change): %s', line)
   if jax.process_index() != 0:
     return changes
-  fileio.write_json_atomically(record_path, student_model_config)
-  fileio.write_json_atomically(config_path, current)
+  fileio.write_json_atomically(fileio.join(workdir, STUDENT_RECORD), student_model_config)
+  fileio.write_json_atomically(fileio.join(workdir, CONFIG_RECORD), json.loads(config_json))
   return changes
 
 
