@@ -14,14 +14,17 @@ canvases). Its parts, run in the step's order from the same state and batch, eac
 2. the teacher's forward passes on key and pos_k, shuffled BatchNorm
    (``train_step.teacher_embeddings``);
 3. the student's forward and backward passes on query, pos_q and mix_q
-   (``train_step._student_passes`` under ``jax.vjp``, pulled back from the loss's gradient);
+   (``train_step._student_passes`` under ``jax.vjp``: timed with unit cotangents, checked
+   with the loss's gradient);
 4. the loss and its gradient with respect to the embeddings, the accuracy, the SGD update and
    the queue write.
 
 Each row gives milliseconds (median of ``--steps`` runs after one warm-up) and the share of
 the whole step. The parts sum to more than the step when XLA overlaps or fuses across their
 borders inside the one jit, and to less when the step pays for something the parts leave out
-(the RNG splits, copies of the donated state).
+(the RNG splits, copies of the donated state). ``--check`` (the default with ``--smoke``)
+also runs the parts one after another and compares what they compute with one whole step
+(on the CPU, in float32, they agree exactly), so the parts time the step's own work.
 """
 
 from __future__ import annotations
