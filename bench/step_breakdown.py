@@ -14,14 +14,17 @@ canvases). Its parts, run in the step's order from the same state and batch, eac
 2. the teacher's forward passes on key and pos_k, shuffled BatchNorm
    (``train_step.teacher_embeddings``);
 3. the student's forward and backward passes on query, pos_q and mix_q
-   (``train_step._student_passes`` under ``jax.vjp``, pulled back from the loss's gradient);
+   (``train_step._student_passes`` under ``jax.vjp``: timed with unit cotangents, checked
+   with the loss's gradient);
 4. the loss and its gradient with respect to the embeddings, the accuracy, the SGD update and
    the queue write.
 
 Each row gives milliseconds (median of ``--steps`` runs after one warm-up) and the share of
 the whole step. The parts sum to more than the step when XLA overlaps or fuses across their
 borders inside the one jit, and to less when the step pays for something the parts leave out
-(the RNG splits, copies of the donated state).
+(the RNG splits, copies of the donated state). ``--check`` (the default with ``--smoke``)
+also runs the parts one after another and compares what they compute with one whole step
+(on the CPU, in float32, they agree exactly), so the parts time the step's own work.
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ def step_rngs(state: train_step_lib.TrainState, config) -> dict[str, jax.Array]:
   return dict(zip(names, streams))
 
 
-def time_jitted(function: Callable, args: tuple, steps: int) -> tuple[float, float, Any]:
-  """``(median seconds, compile seconds, outputs)`` of ``function(*args)``, after a warm-up."""
+def time_jitted(function: Callable, args: tuple, steps: int
+                ) -> tuple[float, float, Any, Callable]:
+  """``(median seconds, compile seconds, outputs, compiled)`` of ``function(*args)``, timed
+  after a warm-up run."""
   began = time.perf_counter()
   compiled = function.lower(*args).compile()
   compile_seconds = time.perf_counter() - began
@@ -140,33 +145,70 @@ def time_jitted(function: Callable, args: tuple, steps: int) -> tuple[float, flo
     began = time.perf_counter()
     outputs = jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - began)
-  return float(np.median(times)), compile_seconds, outputs
+  return float(np.median(times)), compile_seconds, outputs, compiled
 
 
-def time_parts(bench: accelerator.StepBench, mesh: jax.sharding.Mesh,
-               steps: int) -> list[tuple[str, float, float]]:
-  """``(part, median seconds, compile seconds)`` of each part, in ``PART_NAMES`` order."""
+def time_parts(bench: accelerator.StepBench, mesh: jax.sharding.Mesh, steps: int
+               ) -> tuple[list[tuple[str, float, float]], Parts]:
+  """Each part's ``(name, median seconds, compile seconds)`` in ``PART_NAMES`` order, and the
+  compiled parts."""
   parts = make_parts(bench, mesh)
   state = bench.state
   rngs = step_rngs(state, bench.config)
-  rows = []
-  seconds, compile_seconds, (student_images, lam, teacher_images) = time_jitted(
-      parts.views, (bench.batch, rngs), steps)
-  rows.append((PART_NAMES[0], seconds, compile_seconds))
-  seconds, compile_seconds, keys = time_jitted(
-      parts.teachers, (bench.teacher_variables, teacher_images, rngs), steps)
-  rows.append((PART_NAMES[1], seconds, compile_seconds))
-  # The student's cotangents: unit vectors shaped like its embeddings (the backward pass
-  # costs the same for any values).
-  cotangents = {view: losses.l2_normalize(jnp.ones_like(keys[views_lib.KEY]))
-                for view in student_images}
-  seconds, compile_seconds, (embeddings, _, grads) = time_jitted(
-      parts.student, (state.params, state.batch_stats, student_images, cotangents), steps)
-  rows.append((PART_NAMES[2], seconds, compile_seconds))
-  seconds, compile_seconds, _ = time_jitted(
-      parts.update, (state, embeddings, keys, grads, lam), steps)
-  rows.append((PART_NAMES[3], seconds, compile_seconds))
-  return rows
+  rows, compiled = [], []
+
+  def timed(index, function, args):
+    seconds, compile_seconds, outputs, executable = time_jitted(function, args, steps)
+    rows.append((PART_NAMES[index], seconds, compile_seconds))
+    compiled.append(executable)
+    return outputs
+
+  student_images, lam, teacher_images = timed(0, parts.views, (bench.batch, rngs))
+  keys = timed(1, parts.teachers, (bench.teacher_variables, teacher_images, rngs))
+  # The student's cotangents: unit vectors shaped like its embeddings, sharded on the batch
+  # as the loss's gradient is (the backward pass costs the same for any values).
+  cotangents = jax.device_put(
+      {view: losses.l2_normalize(jnp.ones_like(keys[views_lib.KEY])) for view in student_images},
+      parallel.data_sharding(mesh))
+  embeddings, _, grads = timed(
+      2, parts.student, (state.params, state.batch_stats, student_images, cotangents))
+  timed(3, parts.update, (state, embeddings, keys, grads, lam))
+  return rows, Parts(*compiled)
+
+
+def composition_error(bench: accelerator.StepBench, parts: Parts,
+                      mesh: jax.sharding.Mesh) -> dict:
+  """How far ``parts`` (``time_parts``'), run one after another, land from one whole step
+  (which donates ``bench.state``: the last use of it).
+
+  The student's part runs twice: first for the embeddings (zero cotangents), then pulled
+  back from the loss's gradient that the update part returns for them.
+
+  Returns:
+    The largest absolute difference in ``params``, ``batch_stats``, ``negative_queue`` and
+    the ``loss``.
+  """
+  state = bench.state
+  rngs = step_rngs(state, bench.config)
+  student_images, lam, teacher_images = parts.views(bench.batch, rngs)
+  keys = parts.teachers(bench.teacher_variables, teacher_images, rngs)
+  sharding = parallel.data_sharding(mesh)
+  zeros = jax.device_put({view: jnp.zeros_like(keys[views_lib.KEY]) for view in student_images},
+                         sharding)
+  embeddings, _, no_grads = parts.student(state.params, state.batch_stats, student_images, zeros)
+  *_, embedding_grads = parts.update(state, embeddings, keys, no_grads, lam)
+  embeddings, batch_stats, grads = parts.student(state.params, state.batch_stats,
+                                                 student_images,
+                                                 jax.device_put(embedding_grads, sharding))
+  params, _, queue, _, (loss, _, _), _ = parts.update(state, embeddings, keys, grads, lam)
+  composed = jax.device_get({'params': params, 'batch_stats': batch_stats,
+                             'negative_queue': queue, 'loss': loss})
+  new_state, metrics = bench.step(state, bench.teacher_variables, bench.batch)
+  whole = jax.device_get({'params': new_state.params, 'batch_stats': new_state.batch_stats,
+                          'negative_queue': new_state.negative_queue, 'loss': metrics['loss']})
+  return {name: max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                    for a, b in zip(jax.tree.leaves(composed[name]), jax.tree.leaves(whole[name])))
+          for name in composed}
 
 
 def fastest_row(path: str, dtype: str) -> dict | None:
@@ -190,6 +232,9 @@ _PER_DEVICE_BATCH = flags.DEFINE_integer(
 _STEP_JSON = flags.DEFINE_string(
     'step_json', None, "bench/accelerator.py's --json_out file: the batch and the whole step's "
     'time from its fastest --dtype row, instead of timing the step here.')
+_CHECK = flags.DEFINE_bool(
+    'check', None, 'Also run the parts one after another and compare with one whole step '
+    '(default: with --smoke only; it compiles the whole step).')
 
 
 def main(argv: list[str]) -> int:
@@ -218,7 +263,7 @@ def main(argv: list[str]) -> int:
     row = accelerator.bench_row(smoke, dtype, per_device, mesh, canvas_size, image_size, steps)
     step_seconds, step_source = row['seconds'], 'timed here'
   bench = accelerator.build(smoke, dtype, global_batch, mesh, canvas_size, image_size)
-  rows = time_parts(bench, mesh, steps)
+  rows, parts = time_parts(bench, mesh, steps)
   total = sum(seconds for _, seconds, _ in rows)
   print('| part | ms | share of the step | compile (s) |')
   print('|---|---|---|---|')
@@ -227,6 +272,10 @@ def main(argv: list[str]) -> int:
           f'{compile_seconds:.0f} |')
   print(f'| sum of the parts | {1e3 * total:.1f} | {100 * total / step_seconds:.0f}% | |')
   print(f'| whole step, one jit ({step_source}) | {1e3 * step_seconds:.1f} | 100% | |')
+  if _CHECK.value if _CHECK.value is not None else smoke:
+    errors = composition_error(bench, parts, mesh)
+    print('# the parts run one after another vs one whole step, largest |difference|: '
+          + ', '.join(f'{name} {error:.3g}' for name, error in errors.items()))
   print(f'# {global_batch / step_seconds:,.0f} anchors/s; done in '
         f'{time.perf_counter() - began:.0f} s, load average {os.getloadavg()[0]:.2f}',
         flush=True)

@@ -63,6 +63,12 @@ def test_smoke_check_prints_every_table_without_tensorflow_faiss_torchvision(tmp
   assert len(breakdown) == 6 and all(float(row[1]) > 0 for row in breakdown)
   assert 'bench/accelerator.py' in breakdown[5][0] and breakdown[5][1] == step[3]
   assert abs(sum(float(row[1]) for row in breakdown[:4]) - float(breakdown[4][1])) < 0.25
+  # The parts, run one after another, compute what one whole step computes (float32).
+  (composition,) = [line for line in result.stdout.splitlines()
+                    if line.startswith('# the parts run one after another')]
+  errors = dict(item.rsplit(' ', 1) for item in composition.split(': ', 1)[1].split(', '))
+  assert sorted(errors) == ['batch_stats', 'loss', 'negative_queue', 'params'], composition
+  assert all(float(error) <= 1e-5 for error in errors.values()), composition
   (knn,) = _table_rows(result.stdout, HEADERS[4])
   assert knn[:4] == ['float32', '4,096', '64', '4,096']
 
