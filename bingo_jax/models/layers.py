@@ -119,8 +119,11 @@ class BatchNorm(nn.Module):
       var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
       normalised = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     else:
+      # The stored mean centres the sums (see _statistics_by_id); it is not trained.
+      shift = jax.lax.stop_gradient(running_mean.value)
       mean, var, normalised = _statistics_by_id(x32, positions // group_size,
-                                                batch // group_size, count, self.epsilon)
+                                                batch // group_size, count, self.epsilon,
+                                                shift)
     y = normalised * scale + bias
 
     if not self.is_initializing():
@@ -134,13 +137,16 @@ class BatchNorm(nn.Module):
 
 
 def _statistics_by_id(x: jax.Array, group_ids: jax.Array, num_groups: int, count: int,
-                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      epsilon: float, shift: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm over the groups ``group_ids`` names, without moving examples.
 
-  Each example's activations are summed over its spatial positions, then added into its
-  group by a one-hot contraction over the batch: on a batch sharded over devices XLA makes
-  that an all-reduce of ``(num_groups, channels)``, whatever the image size. Two passes (the
-  mean, then the squared deviations from it), as the consecutive-group path.
+  Each example's activations, less ``shift``, and their squares are summed over its spatial
+  positions, then added into its group by one one-hot contraction over the batch: on a batch
+  sharded over devices XLA makes that one all-reduce of ``(num_groups, 2 * channels)`` per
+  layer, whatever the image size. The variance is the mean square less the squared mean of
+  the shifted values; with ``shift`` near the group means (the layer's running mean) this
+  loses no precision to the values' offset, as a two-pass variance would not either.
 
   Args:
     x: ``(batch, ..., channels)`` float32.
@@ -148,6 +154,7 @@ def _statistics_by_id(x: jax.Array, group_ids: jax.Array, num_groups: int, count
     num_groups: number of groups.
     count: values per group and channel (group size times spatial positions).
     epsilon: added to the variance.
+    shift: ``(channels,)`` subtracted before summing.
   Returns:
     ``(mean, var, normalised)``: ``(num_groups, channels)`` group means and biased
     variances, and ``x`` normalised with its group's statistics.
@@ -155,10 +162,15 @@ def _statistics_by_id(x: jax.Array, group_ids: jax.Array, num_groups: int, count
   one_hot = jax.nn.one_hot(group_ids, num_groups, dtype=jnp.float32)  # (batch, groups)
   spatial_axes = tuple(range(1, x.ndim - 1))
   per_example = (slice(None),) + (None,) * len(spatial_axes)
+  shifted = x - shift
+  sums = jnp.concatenate([shifted.sum(axis=spatial_axes),
+                          jnp.square(shifted).sum(axis=spatial_axes)], axis=-1)
   # HIGHEST: float32 sums on every backend (a GPU would otherwise round them to TF32).
-  group_sum = functools.partial(jnp.einsum, 'bg,bc->gc',
-                                precision=jax.lax.Precision.HIGHEST)
-  mean = group_sum(one_hot, x.sum(axis=spatial_axes)) / count
-  centred = x - mean[group_ids][per_example]
-  var = group_sum(one_hot, jnp.square(centred).sum(axis=spatial_axes)) / count
-  return mean, var, centred * jax.lax.rsqrt(var[group_ids] + epsilon)[per_example]
+  moments = jnp.einsum('bg,bc->gc', one_hot, sums,
+                       precision=jax.lax.Precision.HIGHEST) / count
+  shifted_mean, mean_square = jnp.split(moments, 2, axis=-1)
+  mean = shift + shifted_mean
+  var = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
+  normalised = (x - mean[group_ids][per_example]) * jax.lax.rsqrt(
+      var[group_ids] + epsilon)[per_example]
+  return mean, var, normalised
