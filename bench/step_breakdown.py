@@ -12,7 +12,7 @@ canvases). Its parts, run in the step's order from the same state and batch, eac
 1. the device augmentation: the four views from the canvases, and the CutMix of query and
    pos_q (``device_data.views_from_canvases``, ``train_step._student_images``);
 2. the teacher's forward passes on key and pos_k, shuffled BatchNorm
-   (``train_step.teacher_embeddings``);
+   (``teacher_keys.keys_by_view``);
 3. the student's forward and backward passes on query, pos_q and mix_q
    (``train_step._student_passes`` under ``jax.vjp``: timed with unit cotangents, checked
    with the loss's gradient);
@@ -48,6 +48,7 @@ from bingo_jax.method import distill_step
 from bingo_jax.method import losses
 from bingo_jax.method import objectives
 from bingo_jax.method import optimization
+from bingo_jax.method import teacher_keys
 from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.run import device_data
 
@@ -98,9 +99,10 @@ def make_parts(bench: accelerator.StepBench, mesh: jax.sharding.Mesh,
             teacher_images)
 
   def teachers(teacher_variables, teacher_images, rngs):
-    return {view: train_step_lib.teacher_embeddings(
-        teacher_model, teacher_variables, normalize(images), config.teacher.bn_mode,
-        rngs[view]) for view, images in teacher_images.items()}
+    return teacher_keys.keys_by_view(
+        teacher_model, teacher_variables,
+        {view: normalize(images) for view, images in teacher_images.items()},
+        config.teacher.bn_mode, rngs, sharding)
 
   def student(params, batch_stats, student_images, cotangents):
     normalized = {view: normalize(student_images[view]) for view in objective.student_views}
