@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from bench import models as bench_models
 from bingo_jax.configs import r18_r50w2
 from bingo_jax.data import parallel
 from bingo_jax.method import steps
@@ -95,19 +96,8 @@ def build(smoke: bool, dtype: str, global_batch: int, mesh, canvas_size: int,
   config.data.image_size = image_size
   if smoke:
     config.train.queue_size = 4 * global_batch
-    config.student.update(base_width=8, stem='cifar', head_hidden_dim=32, head_output_dim=16,
-                          bn_group_size=2)
-    config.teacher.bn_group_size = 2
-    teacher = create_model('resnet18', 'moco', base_width=8, stem='cifar', head_hidden_dim=32,
-                           head_output_dim=16, bn_group_size=2, dtype=dtype)
-  else:
-    teacher = create_model('resnet50w2', 'moco', head_output_dim=128,
-                           bn_group_size=config.teacher.bn_group_size, dtype=dtype)
-  student = create_model(config.student.arch, config.student.head,
-                         head_hidden_dim=config.student.head_hidden_dim,
-                         head_output_dim=config.student.head_output_dim,
-                         base_width=config.student.base_width, stem=config.student.stem,
-                         bn_group_size=config.student.bn_group_size, dtype=dtype)
+    config.student.bn_group_size = config.teacher.bn_group_size = 2
+  student, teacher = bench_models.create_models(config, smoke, dtype)
   teacher_variables = parallel.replicate(
       init_variables(teacher, jax.random.key(1), image_size), mesh)
   steps_per_epoch = 5000

@@ -175,7 +175,8 @@ def compile_step(networks: str, num_devices: int, per_device: int, image_size: i
   from bingo_jax.data import parallel
   from bingo_jax.method import steps
   from bingo_jax.method import train_step as train_step_lib
-  from bingo_jax.models import create_model, init_variables
+  from bingo_jax.models import init_variables
+  from bench import models as bench_models
 
   devices = jax.devices()
   if len(devices) != num_devices:
@@ -191,19 +192,7 @@ def compile_step(networks: str, num_devices: int, per_device: int, image_size: i
   config.teacher.bn_mode = bn_mode
   # The released groups of 32 (one GPU's share); smaller per-device batches: one group each.
   config.student.bn_group_size = config.teacher.bn_group_size = min(32, per_device)
-  if networks == 'tiny':
-    config.student.update(base_width=8, stem='cifar', head_hidden_dim=32, head_output_dim=16)
-    teacher = create_model('resnet18', 'moco', base_width=8, stem='cifar', head_hidden_dim=32,
-                           head_output_dim=16, bn_group_size=config.teacher.bn_group_size,
-                           dtype=dtype)
-  else:
-    teacher = create_model('resnet50w2', 'moco', head_output_dim=128,
-                           bn_group_size=config.teacher.bn_group_size, dtype=dtype)
-  student = create_model(config.student.arch, config.student.head,
-                         head_hidden_dim=config.student.head_hidden_dim,
-                         head_output_dim=config.student.head_output_dim,
-                         base_width=config.student.base_width, stem=config.student.stem,
-                         bn_group_size=config.student.bn_group_size, dtype=dtype)
+  student, teacher = bench_models.create_models(config, networks == 'tiny', dtype)
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
   abstract = lambda tree, sharding: jax.tree.map(  # noqa: E731
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
