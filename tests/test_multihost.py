@@ -100,6 +100,7 @@ def test_a_dead_peer_ends_the_survivor_with_the_requeue_status(tmp_path, victim)
   with open(tmp_path / f'process{1 - victim}.log') as f:
     output = f.read()
   assert status == 75, output[-3000:]
+  print(f'process {1 - victim} exited {status} {waited:.1f} s after process {victim} was killed')
   assert waited < 30, waited
   last = output.strip().splitlines()[-1]
   assert f'Peer process {victim}' in last and 'of 2 stopped' in last, last

@@ -78,9 +78,10 @@ class PreemptionWatcher:
     for the dead peer). Returns when every peer is alive (a fault of another kind)."""
     if _BEATS is None or not isinstance(error, Exception):
       return
-    _BEATS.step_failed.set()
+    _BEATS.step_failed.set()  # for the abort trap, while the peers are looked at
     lost = _BEATS.lost_peers()
     if not lost:
+      _BEATS.step_failed.clear()
       return
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     _exit_preempted(

@@ -119,6 +119,8 @@ class MetricsCheck:
         'and rerun with --config.train.allow_config_change=true.')
 
 
+# size: the loop reads top to bottom, a step and what follows it (log, save, preemption,
+# monitor), then how it ends after an error; split, its state would be passed around.
 def run_loop(config: ml_collections.ConfigDict, workdir: str, state: Any, run_step: Callable,
              checkpointer: checkpointing.TrainCheckpointer, chrono: progress.Chronometer,
              progress_record: Callable[[int], dict],
@@ -139,7 +141,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, state: Any, run_st
       step's state is not saved.
     checkpointing.CheckpointError: a save failed.
     bad_images.BadImageError: an undecodable image; the steps done are saved first.
-  The checkpointer is closed (after an error, a save in flight is still waited for).
+  The checkpointer is closed (after an error, a save in flight is still waited for), except
+  when a multi-host peer died: then the process exits 75 (``exit_if_peer_lost``).
   """
   writer = progress.MetricWriter(workdir)
   preemption.attach(checkpointer)
@@ -195,8 +198,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, state: Any, run_st
     outcome.last_metrics = metrics_check.take_mean() or outcome.last_metrics
     checkpointer.close()  # waits for the last save; raises if it failed
     closed = True
-  except Exception as e:
-    # Multi-host: a dead peer exits EXIT_PREEMPTED here, before the close below waits for it.
+  except Exception as e:  # multi-host: a dead peer exits 75 here, before close() waits for it
     preemption.exit_if_peer_lost(e, step, last_saved)
     raise
   finally:
