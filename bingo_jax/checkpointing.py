@@ -386,9 +386,8 @@ def _restore_for_reading(checkpointer: TrainCheckpointer,
                          step: Optional[int]) -> tuple[int, dict]:
   """``(step, stored arrays)`` of ``step``, or of the newest step that restores intact.
 
-  Beside a running training, a step its rotation removes while it is read is not damaged:
-  the newest complete step is read instead, with one line. A damaged step is reported and
-  skipped (not moved: evaluation and export only read the workdir).
+  A step that a running training's rotation removes while it is read is not damaged: the
+  newest complete step is read instead, with one line. A damaged step is reported, skipped.
 
   Raises:
     FileNotFoundError / ValueError: no checkpoint; ``step`` absent or rotated away.
@@ -409,6 +408,7 @@ def _restore_for_reading(checkpointer: TrainCheckpointer,
     try:
       return reading, checkpointer.restore_arrays(reading)
     except CheckpointError as e:
+      integrity.quiet_abandoned_reads()
       rotated = checkpointer.rotated_away(reading)
       if step is not None:
         raise (ValueError(f'{checkpointer.directory}/{step} was removed while being read (a '
