@@ -213,3 +213,18 @@ def test_export_beside_a_rotating_training_writes_the_newest_step(tmp_path, stud
   # conv1 of the student at step 8: flax (h, w, in, out) -> torch (out, in, h, w).
   want = np.transpose(np.asarray(step_8.params['backbone']['conv1']['kernel']), (3, 2, 0, 1))
   np.testing.assert_array_equal(exported['conv1.weight'].numpy(), want)
+
+
+def test_the_leftover_reads_of_an_abandoned_restore_print_nothing(monkeypatch):
+  """The hundreds of 'Event loop is closed' tracebacks of issue 27 (tensorstore reads ending
+  after orbax closed its loop) are dropped; any other exception still reaches the hook."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from bingo_jax.store import checkpoint_integrity  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(sys, 'excepthook', lambda kind, value, tb: seen.append(str(value)))
+  checkpoint_integrity.quiet_abandoned_reads()
+  checkpoint_integrity.quiet_abandoned_reads()  # once is enough: no second wrapper
+  sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+  sys.excepthook(RuntimeError, RuntimeError('another failure'), None)
+  sys.excepthook(ValueError, ValueError('Event loop is closed'), None)
+  assert seen == ['another failure', 'Event loop is closed']

@@ -10,6 +10,10 @@ absl flags live in one process-wide registry, and the entry points are imported 
 (the demo imports the three stages; the tests import them and run the tools in-process), so a
 flag that two of them take is defined once, here, and bound at module level in each:
 ``_WORKDIR = cli.shared(cli.WORKDIR)`` (which also lists it in that entry point's ``--help``).
+
+``run`` is ``app.run`` with the user-error convention of every console command: a mistake
+(flag, config key or value, path, file) ends in one line, ``error: ...``, and exit 1; a bug
+in its traceback (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def shuffle_moves_images(config: ml_collections.ConfigDict) -> bool:
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: Optional[int] = None) -> None:
-  """``check_training_config``, and the global batch split over the mesh.
+  """The global batch split over the mesh, and ``check_training_config``.
 
   Args:
     config: the experiment config.
@@ -194,15 +194,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
   Raises:
     ValueError: naming the offending ``config.*`` keys and values.
   """
-  check_training_config(config)
   batch = config.train.batch_size
   num_processes = jax.process_count() if num_processes is None else num_processes
-  if batch % num_devices:
+  if isinstance(batch, int) and batch > 0 and batch % num_devices:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'devices ({num_devices}).')
-  if batch % num_processes:
+  if isinstance(batch, int) and batch > 0 and batch % num_processes:
     raise ValueError(f'config.train.batch_size = {batch} is not divisible by the number of '
                      f'processes ({num_processes}).')
+  check_training_config(config)
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:

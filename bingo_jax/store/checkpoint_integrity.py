@@ -9,7 +9,9 @@
 * a step that fails is a ``CheckpointError``; the fallback moves it to
   ``WORKDIR/damaged_checkpoints/<step>-<time>`` (``move_aside``), where it stays for inspection;
 * a failed asynchronous save is logged by orbax's background threads rather than raised:
-  ``OrbaxErrorCapture`` keeps its cause so that the checkpointer can raise it.
+  ``OrbaxErrorCapture`` keeps its cause so that the checkpointer can raise it;
+* a failed restore leaves reads in flight that print a traceback each when they end:
+  ``quiet_abandoned_reads`` drops them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging as std_logging
 import os
 import re
 import shutil
+import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -177,3 +180,21 @@ def move_aside(workdir: str, step_directory: str, step: int) -> str:
   shutil.move(step_directory, aside)
   return aside
 
+
+def quiet_abandoned_reads() -> None:
+  """Drops the tracebacks of a failed restore's leftover reads from now on.
+
+  Orbax closes its event loop when a restore fails; tensorstore reads still in flight then
+  complete into the closed loop and print, through ``sys.excepthook``, one
+  ``RuntimeError: Event loop is closed`` traceback each (hundreds for one step removed while
+  read). Other exceptions go to the previous hook.
+  """
+  previous = sys.excepthook
+  if getattr(previous, 'drops_closed_loop_errors', False):
+    return
+
+  def excepthook(kind, value, traceback):
+    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      previous(kind, value, traceback)
+  excepthook.drops_closed_loop_errors = True
+  sys.excepthook = excepthook

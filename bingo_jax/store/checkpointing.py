@@ -48,9 +48,8 @@ from bingo_jax.store import model_io
 from bingo_jax.store import workdir_records
 
 CHECKPOINTS_DIR = 'checkpoints'
-# How long a step that failed to read, with a newer step beside it, is watched for vanishing
-# before it counts as damaged: a running training's rotation (keep_checkpoints) removes a step
-# once a newer one is complete, its files first and its directory last.
+# How long a step that failed to read is watched for vanishing before it counts as damaged: a
+# training's rotation removes a step once a newer one is complete, files first, directory last.
 ROTATION_GRACE_SECONDS = 3.0
 _STATE = 'state'
 _PROGRESS = 'progress'
@@ -271,10 +270,8 @@ class TrainCheckpointer:
     return None
 
   def rotated_away(self, step: int, grace: float = ROTATION_GRACE_SECONDS) -> bool:
-    """Whether ``step``, which failed to read, was being removed by a running training's
-    rotation rather than damaged: a newer step exists and the step's directory is gone, or
-    goes within ``grace`` seconds. Refreshes the list of steps when it is.
-    """
+    """Whether ``step``, which failed to read, was removed by a running training's rotation
+    (a newer step exists and the step's directory goes within ``grace`` seconds)."""
     directory = fileio.join(self.directory, str(step))
     if not any(s > step for s in self._existing_steps()):
       return False  # the rotation removes a step only once a newer one is complete
@@ -389,13 +386,11 @@ def _restore_for_reading(checkpointer: TrainCheckpointer,
                          step: Optional[int]) -> tuple[int, dict]:
   """``(step, stored arrays)`` of ``step``, or of the newest step that restores intact.
 
-  Beside a running training, a step may be removed by its rotation while it is read: that
-  step is not damaged; the newest complete step is taken instead, with one line. A damaged
-  step is reported and skipped (not moved: evaluation and export only read the workdir).
+  A step that a running training's rotation removes while it is read is not damaged: the
+  newest complete step is read instead, with one line. A damaged step is reported, skipped.
 
   Raises:
-    FileNotFoundError: the workdir holds no checkpoint.
-    ValueError: ``step`` is not in the workdir, or was rotated away while read.
+    FileNotFoundError / ValueError: no checkpoint; ``step`` absent or rotated away.
     CheckpointError: ``step`` is damaged, or no step restores intact.
   """
   steps = checkpointer.all_steps()
@@ -413,18 +408,18 @@ def _restore_for_reading(checkpointer: TrainCheckpointer,
     try:
       return reading, checkpointer.restore_arrays(reading)
     except CheckpointError as e:
-      if checkpointer.rotated_away(reading):
-        if step is not None:
-          raise ValueError(f'{checkpointer.directory}/{step} was removed while being read (the '
-                           'running training keeps only its newest checkpoints, '
-                           'config.train.keep_checkpoints); available now: '
-                           f'{sorted(checkpointer.all_steps())}.') from None
+      integrity.quiet_abandoned_reads()
+      rotated = checkpointer.rotated_away(reading)
+      if step is not None:
+        raise (ValueError(f'{checkpointer.directory}/{step} was removed while being read (a '
+                          'running training keeps only its newest checkpoints); available '
+                          f'now: {sorted(checkpointer.all_steps())}.') if rotated else
+               CheckpointError(f'{checkpointer.directory}/{step} is damaged: {e}')) from None
+      if rotated:
         logging.warning('Checkpoint %s/%d was removed by the running training while being '
                         'read (it keeps only its newest checkpoints); reading the newest '
                         'complete step instead.', checkpointer.directory, reading)
         continue
-      if step is not None:
-        raise CheckpointError(f'{checkpointer.directory}/{step} is damaged: {e}') from None
       checkpointer.report_damaged(reading, str(e))
       damaged.add(reading)
   raise CheckpointError(f'{checkpointer.directory}: no checkpoint restores intact '
