@@ -62,6 +62,7 @@ def test_bags_of_other_pixels_under_the_same_names_are_refused(inputs, tmp_path)
   line = _last_line(stderr)
   recorded = bag_file.load_bags(bags_a).content_fingerprint
   assert bags_a in line and 'content fingerprint' in line and recorded in line, line
+  assert line.startswith('error: ') and 'Traceback' not in stderr, stderr[-3000:]
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
   # Control: the same bags declared for B's content are accepted for B.
