@@ -94,7 +94,8 @@ def run(main, required: Sequence[str] = ()) -> None:
   A mistake of the user's (a flag, config key or value, path or file that is wrong; see
   ``is_user_error``) ends the command with one line on stderr, ``error: <message>``, and
   status 1; anything else is a bug and ends in its traceback, as does every error with
-  ``--verbosity=1`` or more. ``required`` flags are marked as such, and a help request
+  ``--verbosity=1`` or more. The libraries' log chatter is silenced unless ``--verbosity``
+  asks for it (``quiet``). ``required`` flags are marked as such, and a help request
   (``--help``, which absl ends with status 1) exits with status 0.
   """
   if required:
