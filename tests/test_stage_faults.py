@@ -147,7 +147,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_partial(
       'evaluation features': (
           [sys.executable, '-m', 'bingo_jax.evaluate', '--config', 'tiny_test',
            '--checkpoint', inputs['teacher'], '--protocol', 'knn', '--workdir', str(out),
-           f'--config.data.path={inputs["images"]}', '--config.eval.batch_size=16'],
+           f'--config.data.path={inputs["images"]}', '--config.eval.batch_size=16',
+           # k within the 48-image bank (a larger k is refused before the feature pass).
+           '--config.eval.knn_k=5', '--config.eval.knn_weighted_k=5'],
           4096, 'features/'),
       'export': ([sys.executable, '-m', 'bingo_jax.export', inputs['teacher'],
                   str(out / 'teacher.pth.tar')], 10_000, 'teacher.pth.tar'),

@@ -109,9 +109,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def _default_is_none(section: str, name: str) -> bool:
-  # teacher.bn_group_size: None is the global statistics, as for the student (default None
-  # there).
-  return (f'{section}.{name}' == 'teacher.bn_group_size'
+  # student/teacher.bn_group_size: None takes the statistics over the whole global batch.
+  return (f'{section}.{name}' in ('student.bn_group_size', 'teacher.bn_group_size')
           or config_common.base_config()[section].get(name, 0) is None)
 
 
