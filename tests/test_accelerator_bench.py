@@ -1,11 +1,6 @@
-"""bench/accelerator.py --smoke and bf16 compute: the smoke run of the accelerator benchmark in
-a process where TensorFlow, faiss and torchvision cannot be imported (the benchmark must run
-with jax, flax, optax, orbax, numpy, absl and ml_collections only), and a bfloat16 step's loss
-against the float32 step's on the same batch and parameters."""
-
-import os
-import subprocess
-import sys
+"""bf16 compute: a bfloat16 step's loss against the float32 step's on the same batch and
+parameters. (bench/accelerator.py --smoke, in a process where TensorFlow, faiss and torchvision
+cannot be imported, runs in tests/test_device_check.py as part of the device check's smoke.)"""
 
 import jax
 import jax.numpy as jnp
@@ -16,30 +11,6 @@ from bingo_jax.data import parallel
 from bingo_jax.method import steps
 from bingo_jax.method import train_step as train_step_lib
 from bingo_jax.models import create_model, init_variables
-from bingo_jax.testing import cpu_xla_flags
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_accelerator_bench_smoke_runs_without_tensorflow_faiss_torchvision(tmp_path):
-  (tmp_path / 'sitecustomize.py').write_text(
-      'import sys\n' + ''.join(f"sys.modules[{name!r}] = None\n" for name in (
-          'tensorflow', 'tensorflow_datasets', 'faiss', 'torchvision')))
-  environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(tmp_path), REPO, os.environ.get('PYTHONPATH', '')]),
-      XLA_FLAGS=cpu_xla_flags(2))
-  # float32 only: bfloat16 compiles slowly on XLA:CPU (the bf16 step is tested below).
-  result = subprocess.run([sys.executable, 'bench/accelerator.py', '--smoke',
-                           '--dtypes', 'float32'], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=1800)
-  assert result.returncode == 0, result.stderr[-4000:]
-  rows = [line for line in result.stdout.splitlines() if line.startswith('| float32')
-          or line.startswith('| bfloat16')]
-  assert len(rows) == 1 and not any('failed' in row for row in rows), result.stdout
-  # Global batch = 2 per device x 2 devices; the anchors/s column is a positive number.
-  for row in rows:
-    cells = [cell.strip() for cell in row.strip('|').split('|')]
-    assert cells[2] == '4' and float(cells[4].replace(',', '')) > 0
 
 
 def _step_loss(dtype: str, state_params, batch, teacher_variables):
