@@ -2,8 +2,9 @@
 
 ``build_train_step`` is the skeleton: one ``jax.jit`` over a device ``Mesh``, the global batch
 sharded along ``'data'``, the state, the negative queue and the teacher variables replicated.
-XLA inserts the collectives (gradient all-reduce, the all-gather behind the teacher's batch
-shuffle), so the step computes the same numbers on 1 device, 8 devices or several hosts. A
+XLA inserts the collectives (gradient all-reduce, the all-reduce of the teacher's shuffled
+BatchNorm statistics: ``teacher_keys``), so the step computes the same numbers, up to float
+rounding, on 1 device, 8 devices or several hosts (bench/scaling.py reads what they send). A
 method (``distill_step``: BINGO, ``moco_step``: MoCo v2) hands it a ``StepMethod``: where the
 keys come from, its objective (``objectives``) and what else changes in the state. Each step:
 
